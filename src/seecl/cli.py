@@ -1,0 +1,168 @@
+"""The `seecl` command line: demo, learn, ask, info, config.
+
+Each command parses its arguments, builds a config (defaults <- --preset <- --config YAML <-
+`section.field=value` overrides) and calls library code. Errors seecl raises on purpose are
+printed as one line without a traceback (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import SeeclError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with config sections (see `seecl config`)")
+    parser.add_argument("--preset", choices=["small", "paper"], help="named hyper-parameter set")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. train.lr=1e-3 adapter.r=16")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_TASKS, run_demo
+
+    tasks = tuple(args.tasks.split(",")) if args.tasks else DEMO_TASKS
+    run_demo(args.out, tasks, args.n_train, args.n_eval, args.overrides)
+    return 0
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .data.formats import load_task
+    from .methods.see import SeeEnsemble
+
+    overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
+    ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
+    task = load_task(args.data, name=args.task, split=args.split, limit=args.limit)
+    general_file = ensemble.config.see.general_negatives_file
+    general = load_task(general_file, name="general") if general_file else None
+    record = ensemble.learn(task, name=args.name, general=general)
+    metrics = record["metrics"]
+    print(f"expert {args.name or task.name!r} added to {args.ensemble} ({len(ensemble.experts())} "
+          f"experts): {record['n_positives']} positives, {sum(record['n_negatives'].values())} "
+          f"negatives, final loss {metrics['final_loss']:.4f}, {metrics['seconds']:.0f} s")
+    return 0
+
+
+def _read_queries(args: argparse.Namespace) -> list[str]:
+    queries = list(args.query)
+    if args.file:
+        from .data.formats import load_instances
+
+        queries += [inst.query for inst in load_instances(args.file)]
+    if not queries and not sys.stdin.isatty():
+        queries = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not queries:
+        raise SeeclError("no query given: pass it as an argument, with --file, or on stdin")
+    return queries
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .methods.see import SeeEnsemble
+    from .store import EnsembleStore
+
+    if not EnsembleStore(args.ensemble).exists():
+        raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
+    overrides = list(args.overrides) + ([f"model.device={args.device}"] if args.device else [])
+    ensemble = SeeEnsemble.open(args.ensemble, overrides)
+    answers = ensemble.ask(_read_queries(args), args.max_new_tokens)
+    for answer in answers:
+        if args.json:
+            print(json.dumps(answer.to_dict(), ensure_ascii=False))
+            continue
+        print(f"[{answer.route.answered_by} | {answer.route.reason}] {answer.text}")
+        checks = ", ".join(f"{c.expert}:{c.verdict} (p_pos={c.p_pos:.2f})" for c in answer.route.checks)
+        if checks:
+            print(f"    route: {checks}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import EnsembleStore
+
+    store = EnsembleStore(args.ensemble)
+    manifest = store.manifest()
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    print(f"ensemble {store.root}: base {manifest['model']['name']}, indicators "
+          f"{manifest['indicators']['pos']}/{manifest['indicators']['neg']}")
+    for number, expert in enumerate(manifest["experts"], start=1):
+        negatives = sum(expert.get("n_negatives", {}).values())
+        print(f"  {number}. {expert['name']:<16} task={expert['task']:<16} positives={expert['n_positives']:<5} "
+              f"negatives={negatives:<5} tau={expert['tau']} loss={expert['metrics']['final_loss']:.4f}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import PRESETS, describe
+
+    if args.preset:
+        print(f"preset {args.preset!r} overrides: {PRESETS[args.preset] or 'none (the defaults)'}")
+    for name, default, text in describe():
+        print(f"{name:<34} {default:<28} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seecl", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="learn synthetic tasks on the default model and report routing")
+    p.add_argument("--out", default="seecl-demo", help="output directory (resumes if it exists)")
+    p.add_argument("--tasks", help="comma-separated synthetic tasks (default: all five)")
+    p.add_argument("--n-train", type=int, default=48, help="training instances per task")
+    p.add_argument("--n-eval", type=int, default=16, help="eval queries per task")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("learn", help="append one expert for a new task to an ensemble")
+    p.add_argument("--ensemble", required=True, help="ensemble directory (created if missing)")
+    p.add_argument("--task", help="task name (default: from the data file name)")
+    p.add_argument("--data", required=True, help="data file/folder, or synthetic:<task>")
+    p.add_argument("--split", default="train", help="split for TRACE folders (train/eval/test)")
+    p.add_argument("--limit", type=int, help="use only the first N instances")
+    p.add_argument("--tau", type=float, help="rehearsal ratio (shortcut for see.tau=...)")
+    p.add_argument("--name", help="expert name (default: the task name)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("ask", help="answer queries through sequential routing")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("query", nargs="*", default=[], help="queries (or --file, or stdin)")
+    p.add_argument("--file", help="read queries from a data file")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--device", help="cpu, cuda, auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per answer")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.field=value",
+                   help="config override, e.g. --set see.threshold=0.7")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("info", help="list an ensemble's experts")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="print every config field with its default and meaning")
+    p.add_argument("--preset", choices=["small", "paper"])
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SeeclError as exc:
+        print(f"seecl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seecl: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Metrics, the stage-by-task evaluation protocol and reports."""

@@ -1,0 +1,205 @@
+"""SEE, the Sequential Ensemble of Experts (DESIGN §1), over an ensemble directory.
+
+Owns task reconstruction (positives with `<<pos>>`, tau-sampled `<<neg>>` queries of every earlier
+task from the ensemble's query memory), training one fresh LoRA expert per task on the frozen base,
+publishing it through the store, and answering queries by sequential routing. The training loop,
+the on-disk format and the routing rule live in training.py, store.py and routing.py.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ..config import RunConfig, load_config, save_config, to_dict
+from ..data.prompts import Example, PromptFormatter
+from ..data.task import Instance, Task
+from ..errors import StoreError
+from ..experts import add_expert, load_expert, save_expert, trainable_parameters
+from ..models import Base, load_base
+from ..routing import Answer, SequentialRouter
+from ..store import EnsembleStore, MemoryItem, QueryMemory
+from ..training import train
+
+
+def negatives_count(tau: float, total: int) -> int:
+    """round(tau * |D_j|), halves rounded up (tiny epsilon absorbs float error like 0.1 * 100)."""
+    return int(math.floor(tau * total + 0.5 + 1e-9))
+
+
+def memory_size(memory_tau: float, total: int) -> int:
+    """Queries kept per task: enough for negatives_count(tau) for every tau <= memory_tau."""
+    return min(total, max(negatives_count(memory_tau, total), math.ceil(round(memory_tau * total, 6))))
+
+
+def build_memory(task: Task, memory_tau: float, seed: int) -> QueryMemory:
+    """A seeded sample of the task's queries; SEE never keeps responses."""
+    rng = random.Random(f"memory:{seed}:{task.name}")
+    chosen = rng.sample(list(task.instances), memory_size(memory_tau, len(task)))
+    return QueryMemory(task.name, len(task), tuple(MemoryItem(i.id, i.query) for i in chosen))
+
+
+@dataclass
+class Reconstruction:
+    """D̂_i: the task's positives and the sampled negatives, with where each negative came from."""
+
+    positives: list[Instance]
+    negatives: list[tuple[str, MemoryItem]] = field(default_factory=list)
+
+    def negative_ids(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for source, item in self.negatives:
+            out.setdefault(source, []).append(item.id)
+        return out
+
+    def examples(self, formatter: PromptFormatter) -> list[Example]:
+        return ([formatter.see_example(i.query, i.response) for i in self.positives]
+                + [formatter.see_example(item.query, None) for _, item in self.negatives])
+
+
+def _sample(items: Sequence[MemoryItem], k: int, key: str) -> list[MemoryItem]:
+    # A seeded permutation truncated to k: negatives for a smaller tau are a subset of a larger one's.
+    order = list(items)
+    random.Random(key).shuffle(order)
+    return order[:k]
+
+
+def reconstruct(task: Task, memories: Sequence[QueryMemory], tau: float, seed: int = 0,
+                general: Sequence[Instance] = (), n_general: int = 0, pseudo: bool = False,
+                general_name: str = "general") -> Reconstruction:
+    """Build D̂_i for `task` given the query memories of the earlier tasks (oldest first).
+
+    Each earlier task j contributes exactly negatives_count(tau, |D_j|) queries. With `pseudo`,
+    the same total number of negatives comes from `general` instead (ablation); `n_general` adds
+    that many general negatives on top (the out-of-distribution option).
+    """
+    result = Reconstruction(list(task.instances))
+    wanted = 0
+    for memory in memories:
+        k = negatives_count(tau, memory.total)
+        if k > len(memory.items):
+            raise StoreError(f"tau={tau} needs {k} queries of task {memory.task!r} but its memory keeps "
+                             f"{len(memory.items)}; lower tau or rebuild with a larger see.memory_tau")
+        wanted += k
+        if not pseudo:
+            for item in _sample(memory.items, k, f"neg:{seed}:{task.name}:{memory.task}"):
+                result.negatives.append((memory.task, item))
+    extra = (wanted if pseudo else 0) + n_general
+    if extra:
+        pool = [MemoryItem(i.id, i.query) for i in general]
+        if len(pool) < extra:
+            raise StoreError(f"{extra} general negatives requested but only {len(pool)} available")
+        for item in _sample(pool, extra, f"general:{seed}:{task.name}"):
+            result.negatives.append((general_name, item))
+    return result
+
+
+class SeeEnsemble:
+    """A SEE ensemble on disk: `learn` appends an expert, `ask` routes queries."""
+
+    @classmethod
+    def open(cls, root: str | Path, overrides: list[str] | None = None, path: str | None = None,
+             preset: str | None = None) -> "SeeEnsemble":
+        """An ensemble with its stored base-model settings; `overrides` change the rest.
+
+        A new directory takes the model settings from the overrides (or the defaults).
+        """
+        store = EnsembleStore(root)
+        defaults = {}
+        if store.exists():
+            stored = store.manifest()["model"]
+            defaults = {"model": {k: stored[k] for k in ("name", "indicator", "system_prompt")}}
+        return cls(root, load_config(RunConfig, path, overrides or [], preset, defaults))
+
+    def __init__(self, root: str | Path, config: RunConfig | None = None):
+        self.store = EnsembleStore(root)
+        self.config = config or RunConfig()
+        self._base: Base | None = None
+        self._model = None
+        self._loaded: list[str] = []
+        if self.store.exists():
+            manifest = self.store.manifest()
+            wanted = self.config.model
+            if config is not None and (manifest["model"]["name"] != wanted.name
+                                       or manifest["indicators"]["kind"] != wanted.indicator):
+                raise StoreError(
+                    f"{self.store.root} was built on {manifest['model']['name']!r} with "
+                    f"{manifest['indicators']['kind']!r} indicators; got model.name={wanted.name!r}, "
+                    f"model.indicator={wanted.indicator!r}")
+            stored = dict(manifest["model"], device=wanted.device, dtype=wanted.dtype)
+            self.config.model = type(wanted)(**stored)
+
+    @property
+    def base(self) -> Base:
+        if self._base is None:
+            self._base = load_base(self.config.model)
+            self.store.create(to_dict(self.config.model), self._base.indicators.to_dict(),
+                              len(self._base.tokenizer), self._base.tokenizer)
+            self.store.clean_staging()
+        return self._base
+
+    def formatter(self, max_length: int | None = None) -> PromptFormatter:
+        return PromptFormatter(self.base.tokenizer, self.base.indicators, self.config.model.system_prompt,
+                               max_length or self.config.train.max_length)
+
+    @property
+    def model(self):
+        """The base with every published expert loaded (as PEFT adapters named after the experts)."""
+        model = self._model if self._model is not None else self.base.model
+        for name in self.store.expert_names():
+            if name not in self._loaded:
+                model = load_expert(model, name, self.store.expert_dir(name))
+                self._loaded.append(name)
+        self._model = model
+        return model
+
+    def experts(self) -> list[str]:
+        return self.store.expert_names() if self.store.exists() else []
+
+    def learn(self, task: Task, name: str | None = None, general: Task | None = None) -> dict:
+        """Train and publish the expert for `task`; returns its manifest record."""
+        cfg = self.config
+        name = name or task.name
+        self.base  # creates the ensemble directory on first use
+        if name in self.experts():
+            raise StoreError(f"expert {name!r} already exists in {self.store.root}")
+        formatter = self.formatter()
+        memories = self.store.memories()
+        rec = reconstruct(task, memories, cfg.see.tau, cfg.see.seed,
+                          general.instances if general else (), cfg.see.general_negatives,
+                          cfg.see.negatives == "pseudo", general.name if general else "general")
+        examples = rec.examples(formatter)
+        model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed)
+        self._model = model
+        work = self.store.root / ".work" / name
+        result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
+                       checkpoint_dir=work, desc=f"expert {name}")
+        memory = build_memory(task, cfg.see.memory_tau, cfg.see.seed)
+        counts = {source: len(ids) for source, ids in rec.negative_ids().items()}
+        metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
+        record = {"n_positives": len(rec.positives), "n_negatives": counts, "tau": cfg.see.tau,
+                  "data_fingerprint": task.fingerprint(), "adapter_kind": cfg.adapter.kind,
+                  "trainable_parameters": trainable_parameters(model, name), "metrics": metrics,
+                  "config": to_dict(cfg)}
+        meta = {**record, "negative_ids": rec.negative_ids(), "losses": result.losses,
+                "data_source": task.source}
+
+        def write(directory: Path) -> None:
+            save_expert(model, name, directory)
+            save_config(cfg, directory / "config.yaml")
+
+        self.store.commit_expert(name, write, meta, memory, record)
+        self._loaded.append(name)
+        return record
+
+    def router(self, threshold: float | None = None) -> SequentialRouter:
+        threshold = self.config.see.threshold if threshold is None else threshold
+        return SequentialRouter(self.model, self.formatter(), self.experts(), threshold,
+                                self.config.generate.batch_size)
+
+    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
+        budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self.router().ask(list(queries), budget)

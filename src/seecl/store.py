@@ -1,0 +1,205 @@
+"""Experts on disk: an ensemble directory with a manifest and one PEFT adapter directory per expert.
+
+Layout::
+
+    ENSEMBLE/
+      manifest.json            base model, indicator setup, ordered experts (oldest first)
+      tokenizer/               the base tokenizer with the indicator tokens
+      experts/<name>/          adapter_config.json + adapter_model.safetensors (plain PEFT),
+                               expert.json (metadata) and memory.jsonl (the task's query memory)
+
+Writes are atomic: an expert is written to a staging directory and renamed into place, then the
+manifest is replaced with os.replace. Only experts listed in the manifest exist for readers, so a
+half-written expert is never visible; committing never modifies an older expert. This module does
+not train or load models.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .data.task import check_name
+from .errors import DataError, StoreError
+
+FORMAT = "seecl-ensemble/1"
+MANIFEST = "manifest.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def validate_expert_name(name: str) -> str:
+    try:
+        return check_name(name, "expert")
+    except DataError as exc:
+        raise StoreError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    id: str
+    query: str
+
+
+@dataclass(frozen=True)
+class QueryMemory:
+    """A seeded sample of one task's queries (never responses), enough for tau <= memory_tau."""
+
+    task: str
+    total: int  # |D_j|, the size of the task's training set
+    items: tuple[MemoryItem, ...]
+
+
+class EnsembleStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    # -- reading ---------------------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.exists():
+            raise StoreError(f"no ensemble at {self.root} (manifest.json missing)")
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
+        if data.get("format") != FORMAT:
+            raise StoreError(f"{self.manifest_path}: unsupported format {data.get('format')!r}")
+        return data
+
+    def experts(self) -> list[dict[str, Any]]:
+        """Manifest records of the experts, oldest first."""
+        return list(self.manifest()["experts"])
+
+    def expert_names(self) -> list[str]:
+        return [e["name"] for e in self.experts()]
+
+    def expert_dir(self, name: str) -> Path:
+        return self.root / "experts" / validate_expert_name(name)
+
+    def expert_meta(self, name: str) -> dict[str, Any]:
+        if name not in self.expert_names():
+            raise StoreError(f"no expert named {name!r} in {self.root}")
+        return json.loads((self.expert_dir(name) / "expert.json").read_text(encoding="utf-8"))
+
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def memory(self, name: str) -> QueryMemory:
+        meta = self.expert_meta(name)
+        path = self.expert_dir(name) / "memory.jsonl"
+        items = []
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                items.append(MemoryItem(record["id"], record["query"]))
+        return QueryMemory(meta["task"], int(meta["memory"]["total"]), tuple(items))
+
+    def memories(self) -> list[QueryMemory]:
+        return [self.memory(name) for name in self.expert_names()]
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def create(self, model: dict[str, Any], indicators: dict[str, Any], vocab_size: int,
+               tokenizer: Any) -> None:
+        """Start an empty ensemble for a base model (no-op check if it already exists)."""
+        with self._lock():
+            if self.exists():
+                current = self.manifest()
+                if current["model"]["name"] != model["name"] or current["indicators"] != indicators:
+                    raise StoreError(
+                        f"{self.root} already holds an ensemble for model {current['model']['name']!r} "
+                        f"with indicators {current['indicators']['kind']!r}")
+                return
+            staging = self.root / f".tokenizer-{uuid.uuid4().hex}"
+            tokenizer.save_pretrained(staging)
+            shutil.rmtree(self.tokenizer_dir(), ignore_errors=True)
+            os.replace(staging, self.tokenizer_dir())
+            (self.root / "experts").mkdir(exist_ok=True)
+            write_json_atomic(self.manifest_path, {
+                "format": FORMAT, "created": now(), "model": model, "indicators": indicators,
+                "vocab_size": vocab_size, "experts": [],
+            })
+
+    def commit_expert(self, name: str, write: Callable[[Path], None], meta: dict[str, Any],
+                      memory: QueryMemory, record: dict[str, Any]) -> Path:
+        """Write an expert through `write(staging_dir)` and publish it atomically.
+
+        `write` must put the PEFT adapter files into the directory it is given. `meta` goes to
+        expert.json, `record` into the manifest's expert list.
+        """
+        validate_expert_name(name)
+        with self._lock():
+            manifest = self.manifest()
+            if name in [e["name"] for e in manifest["experts"]]:
+                raise StoreError(f"expert {name!r} already exists in {self.root}; experts are never "
+                                 "overwritten (use another --name)")
+            final = self.expert_dir(name)
+            staging = final.with_name(f".staging-{name}-{uuid.uuid4().hex}")
+            staging.mkdir(parents=True)
+            try:
+                write(staging)
+                missing = [f for f in ADAPTER_FILES if not (staging / f).is_file()]
+                if missing:
+                    raise StoreError(f"expert {name!r}: adapter files missing after save: {missing}")
+                with open(staging / "memory.jsonl", "w", encoding="utf-8") as handle:
+                    for item in memory.items:
+                        handle.write(json.dumps({"id": item.id, "query": item.query}, ensure_ascii=False) + "\n")
+                write_json_atomic(staging / "expert.json", {**meta, "name": name, "task": memory.task,
+                                                             "memory": {"total": memory.total,
+                                                                        "size": len(memory.items)}})
+                if final.exists():  # an orphan of a crash between rename and manifest update
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            manifest["experts"].append({**record, "name": name, "task": memory.task,
+                                        "created": now(), "dir": f"experts/{name}"})
+            write_json_atomic(self.manifest_path, manifest)
+        return final
+
+    def clean_staging(self) -> None:
+        """Remove leftovers of interrupted writes (never touches published experts)."""
+        experts = self.root / "experts"
+        if experts.is_dir():
+            listed = set(self.expert_names())
+            for child in experts.iterdir():
+                if child.name.startswith(".staging-") or (child.is_dir() and child.name not in listed):
+                    shutil.rmtree(child, ignore_errors=True)

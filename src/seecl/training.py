@@ -1,0 +1,301 @@
+"""The supervised fine-tuning loop shared by every method.
+
+Owns batch planning (class-mixed, length-grouped batches), the response-only loss computed from
+logits at supervised positions only, gradient accumulation to a global batch, the schedule,
+clipping, step checkpoints, and multi-device execution through accelerate (`accelerate launch
+seecl ...` runs the same code on several GPUs; a CPU run is the one-process case).
+It does not know about SEE, experts or stores: it trains whatever parameters require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import TrainConfig
+from .data.prompts import IGNORE, Example
+
+MEGABATCH = 16  # batches whose members are regrouped by length together
+TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's name for trained embedding rows (the indicators)
+
+
+# ----------------------------------------------------------------------------- batch planning
+
+
+def _split_evenly(items: list[int], parts: int) -> list[list[int]]:
+    """Cut `items` into `parts` consecutive slices whose sizes differ by at most one."""
+    return [items[(p * len(items)) // parts: ((p + 1) * len(items)) // parts] for p in range(parts)]
+
+
+def plan_batches(examples: list[Example], batch_size: int, seed: int, epoch: int,
+                 mode: str = "stratified") -> list[list[int]]:
+    """Indices of each global batch for one epoch; deterministic in (seed, epoch).
+
+    'stratified': negatives and positives are spread over the batches in proportion (batch sizes
+    differ by at most one example per class), then regrouped by length inside groups of
+    MEGABATCH batches, per class, so no batch becomes all-negative because negatives are longer.
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    n = len(examples)
+    n_batches = max(1, math.ceil(n / batch_size))
+    length = [len(e) for e in examples]
+    if mode == "random":
+        order = list(range(n))
+        rng.shuffle(order)
+        return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+    if mode == "length":
+        order = list(range(n))
+        rng.shuffle(order)
+        chunk = batch_size * MEGABATCH
+        grouped = []
+        for i in range(0, n, chunk):
+            grouped.extend(sorted(order[i: i + chunk], key=lambda j: -length[j]))
+        batches = [grouped[i: i + batch_size] for i in range(0, n, batch_size)]
+        rng.shuffle(batches)
+        return batches
+    if mode != "stratified":
+        raise ValueError(f"unknown batching mode {mode!r}")
+    classes = [[i for i, e in enumerate(examples) if e.positive],
+               [i for i, e in enumerate(examples) if not e.positive]]
+    per_class = []
+    for members in classes:
+        rng.shuffle(members)
+        per_class.append(_split_evenly(members, n_batches))
+    # Positives fill batches from the front and negatives from the back, so that when a class has
+    # fewer members than there are batches, the two classes' remainders complement each other.
+    per_class[1] = per_class[1][::-1]
+    batches: list[list[int]] = []
+    for start in range(0, n_batches, MEGABATCH):
+        stop = min(start + MEGABATCH, n_batches)
+        group: list[list[int]] = [[] for _ in range(start, stop)]
+        for slices in per_class:
+            sizes = [len(s) for s in slices[start:stop]]
+            pooled = sorted((i for s in slices[start:stop] for i in s), key=lambda j: -length[j])
+            offset = 0
+            for b, size in enumerate(sizes):
+                group[b].extend(pooled[offset: offset + size])
+                offset += size
+        batches.extend(group)
+    rng.shuffle(batches)
+    return [b for b in batches if b]
+
+
+def micro_batches(batch: list[int], examples: list[Example], micro_size: int) -> list[list[int]]:
+    """Split a global batch into micro-batches of similar length (less padding)."""
+    ordered = sorted(batch, key=lambda i: -len(examples[i]))
+    return [ordered[i: i + micro_size] for i in range(0, len(ordered), micro_size)]
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e)] = torch.tensor(e.input_ids)
+        labels[row, : len(e)] = torch.tensor(e.labels)
+        mask[row, : len(e)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(backbone, output head) of a transformers causal LM, through a PEFT wrapper if present."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.base_model, lm.get_output_embeddings()
+
+
+class SupervisedLoss(torch.nn.Module):
+    """Summed cross-entropy over supervised positions, computing logits only there.
+
+    Equal to the model's own shifted loss (times the number of supervised tokens), without the
+    [batch x length x vocabulary] logits tensor. A module so that DDP sees a normal forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        backbone, head = causal_lm_parts(self.model)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = hidden.last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        logits = head(hidden[keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def reference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The straightforward loss through the model's full logits (summed), for comparison."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    examples: int
+    tokens: int  # non-padding tokens processed (all epochs)
+    supervised_tokens: int
+    seconds: float
+    mean_loss: float  # per supervised token, averaged over optimizer steps
+    final_loss: float  # per supervised token over the last epoch
+    resumed_from_step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["tokens_per_second"] = round(self.tokens_per_second, 2)
+        return out
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses) -> None:
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
+              str(staging / "trainable.safetensors"))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "losses": losses}, staging / "state.pt")
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(staging, directory)
+
+
+def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+    weights = load_file(str(directory / "trainable.safetensors"))
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    # Optimizer/scheduler state only: plain tensors and numbers written by this module.
+    state = torch.load(directory / "state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return int(state["step"]), list(state["losses"])
+
+
+def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int,
+          checkpoint_dir: str | Path | None = None, desc: str = "train") -> TrainResult:
+    """Train the parameters of `model` that require grad on `examples`; returns the metrics."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if not examples:
+        raise ValueError("no training examples")
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else cfg.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+                         f"x processes ({cfg.micro_batch_size} x {world})")
+    torch.manual_seed(cfg.seed)
+    plans = [plan_batches(examples, cfg.batch_size, cfg.seed, epoch, cfg.batching)
+             for epoch in range(cfg.epochs)]
+    total_steps = sum(len(p) for p in plans)
+    named = _trainable(model)
+    params = list(named.values())
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    rows = [p for n, p in named.items() if TOKEN_ROWS in n]
+    groups = [{"params": [p for n, p in named.items() if TOKEN_ROWS not in n], "lr": cfg.lr}]
+    if rows:
+        groups.append({"params": rows, "lr": cfg.lr * cfg.indicator_lr_scale, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    loss_module = SupervisedLoss(model)
+    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    device = accelerator.device
+
+    checkpoint = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
+    start_step, losses = 0, []
+    if checkpoint is not None and (checkpoint / "state.pt").is_file():
+        start_step, losses = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+
+    model.train()
+    started = time.perf_counter()
+    tokens = supervised = 0
+    step = 0
+    last_epoch_losses: list[float] = []
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not cfg.progress or not accelerator.is_main_process)
+    for epoch, plan in enumerate(plans):
+        for batch in plan:
+            step += 1
+            if step <= start_step:
+                continue
+            micros = micro_batches(batch, examples, cfg.micro_batch_size)
+            batch_tokens = sum(examples[i].supervised for i in batch)
+            # DDP averages gradients over processes: scale so the result is the global token mean.
+            scale = world / max(batch_tokens, 1)
+            mine = micros[rank::world]
+            step_loss = torch.zeros((), device=device)
+            for k, micro in enumerate(mine):
+                tensors = {key: t.to(device) for key, t in collate([examples[i] for i in micro], pad_id).items()}
+                sync = k == len(mine) - 1
+                context = accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext()
+                with context, accelerator.autocast():
+                    loss = loss_module(**tensors)
+                    accelerator.backward(loss * scale)
+                step_loss += loss.detach()
+                tokens += int(tensors["attention_mask"].sum())
+                supervised += int((tensors["labels"] != IGNORE).sum())
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = accelerator.reduce(step_loss, reduction="sum")
+            value = float(step_loss) / max(batch_tokens, 1)
+            losses.append(value)
+            if epoch == cfg.epochs - 1:
+                last_epoch_losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}", epoch=f"{epoch + 1}/{cfg.epochs}")
+            bar.update(1)
+            if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and step < total_steps and accelerator.is_main_process:
+                _save_checkpoint(checkpoint, step, model, optimizer, scheduler, losses)
+    bar.close()
+    model.eval()
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    tokens_t = accelerator.reduce(torch.tensor([tokens, supervised], device=device), reduction="sum")
+    final = last_epoch_losses or losses[-len(plans[-1]):]
+    return TrainResult(
+        steps=total_steps, epochs=cfg.epochs, examples=len(examples), tokens=int(tokens_t[0]),
+        supervised_tokens=int(tokens_t[1]), seconds=time.perf_counter() - started,
+        mean_loss=sum(losses) / len(losses), final_loss=sum(final) / max(len(final), 1),
+        resumed_from_step=start_step, losses=[round(x, 5) for x in losses],
+    )
+

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from seecl.data.formats import load_instances, load_task
+from seecl.data.synthetic import SYNTHETIC_TASKS, make_task
+from seecl.errors import DataError
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_ssr_jsonl(tmp_path):
+    path = write_jsonl(tmp_path / "qa.train.jsonl", [
+        {"id": "a", "full_prompt": "Def\n\nQ1", "output": "A1", "task_name": "t"},
+        {"id": "b", "full_prompt": "Def\n\nQ2", "output": "A2", "task_name": "t"},
+    ])
+    task = load_task(path)
+    assert task.name == "qa" and len(task) == 2
+    assert task.instances[0].query == "Def\n\nQ1" and task.instances[0].response == "A1"
+
+
+def test_plain_jsonl_and_limit(tmp_path):
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"prompt": f"q{i}", "response": f"r{i}"} for i in range(5)])
+    task = load_task(path, name="custom", limit=3)
+    assert task.name == "custom" and [i.response for i in task.instances] == ["r0", "r1", "r2"]
+
+
+def test_superni_task_json(tmp_path):
+    path = tmp_path / "task001.json"
+    path.write_text(json.dumps({"Definition": ["Answer the question."], "Instances": [
+        {"id": "x1", "input": "What?", "output": ["This", "That"]}]}))
+    (inst,) = load_instances(path)
+    assert inst.query == "Answer the question.\n\nWhat?" and inst.references == ("This", "That")
+
+
+def test_trace_folder(tmp_path):
+    folder = tmp_path / "C-STANCE"
+    folder.mkdir()
+    for split in ("train", "eval", "test"):
+        (folder / f"{split}.json").write_text(json.dumps([{"prompt": f"{split} p", "answer": "A"}]))
+    assert load_instances(folder, split="test")[0].query == "test p"
+    with pytest.raises(DataError, match="split must be one of"):
+        load_instances(folder, split="dev")
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "q", "response": "r"}\n{"prompt": "q2", "response": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
+        load_task(path)
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "response": "r"}, {"prompt": "q2"}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: missing field 'response'"):
+        load_task(path)
+
+
+def test_empty_task_is_an_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no records"):
+        load_task(tmp_path / "empty.jsonl")
+
+
+def test_duplicate_ids_are_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "1", "prompt": "a", "response": "b"}] * 2)
+    with pytest.raises(DataError, match="duplicate instance id"):
+        load_task(path)
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_TASKS))
+def test_synthetic_tasks_are_deterministic_and_splits_disjoint(name):
+    train, again = make_task(name, "train", 40), make_task(name, "train", 40)
+    assert train == again
+    evals = make_task(name, "eval", 20)
+    assert not {i.query for i in train.instances} & {i.query for i in evals.instances}
+    assert len({i.query for i in train.instances}) == 40
+    assert make_task(name, "train", 40, seed=1) != train
+
+
+def test_synthetic_tasks_are_distinct_instructions():
+    firsts = {make_task(name, "train", 1).instances[0].query.split("\n")[0] for name in SYNTHETIC_TASKS}
+    assert len(firsts) == len(SYNTHETIC_TASKS) >= 5
+
+
+def test_synthetic_answers_are_correct():
+    for inst in make_task("add", "train", 10).instances:
+        a, b = inst.query.split("\n\n")[1].split(" + ")
+        assert int(inst.response) == int(a) + int(b)
+    for inst in make_task("reverse_list", "train", 10).instances:
+        assert json.loads(inst.response) == json.loads(inst.query.split("\n\n")[1])[::-1]
+
+
+def test_synthetic_spec_in_load_task():
+    task = load_task("synthetic:uppercase", limit=5)
+    assert task.name == "uppercase" and len(task) == 5

@@ -1,0 +1,117 @@
+import json
+
+import pytest
+import torch
+
+from seecl.data.synthetic import make_task
+from seecl.errors import StoreError
+from seecl.methods.see import SeeEnsemble
+from seecl.store import EnsembleStore, QueryMemory
+
+
+@pytest.fixture
+def ensemble(tmp_path, tiny_config):
+    ens = SeeEnsemble(tmp_path / "ens", tiny_config("train.epochs=2"))
+    ens.learn(make_task("add", "train", 16))
+    return ens
+
+
+QUERIES = [make_task("add", "eval", 2).instances[0].query, make_task("uppercase", "eval", 2).instances[1].query]
+
+
+def test_manifest_records_what_a_user_needs(ensemble):
+    manifest = ensemble.store.manifest()
+    assert manifest["model"]["name"] == "tiny-random"
+    assert manifest["indicators"]["pos"] == "<<pos>>"
+    (expert,) = manifest["experts"]
+    assert expert["name"] == "add" and expert["task"] == "add"
+    assert len(expert["data_fingerprint"]) == 64 and expert["metrics"]["steps"] > 0
+    assert expert["config"]["see"]["tau"] == 0.1
+    directory = ensemble.store.expert_dir("add")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "expert.json", "memory.jsonl", "config.yaml"):
+        assert (directory / name).is_file(), name
+
+
+def test_save_load_round_trip_gives_identical_outputs(ensemble, tiny_config):
+    before = ensemble.ask(QUERIES, 8)
+    reopened = SeeEnsemble.open(ensemble.store.root)
+    after = reopened.ask(QUERIES, 8)
+    assert [a.to_dict() for a in before] == [a.to_dict() for a in after]
+    ids = torch.tensor([reopened.formatter().prompt_ids(QUERIES[0])])
+    ensemble.model.set_adapter("add")
+    reopened.model.set_adapter("add")
+    assert ensemble.model(ids).logits.equal(reopened.model(ids).logits)
+
+
+def test_expert_loads_with_plain_peft_on_the_resized_base(ensemble, fresh_tiny_base):
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(fresh_tiny_base.model, str(ensemble.store.expert_dir("add")))
+    ids = torch.tensor([ensemble.formatter().prompt_ids(QUERIES[0])])
+    ensemble.model.set_adapter("add")
+    assert torch.allclose(plain(ids).logits, ensemble.model(ids).logits, atol=1e-6)
+
+
+def test_interrupted_write_leaves_previous_ensemble_intact(ensemble):
+    store = ensemble.store
+    manifest_before = store.manifest_path.read_text()
+
+    def crash(directory):
+        (directory / "adapter_config.json").write_text("{}")
+        raise RuntimeError("killed while writing")
+
+    with pytest.raises(RuntimeError):
+        store.commit_expert("second", crash, {}, QueryMemory("second", 1, ()), {})
+    assert store.manifest_path.read_text() == manifest_before
+    assert store.expert_names() == ["add"]
+    assert not any(p.name.startswith(".staging") for p in (store.root / "experts").iterdir())
+    assert SeeEnsemble.open(store.root).ask(QUERIES[:1], 4)[0].route is not None
+
+
+def test_orphan_from_a_crash_before_the_manifest_update_is_invisible(ensemble):
+    store = ensemble.store
+    orphan = store.root / "experts" / "ghost"
+    orphan.mkdir()
+    (orphan / "adapter_config.json").write_text("{}")
+    assert store.expert_names() == ["add"]
+    store.clean_staging()
+    assert not orphan.exists() and store.expert_dir("add").is_dir()
+
+
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "", ".hidden", "x" * 65, "a.b", "spa ce"])
+def test_bad_expert_names_are_rejected(ensemble, bad):
+    with pytest.raises(StoreError, match="invalid expert name"):
+        ensemble.store.commit_expert(bad, lambda d: None, {}, QueryMemory("t", 1, ()), {})
+
+
+def test_experts_are_never_overwritten(ensemble):
+    with pytest.raises(StoreError, match="already exists"):
+        ensemble.learn(make_task("add", "train", 4))
+
+
+def test_adding_an_expert_does_not_modify_older_ones(ensemble):
+    directory = ensemble.store.expert_dir("add")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    ensemble.learn(make_task("uppercase", "train", 8))
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    assert ensemble.experts() == ["add", "uppercase"]
+    meta = ensemble.store.expert_meta("uppercase")
+    assert meta["negative_ids"] == {"add": meta["negative_ids"]["add"]} and len(meta["negative_ids"]["add"]) == 2
+
+
+def test_corrupt_or_missing_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="no ensemble"):
+        EnsembleStore(tmp_path).manifest()
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="corrupt manifest"):
+        EnsembleStore(tmp_path).manifest()
+
+
+def test_pickled_adapters_are_refused(ensemble, fresh_tiny_base):
+    from seecl.experts import load_expert
+
+    directory = ensemble.store.expert_dir("add")
+    (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
+    with pytest.raises(StoreError, match="pickled adapters are not loaded"):
+        load_expert(fresh_tiny_base.model, "add", directory)
+    json.loads((directory / "adapter_config.json").read_text())
