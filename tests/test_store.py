@@ -30,6 +30,12 @@ def test_manifest_records_what_a_user_needs(ensemble):
     directory = ensemble.store.expert_dir("add")
     for name in ("adapter_config.json", "adapter_model.safetensors", "expert.json", "memory.jsonl", "config.yaml"):
         assert (directory / name).is_file(), name
+    from safetensors import safe_open
+
+    with safe_open(directory / "adapter_model.safetensors", "pt") as handle:
+        shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+    assert not any("embed_tokens.weight" in k or "lm_head" in k for k in shapes), "no full embedding copy"
+    assert [v for k, v in shapes.items() if "trainable_tokens" in k] == [[2, 64]]
 
 
 def test_save_load_round_trip_gives_identical_outputs(ensemble, tiny_config):

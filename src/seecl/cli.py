@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # PEFT calls a transformers method that transformers 5 deprecated; nothing for users to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

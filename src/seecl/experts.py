@@ -77,7 +77,10 @@ def save_expert(model, name: str, directory: str | Path) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True)
+        # The indicator rows travel as trainable tokens; PEFT would otherwise copy the whole
+        # resized embedding matrix into the first adapter it saves.
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True,
+                              save_embedding_layers=False)
         source = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
         for item in source.iterdir():
             if item.is_file() and item.name != "README.md":
