@@ -36,8 +36,13 @@ class Base:
 
 
 def resolve_device(name: str) -> torch.device:
+    """'auto' is this process's accelerator device (cuda:LOCAL_RANK under `accelerate launch`)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            return PartialState().device
+        return torch.device("cpu")
     try:
         return torch.device(name)
     except RuntimeError as exc:

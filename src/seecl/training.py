@@ -10,6 +10,7 @@ It does not know about SEE, experts or stores: it trains whatever parameters req
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -154,9 +155,10 @@ class TrainResult:
     steps: int
     epochs: int
     examples: int
-    tokens: int  # non-padding tokens processed (all epochs)
+    tokens: int  # non-padding tokens of the whole run (all epochs)
     supervised_tokens: int
-    seconds: float
+    seconds: float  # wall time of this session (after a resume: since the resume)
+    session_tokens: int  # non-padding tokens computed in this session
     mean_loss: float  # per supervised token, averaged over optimizer steps
     final_loss: float  # per supervised token over the last epoch
     resumed_from_step: int = 0
@@ -164,7 +166,7 @@ class TrainResult:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return self.session_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -176,27 +178,44 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses) -> None:
+def run_fingerprint(examples: list[Example], cfg: TrainConfig) -> str:
+    """Identifies a training run (data and every setting that changes the result)."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(repr((e.input_ids, e.labels, e.positive)).encode())
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("progress", "checkpoint_every")}
+    digest.update(repr(sorted(settings.items())).encode())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses,
+                     fingerprint: str) -> None:
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
               str(staging / "trainable.safetensors"))
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "losses": losses}, staging / "state.pt")
+                "rng": torch.get_rng_state(), "losses": losses, "fingerprint": fingerprint},
+               staging / "state.pt")
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
 
 
-def _load_checkpoint(directory: Path, model, optimizer, scheduler) -> tuple[int, list[float]]:
+def _load_checkpoint(directory: Path, model, optimizer, scheduler,
+                     fingerprint: str) -> tuple[int, list[float]]:
+    """Restore a checkpoint of the same run; one of another run is discarded (start at step 0)."""
+    # Optimizer/scheduler state only: plain tensors and numbers written by this module.
+    state = torch.load(directory / "state.pt", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        shutil.rmtree(directory, ignore_errors=True)
+        return 0, []
     weights = load_file(str(directory / "trainable.safetensors"))
     params = _trainable(model)
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    # Optimizer/scheduler state only: plain tensors and numbers written by this module.
-    state = torch.load(directory / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
@@ -239,15 +258,15 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
     device = accelerator.device
 
     checkpoint = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
+    fingerprint = run_fingerprint(examples, cfg)
     start_step, losses = 0, []
     if checkpoint is not None and (checkpoint / "state.pt").is_file():
-        start_step, losses = _load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_step, losses = _load_checkpoint(checkpoint, model, optimizer, scheduler, fingerprint)
 
     model.train()
     started = time.perf_counter()
-    tokens = supervised = 0
+    session_tokens = 0  # non-padding tokens this process computed since (re)starting
     step = 0
-    last_epoch_losses: list[float] = []
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
                disable=not cfg.progress or not accelerator.is_main_process)
     for epoch, plan in enumerate(plans):
@@ -269,8 +288,7 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
                     loss = loss_module(**tensors)
                     accelerator.backward(loss * scale)
                 step_loss += loss.detach()
-                tokens += int(tensors["attention_mask"].sum())
-                supervised += int((tensors["labels"] != IGNORE).sum())
+                session_tokens += int(tensors["attention_mask"].sum())
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -279,23 +297,23 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
             step_loss = accelerator.reduce(step_loss, reduction="sum")
             value = float(step_loss) / max(batch_tokens, 1)
             losses.append(value)
-            if epoch == cfg.epochs - 1:
-                last_epoch_losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}", epoch=f"{epoch + 1}/{cfg.epochs}")
             bar.update(1)
             if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                     and step < total_steps and accelerator.is_main_process:
-                _save_checkpoint(checkpoint, step, model, optimizer, scheduler, losses)
+                _save_checkpoint(checkpoint, step, model, optimizer, scheduler, losses, fingerprint)
     bar.close()
     model.eval()
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
-    tokens_t = accelerator.reduce(torch.tensor([tokens, supervised], device=device), reduction="sum")
-    final = last_epoch_losses or losses[-len(plans[-1]):]
+    session = accelerator.reduce(torch.tensor(session_tokens, device=device), reduction="sum")
+    final = losses[-len(plans[-1]):]
     return TrainResult(
-        steps=total_steps, epochs=cfg.epochs, examples=len(examples), tokens=int(tokens_t[0]),
-        supervised_tokens=int(tokens_t[1]), seconds=time.perf_counter() - started,
-        mean_loss=sum(losses) / len(losses), final_loss=sum(final) / max(len(final), 1),
+        steps=total_steps, epochs=cfg.epochs, examples=len(examples),
+        tokens=cfg.epochs * sum(len(e) for e in examples),
+        supervised_tokens=cfg.epochs * sum(e.supervised for e in examples),
+        seconds=time.perf_counter() - started, session_tokens=int(session),
+        mean_loss=sum(losses) / len(losses), final_loss=sum(final) / len(final),
         resumed_from_step=start_step, losses=[round(x, 5) for x in losses],
     )
 

@@ -191,7 +191,12 @@ class SeeEnsemble:
             save_expert(model, name, directory)
             save_config(cfg, directory / "config.yaml")
 
-        self.store.commit_expert(name, write, meta, memory, record)
+        from accelerate import PartialState
+
+        state = PartialState()  # under `accelerate launch`, every process trained; one publishes
+        if state.is_main_process:
+            self.store.commit_expert(name, write, meta, memory, record)
+        state.wait_for_everyone()
         self._loaded.append(name)
         return record
 
