@@ -40,9 +40,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
     general = load_task(general_file, name="general") if general_file else None
     record = ensemble.learn(task, name=args.name, general=general)
     metrics = record["metrics"]
-    print(f"expert {args.name or task.name!r} added to {args.ensemble} ({len(ensemble.experts())} "
-          f"experts): {record['n_positives']} positives, {sum(record['n_negatives'].values())} "
-          f"negatives, final loss {metrics['final_loss']:.4f}, {metrics['seconds']:.0f} s")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+            print(f"expert {args.name or task.name!r} added to {args.ensemble} ({len(ensemble.experts())} "
+              f"experts): {record['n_positives']} positives, {sum(record['n_negatives'].values())} "
+              f"negatives, final loss {metrics['final_loss']:.4f}, {metrics['seconds']:.0f} s")
     return 0
 
 

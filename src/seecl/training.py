@@ -254,7 +254,9 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
         "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
         num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
     loss_module = SupervisedLoss(model)
-    loss_module, optimizer, scheduler = accelerator.prepare(loss_module, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate would step it once per process, but our steps
+    # are already global (every process takes part in each one).
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     device = accelerator.device
 
     checkpoint = Path(checkpoint_dir) / "checkpoint" if checkpoint_dir else None
