@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..cache import AdapterCache, cache_key
 from ..config import RunConfig, load_config, save_config, to_dict
 from ..data.prompts import Example, PromptFormatter
 from ..data.task import Instance, Task
@@ -21,8 +23,8 @@ from ..errors import StoreError
 from ..experts import add_expert, load_expert, save_expert, trainable_parameters
 from ..models import Base, load_base
 from ..routing import Answer, SequentialRouter
-from ..store import EnsembleStore, MemoryItem, QueryMemory
-from ..training import train
+from ..store import ADAPTER_FILES, EnsembleStore, MemoryItem, QueryMemory
+from ..training import run_fingerprint, train
 
 
 def negatives_count(tau: float, total: int) -> int:
@@ -159,8 +161,13 @@ class SeeEnsemble:
     def experts(self) -> list[str]:
         return self.store.expert_names() if self.store.exists() else []
 
-    def learn(self, task: Task, name: str | None = None, general: Task | None = None) -> dict:
-        """Train and publish the expert for `task`; returns its manifest record."""
+    def learn(self, task: Task, name: str | None = None, general: Task | None = None,
+              cache: AdapterCache | None = None) -> dict:
+        """Train and publish the expert for `task`; returns its manifest record.
+
+        With a cache, an expert trained before on exactly the same reconstruction and settings
+        (SEE's first expert is the same for every tau) is copied instead of retrained.
+        """
         cfg = self.config
         name = name or task.name
         self.base  # creates the ensemble directory on first use
@@ -172,23 +179,41 @@ class SeeEnsemble:
                           general.instances if general else (), cfg.see.general_negatives,
                           cfg.see.negatives == "pseudo", general.name if general else "general")
         examples = rec.examples(formatter)
-        model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed)
-        self._model = model
-        work = self.store.root / ".work" / name
-        result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
-                       checkpoint_dir=work, desc=f"expert {name}")
+        key = cache_key(kind="see-expert", model=cfg.model.name, system=cfg.model.system_prompt,
+                        indicators=self.base.indicators.to_dict(), adapter=to_dict(cfg.adapter),
+                        run=run_fingerprint(examples, cfg.train))
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            trained = cache.meta(key)
+            metrics, losses, parameters = trained["metrics"], trained["losses"], trained["trainable_parameters"]
+
+            def save(directory: Path) -> None:
+                for file in ADAPTER_FILES:
+                    shutil.copy2(cached / file, directory / file)
+        else:
+            model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed)
+            self._model = model
+            result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
+                           checkpoint_dir=self.store.root / ".work" / name, desc=f"expert {name}")
+            metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
+            losses, parameters = result.losses, trainable_parameters(model, name)
+
+            def save(directory: Path) -> None:
+                save_expert(model, name, directory)
+
+            if cache is not None:
+                cache.put(key, save, {"metrics": metrics, "losses": losses, "trainable_parameters": parameters})
+            self._loaded.append(name)
         memory = build_memory(task, cfg.see.memory_tau, cfg.see.seed)
         counts = {source: len(ids) for source, ids in rec.negative_ids().items()}
-        metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
         record = {"n_positives": len(rec.positives), "n_negatives": counts, "tau": cfg.see.tau,
                   "data_fingerprint": task.fingerprint(), "adapter_kind": cfg.adapter.kind,
-                  "trainable_parameters": trainable_parameters(model, name), "metrics": metrics,
-                  "config": to_dict(cfg)}
-        meta = {**record, "negative_ids": rec.negative_ids(), "losses": result.losses,
-                "data_source": task.source}
+                  "trainable_parameters": parameters, "metrics": metrics, "config": to_dict(cfg),
+                  "from_cache": cached is not None}
+        meta = {**record, "negative_ids": rec.negative_ids(), "losses": losses, "data_source": task.source}
 
         def write(directory: Path) -> None:
-            save_expert(model, name, directory)
+            save(directory)
             save_config(cfg, directory / "config.yaml")
 
         from accelerate import PartialState
@@ -197,7 +222,6 @@ class SeeEnsemble:
         if state.is_main_process:
             self.store.commit_expert(name, write, meta, memory, record)
         state.wait_for_everyone()
-        self._loaded.append(name)
         return record
 
     def router(self, threshold: float | None = None) -> SequentialRouter:
@@ -208,3 +232,38 @@ class SeeEnsemble:
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
         budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
         return self.router().ask(list(queries), budget)
+
+
+class SeeMethod:
+    """SEE behind the Method protocol (evaluation/protocol.py): one ensemble per configuration."""
+
+    schedule = "sequential"
+    routed = True
+
+    def __init__(self, ctx, label: str, overrides: list[str] | None = None):
+        from ..config import from_dict, merge_overrides
+
+        self.ctx, self.label = ctx, label
+        config = from_dict(RunConfig, merge_overrides(to_dict(ctx.config), overrides or []))
+        self.ensemble = SeeEnsemble(ctx.workdir / "ensemble", config)
+
+    def learn(self, tasks: Sequence[Task]) -> dict:
+        task = tasks[-1]
+        if task.name in self.ensemble.experts():
+            record = next(e for e in self.ensemble.store.experts() if e["name"] == task.name)
+            return {**record["metrics"], "cached": True}
+        record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
+        return {**record["metrics"], "cached": record["from_cache"],
+                "negatives": sum(record["n_negatives"].values())}
+
+    def answer(self, queries, budgets) -> list[Answer]:
+        return self.ensemble.ask(list(queries), list(budgets))
+
+    def routes(self, queries):
+        return self.ensemble.router().route(list(queries))[1]
+
+    def trainable_parameters(self) -> int:
+        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts())
+
+    def close(self) -> None:
+        self.ensemble = None

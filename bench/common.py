@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts: paths, tables, JSON results, a GEMM ceiling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+DATA = Path(os.environ.get("SEECL_DATA", ROOT.parent / "shared" / "data"))
+RESULTS = ROOT / "results" / "bench"
+
+
+def machine() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> str:
+    """Print a markdown table and return it."""
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def gemm_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 2.0) -> float:
+    """Best fp32 GFLOP/s of torch.mm over the given (m, k, n) shapes on this machine, now."""
+    import torch
+
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            torch.mm(a, b)
+            count += 1
+        elapsed = time.perf_counter() - started
+        best = max(best, 2 * m * k * n * count / elapsed / 1e9)
+    return best

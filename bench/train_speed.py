@@ -1,0 +1,196 @@
+"""Training speed: the seecl trainer against the standard transformers Trainer recipe.
+
+Same data (the SEE reconstruction of SuperNI `qa` after `qg` and `sa`: qa positives plus
+tau=10% negatives of each earlier task, 200 examples), same model, LoRA config, optimizer groups,
+schedule, batch size and epochs, in one run:
+
+- `hf`: transformers Trainer + PEFT + DataCollatorForSeq2Seq (random order, padding to the
+  longest in each batch, loss through the model's full logits);
+- `seecl`: seecl.training.train (class-mixed length-grouped batches, logits only at supervised
+  positions).
+
+Reports useful (non-padding) tokens/s of both and their ratio, the final training loss of both
+(per supervised token, measured after training on all examples with the same loss function) and
+its relative difference, and the seecl trainer's achieved GFLOP/s against an fp32 GEMM ceiling
+measured in the same run (MFU). FLOPs counted are those the job needs: forward and input-gradient
+passes through every linear layer (the base is frozen: no weight gradients), causal attention,
+the LoRA matmuls (forward, input and weight gradients) and the output head at supervised positions.
+
+    python bench/train_speed.py            # ~25 min on 2 CPU cores; writes results/bench/train_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+from common import DATA, RESULTS, gemm_ceiling, machine, print_table, write_json
+
+
+def build_examples(formatter, n_positives: int, tau: float):
+    from seecl.data.formats import load_task
+    from seecl.methods.see import build_memory, reconstruct
+
+    superni = DATA / "superni"
+    earlier = [load_task(superni / f"{name}.train.jsonl", limit=100) for name in ("qg", "sa")]
+    memories = [build_memory(task, 0.2, seed=0) for task in earlier]
+    qa = load_task(superni / "qa.train.jsonl", limit=n_positives)
+    return reconstruct(qa, memories, tau, seed=0).examples(formatter)
+
+
+def flops_needed(examples, config, adapter, vocab: int, epochs: int) -> float:
+    """FLOPs one training run needs (see module docstring)."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    inner = config.intermediate_size
+    linear = layers * (d * d + 2 * d * kv + d * d + 3 * d * inner)  # q, k, v, o, gate/up/down
+    out_dims = {"q_proj": d, "k_proj": kv, "v_proj": kv, "o_proj": d}
+    lora = layers * sum(adapter.r * (d + out_dims.get(t, d)) for t in adapter.targets)
+    total = 0.0
+    for e in examples:
+        length, supervised = len(e), e.supervised
+        total += 2 * 2 * linear * length  # forward + input gradient
+        total += 3 * 2 * lora * length  # forward + input gradient + weight gradient
+        total += 2 * (2 * layers * length * length * d)  # causal QK^T and AV, forward + backward
+        total += 2 * 2 * d * vocab * supervised  # output head at supervised positions
+    return epochs * total
+
+
+def fresh_model(base_model, adapter_cfg, indicators):
+    from seecl.experts import add_expert
+
+    return add_expert(copy.deepcopy(base_model), "bench", adapter_cfg, indicators, seed=0)
+
+
+def optimizer_and_schedule(model, cfg, steps):
+    import torch
+    from transformers import get_scheduler
+
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rows = [p for n, p in named.items() if "trainable_tokens_delta" in n]
+    groups = [{"params": [p for n, p in named.items() if "trainable_tokens_delta" not in n], "lr": cfg.lr},
+              {"params": rows, "lr": cfg.lr * cfg.indicator_lr_scale, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optimizer, get_scheduler(cfg.schedule, optimizer, num_warmup_steps=0, num_training_steps=steps)
+
+
+def run_hf_trainer(model, examples, cfg, tokenizer) -> dict:
+    import math
+
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    rows = [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e), "labels": list(e.labels)}
+            for e in examples]
+    steps = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=cfg.micro_batch_size,
+            gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
+            num_train_epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, logging_steps=10,
+            save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
+            remove_unused_columns=False, disable_tqdm=False)
+        trainer = Trainer(model=model, args=args, train_dataset=rows,
+                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+                          optimizers=optimizer_and_schedule(model, cfg, steps))
+        started = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "train_loss": output.training_loss}
+
+
+def run_seecl(model, examples, cfg, pad_id) -> dict:
+    from seecl.training import train
+
+    result = train(model, examples, cfg, pad_id, desc="seecl trainer")
+    return {"seconds": result.seconds, "train_loss": result.mean_loss}
+
+
+def final_loss(model, examples, pad_id) -> float:
+    """Mean loss per supervised token over all examples, eval mode, same function for both."""
+    import torch
+
+    from seecl.training import SupervisedLoss, collate
+
+    model.eval()
+    loss_fn = SupervisedLoss(model)
+    total = tokens = 0.0
+    with torch.no_grad():
+        for i in range(0, len(examples), 8):
+            batch = examples[i: i + 8]
+            total += float(loss_fn(**collate(batch, pad_id)))
+            tokens += sum(e.supervised for e in batch)
+    return total / tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--positives", type=int, default=180, help="qa instances (negatives come on top)")
+    parser.add_argument("--out", default=str(RESULTS / "train_speed.json"))
+    args = parser.parse_args()
+
+    from seecl.config import AdapterConfig, ModelConfig, TrainConfig
+    from seecl.data.prompts import PromptFormatter
+    from seecl.models import load_base
+
+    base = load_base(ModelConfig())
+    formatter = PromptFormatter(base.tokenizer, base.indicators)
+    examples = build_examples(formatter, args.positives, 0.1)
+    adapter = AdapterConfig()
+    cfg = TrainConfig(epochs=args.epochs, progress=True)
+    pad_id = base.tokenizer.pad_token_id
+    useful_tokens = args.epochs * sum(len(e) for e in examples)
+    print(f"{len(examples)} examples ({sum(not e.positive for e in examples)} negatives), "
+          f"{useful_tokens // args.epochs} tokens per epoch, {args.epochs} epoch(s)")
+
+    config = base.model.config
+    d, inner = config.hidden_size, config.intermediate_size
+    ceiling = gemm_ceiling([(1024, d, inner), (1024, inner, d), (1024, d, d), (1024, d, 4 * d)])
+    print(f"fp32 GEMM ceiling: {ceiling:.1f} GFLOP/s")
+
+    results = {}
+    for name in ("hf", "seecl"):
+        model = fresh_model(base.model, adapter, base.indicators)
+        if name == "hf":
+            run = run_hf_trainer(model, examples, cfg, base.tokenizer)
+        else:
+            run = run_seecl(model, examples, cfg, pad_id)
+        run["final_loss"] = final_loss(model, examples, pad_id)
+        run["useful_tokens_per_second"] = useful_tokens / run["seconds"]
+        results[name] = run
+        print(f"{name}: {run}")
+        del model
+
+    flops = flops_needed(examples, config, adapter, len(base.tokenizer), args.epochs)
+    achieved = flops / results["seecl"]["seconds"] / 1e9
+    hf, ours = results["hf"], results["seecl"]
+    summary = {
+        "speedup_vs_hf_trainer": ours["useful_tokens_per_second"] / hf["useful_tokens_per_second"],
+        "loss_rel_diff": abs(ours["final_loss"] - hf["final_loss"]) / hf["final_loss"],
+        "mfu": achieved / ceiling,
+        "achieved_gflops": achieved,
+        "gemm_ceiling_gflops": ceiling,
+    }
+    rows = [
+        ["transformers Trainer", f"{hf['useful_tokens_per_second']:.1f}", f"{hf['seconds']:.0f}",
+         f"{hf['train_loss']:.4f}", f"{hf['final_loss']:.4f}", "", ""],
+        ["seecl trainer", f"{ours['useful_tokens_per_second']:.1f}", f"{ours['seconds']:.0f}",
+         f"{ours['train_loss']:.4f}", f"{ours['final_loss']:.4f}", f"{achieved:.1f}",
+         f"{summary['mfu']:.2f}"],
+    ]
+    print_table("Training speed (SmolLM2-135M, LoRA r8 q/v, fp32 CPU)",
+                ["trainer", "useful tok/s", "seconds", "mean train loss", "final loss", "GFLOP/s", "MFU"], rows)
+    print(f"speedup_vs_hf_trainer {summary['speedup_vs_hf_trainer']:.2f}  "
+          f"loss_rel_diff {summary['loss_rel_diff']:.4f}  mfu {summary['mfu']:.2f} "
+          f"(ceiling {ceiling:.1f} GFLOP/s)")
+    write_json(__import__("pathlib").Path(args.out), {
+        **summary, "runs": results, "examples": len(examples), "epochs": args.epochs,
+        "useful_tokens": useful_tokens, "flops": flops, "machine": machine(),
+        "command": "python bench/train_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 1 else ""),
+    })
+
+
+if __name__ == "__main__":
+    main()

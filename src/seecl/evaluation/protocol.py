@@ -1,0 +1,174 @@
+"""The evaluation protocol (DESIGN §3): a method learns tasks in order and is scored after stages.
+
+Owns the stage x task score matrix and its resumable state. After stage i a sequential method is
+scored on task i (the diagonal a[i][i]) and, after the last stage, on every task (the final row);
+`full_matrix` scores every seen task at every stage. Joint methods (MTL) get only the final row,
+independent ones (AvgSTL) only the diagonal. Every scored cell is written to disk at once
+(`protocol.json` plus the answers with their routes), so an interrupted run recomputes nothing
+it finished: training is resumed by the methods themselves (cache, ensembles).
+Routed methods also get routing metrics at the final stage and RB-Acc on OOD queries.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..data.task import Task
+from ..methods.base import Method
+from ..store import write_json_atomic
+from .metrics import (BASE, average_score, backward_transfer, confusion, exact_match, mean, rb_acc,
+                      rouge_l, routing_prf)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    task: Task  # eval instances of one task
+    budget: int  # max_new_tokens for its answers
+    language: str = "en"  # "en" uses rouge-score's tokenizer; anything else the Unicode one
+    classification: bool = False  # also report exact match
+
+
+class Protocol:
+    def __init__(self, method: Method, train_tasks: Sequence[Task], eval_sets: dict[str, EvalSet],
+                 workdir: Path, ood_queries: Sequence[str] = (), full_matrix: bool = False,
+                 log: Callable[[str], None] = print):
+        self.method, self.tasks, self.eval_sets = method, list(train_tasks), eval_sets
+        self.workdir, self.ood, self.full_matrix, self.log = Path(workdir), list(ood_queries), full_matrix, log
+        self.path = self.workdir / "protocol.json"
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {
+            "label": method.label, "stages": {}, "cells": {}, "seconds": {"train": 0.0, "eval": 0.0}}
+
+    # -- persistence -----------------------------------------------------------------------------
+    def _save(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.state)
+
+    def _predictions(self, stage: int, task: str) -> Path:
+        return self.workdir / "predictions" / f"stage{stage + 1}-{task}.jsonl"
+
+    # -- the run ---------------------------------------------------------------------------------
+    def cells_for(self, stage: int) -> list[str]:
+        names = [t.name for t in self.tasks]
+        last = len(names) - 1
+        if self.method.schedule == "joint":
+            return names
+        if self.method.schedule == "independent":
+            return [names[stage]]
+        if self.full_matrix or stage == last:
+            return names[: stage + 1]
+        return [names[stage]]
+
+    def stages(self) -> list[tuple[int, list[Task]]]:
+        if self.method.schedule == "joint":
+            return [(len(self.tasks) - 1, self.tasks)]
+        if self.method.schedule == "independent":
+            return [(i, [t]) for i, t in enumerate(self.tasks)]
+        return [(i, self.tasks[: i + 1]) for i in range(len(self.tasks))]
+
+    def run(self) -> dict:
+        for stage, tasks in self.stages():
+            todo = [t for t in self.cells_for(stage) if f"{stage}:{t}" not in self.state["cells"]]
+            later = any(f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage
+                        for t in self.cells_for(s))
+            if not todo and not later and str(stage) in self.state["stages"]:
+                continue
+            started = time.perf_counter()
+            metrics = self.method.learn(tasks)
+            metrics["trainable_parameters"] = self.method.trainable_parameters()
+            if str(stage) not in self.state["stages"] or not metrics.get("cached"):
+                self.state["stages"][str(stage)] = metrics
+                self.state["seconds"]["train"] += time.perf_counter() - started
+                self._save()
+            for task in todo:
+                self._score_cell(stage, task)
+        if self.method.routed and "routing" not in self.state:
+            self._score_routing()
+        return self.summary()
+
+    def _score_cell(self, stage: int, task: str) -> None:
+        eval_set = self.eval_sets[task]
+        started = time.perf_counter()
+        queries = [i.query for i in eval_set.task.instances]
+        answers = self.method.answer(queries, [eval_set.budget] * len(queries))
+        rows = []
+        for inst, answer in zip(eval_set.task.instances, answers):
+            row = {"id": inst.id, **answer.to_dict(), "references": list(inst.references),
+                   "rouge_l": rouge_l(answer.text, inst.references, eval_set.language)}
+            if eval_set.classification:
+                row["exact_match"] = exact_match(answer.text, inst.references)
+            rows.append(row)
+        path = self._predictions(stage, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        cell = {"rouge_l": mean([r["rouge_l"] for r in rows]), "n": len(rows)}
+        if eval_set.classification:
+            cell["exact_match"] = mean([r["exact_match"] for r in rows])
+        self.state["cells"][f"{stage}:{task}"] = cell
+        self.state["seconds"]["eval"] += time.perf_counter() - started
+        self._save()
+        self.log(f"  {self.method.label} stage {stage + 1} {task}: ROUGE-L {cell['rouge_l']:.1f}")
+
+    def _score_routing(self) -> None:
+        """Routing metrics from the final row's answers, and RB-Acc from OOD routes only."""
+        last = len(self.tasks) - 1
+        names = [t.name for t in self.tasks]
+        truth, routed = [], []
+        for task in names:
+            for line in self._predictions(last, task).read_text().splitlines():
+                truth.append(task)
+                routed.append(json.loads(line)["answered_by"])
+        started = time.perf_counter()
+        ood_routes = [r.answered_by for r in self.method.routes(self.ood)] if self.ood else []
+        prf = routing_prf(truth + ["<ood>"] * len(ood_routes), routed + ood_routes, names)
+        experts = [n for n in names]
+        self.state["routing"] = {
+            "per_task": prf,
+            "f1": mean([v["f1"] for v in prf.values()]),
+            "accuracy": mean([float(t == r) for t, r in zip(truth, routed)]),
+            "columns": experts + [BASE],
+            "confusion": confusion(truth, routed, names, experts),
+            "ood_confusion": {c: ood_routes.count(c) for c in experts + [BASE]},
+            "rb_acc": rb_acc(ood_routes) if ood_routes else None,
+            "n_ood": len(ood_routes),
+        }
+        self.state["seconds"]["eval"] += time.perf_counter() - started
+        self._save()
+
+    # -- results ---------------------------------------------------------------------------------
+    def matrix(self, key: str = "rouge_l") -> list[list[float | None]]:
+        n = len(self.tasks)
+        return [[self.state["cells"].get(f"{i}:{t.name}", {}).get(key) for t in self.tasks] for i in range(n)]
+
+    def summary(self) -> dict:
+        names = [t.name for t in self.tasks]
+        matrix = self.matrix()
+        if self.method.schedule == "independent":
+            final = [matrix[j][j] for j in range(len(names))]
+            bwt = None
+        else:
+            final = matrix[-1]
+            bwt = backward_transfer(matrix) if self.method.schedule == "sequential" else None
+        ar = average_score([final]) if all(v is not None for v in final) else None
+        em = {}
+        for j, name in enumerate(names):
+            stage = j if self.method.schedule == "independent" else len(names) - 1
+            value = self.state["cells"].get(f"{stage}:{name}", {}).get("exact_match")
+            if value is not None:
+                em[name] = value
+        routing = self.state.get("routing")
+        parameters = [self.state["stages"][k].get("trainable_parameters") for k in sorted(self.state["stages"], key=int)]
+        return {
+            "AR": ar, "BWT": bwt, "matrix": matrix,
+            "per_task": {n: v for n, v in zip(names, final)},
+            "exact_match": em,
+            "routing_f1": routing["f1"] if routing else None,
+            "rb_acc": routing["rb_acc"] if routing else None,
+            "routing": routing,
+            "trainable_parameters": parameters,
+            "seconds": {k: round(v, 1) for k, v in self.state["seconds"].items()},
+        }
+

@@ -1,0 +1,132 @@
+"""`seecl bench superni`: every method through the protocol on SuperNI tasks; summary, report, plots.
+
+A recipe that reads top to bottom: load the tasks of the chosen order (the first `n_train`
+training and `n_eval` eval instances of each), the OOD queries, build one method per label, run
+each through the protocol (resumable per stage: rerunning the same command continues where it
+stopped; trained adapters are shared through `OUT/cache`), and write OUT/summary.json,
+OUT/report.md and the plots after every method.
+
+The OOD file serves two purposes and is split so that no expert is trained on an OOD query that
+RB-Acc is measured on: the first `n_ood` queries are the OOD test set; general negatives and
+pseudo-negatives are drawn only from the second half of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cache import AdapterCache
+from ..config import RunConfig, doc, from_dict, merge_overrides, to_dict
+from ..data.formats import load_instances, load_task
+from ..data.prompts import PromptFormatter
+from ..data.task import Task
+from ..errors import DataError
+from ..methods.base import MethodContext, release
+from ..methods.registry import build_method
+from ..store import write_json_atomic
+from .protocol import EvalSet, Protocol
+from .report import write_report
+
+# kind and target language of the ten SuperNI tasks in ../shared/data/superni
+SUPERNI_TASKS = {
+    "qa": ("generation", "en"), "qg": ("generation", "en"), "sa": ("classification", "en"),
+    "sum": ("generation", "en"), "trans": ("generation", "es"), "dsg": ("generation", "en"),
+    "expl": ("generation", "en"), "para": ("generation", "en"), "pe": ("generation", "en"),
+    "pos": ("classification", "en"),
+}
+ORDERS = {1: ["qa", "qg", "sa", "sum", "trans"], 2: ["trans", "sa", "qa", "sum", "qg"],
+          3: ["sum", "qg", "trans", "qa", "sa"]}
+DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(10%)", "SSR",
+                   "SEE(1%)", "SEE(10%)"]
+# Shared by every method in the comparison. The template's default system message would add ~20
+# tokens to every example and query; it carries no task information.
+BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true"]
+
+
+@dataclass
+class BenchConfig:
+    data_dir: str = doc("Folder with <task>.train.jsonl and <task>.<eval_split>.jsonl.", "../shared/data/superni")
+    eval_split: str = doc("Eval file infix: <task>.<eval_split>.jsonl.", "dev")
+    ood_file: str = doc("OOD queries (any supported format).", "../shared/data/ood/lima.dev.jsonl")
+    order: list[str] = doc("Task order.", ORDERS[1])
+    methods: list[str] = doc("Method labels (see methods/registry.py).", DEFAULT_METHODS)
+    n_train: int = doc("Training instances per task.", 100)
+    n_eval: int = doc("Eval instances per task.", 50)
+    n_ood: int = doc("OOD test queries (the first of the OOD file).", 100)
+    general_negatives: int = doc("General negatives per expert for SEE(x%)-general.", 10)
+    full_matrix: bool = doc("Score every seen task after every stage (default: diagonal + final row).", False)
+    out: str = doc("Output directory.", "results/superni-mini")
+    reuse_experts: list[str] = doc("Earlier output directories whose trained adapters may be reused.", [])
+    run: dict = field(default_factory=dict, metadata={"doc": "RunConfig overrides (dotted keys) for all methods."})
+
+
+def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[Task], dict[str, EvalSet]]:
+    data = Path(cfg.data_dir)
+    tasks, evals = [], {}
+    for name in cfg.order:
+        kind, language = SUPERNI_TASKS.get(name, ("generation", "en"))
+        train = load_task(data / f"{name}.train.jsonl", name=name, limit=cfg.n_train)
+        test = load_task(data / f"{name}.{cfg.eval_split}.jsonl", name=name, limit=cfg.n_eval)
+        budget = formatter.answer_budget([r for inst in train.instances for r in inst.references])
+        tasks.append(train)
+        evals[name] = EvalSet(test, budget, language, kind == "classification")
+    return tasks, evals
+
+
+def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
+    instances = load_instances(cfg.ood_file)
+    half = len(instances) // 2
+    if cfg.n_ood > half:
+        raise DataError(f"n_ood={cfg.n_ood} exceeds the first half of the OOD file ({half} queries)", cfg.ood_file)
+    general = Task("general", tuple(instances[half:]), source=f"{cfg.ood_file}[{half}:]")
+    return [i.query for i in instances[: cfg.n_ood]], general
+
+
+def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+    from ..models import load_base
+
+    out = Path(cfg.out)
+    run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), BENCH_OVERRIDES + [
+        f"{k}={json.dumps(v)}" for k, v in cfg.run.items()]))
+    base = load_base(run_config.model)
+    formatter = PromptFormatter(base.tokenizer, None, run_config.model.system_prompt)
+    release(base)
+    tasks, evals = load_benchmark(cfg, formatter)
+    ood, general = load_ood(cfg)
+    cache = AdapterCache(out / "cache", [Path(p) / "cache" for p in cfg.reuse_experts])
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"methods": {}}
+    summary["config"] = {**to_dict(cfg), "run_config": to_dict(run_config),
+                         "ood_split": {"test": f"first {cfg.n_ood} queries of {cfg.ood_file}",
+                                       "general_negatives_pool": general.source}}
+    summary["description"] = (
+        f"Order {' -> '.join(cfg.order)}; {cfg.n_train} training and {cfg.n_eval} {cfg.eval_split} instances per "
+        f"task; {cfg.n_ood} OOD queries ({cfg.ood_file}); base model {run_config.model.name}; "
+        f"ROUGE-L x100 (Unicode tokenizer for trans); routing metrics on 0-1.")
+    log(f"seecl bench superni: {len(cfg.methods)} methods x {len(tasks)} tasks -> {out}/")
+    total = time.perf_counter()
+    for label in cfg.methods:
+        started = time.perf_counter()
+        ctx = MethodContext(run_config, out / "methods" / _dirname(label), cache, general,
+                            extra={"general_negatives": cfg.general_negatives})
+        method = build_method(label, ctx)
+        log(f"== {label}")
+        result = Protocol(method, tasks, evals, ctx.workdir, ood if method.routed else (),
+                          cfg.full_matrix, log).run()
+        method.close()
+        release(method)
+        summary["methods"][label] = result
+        write_json_atomic(summary_path, summary)
+        write_report(summary, out)
+        log(f"== {label}: AR {result['AR']:.2f}, BWT {result['BWT'] if result['BWT'] is None else round(result['BWT'], 2)}, "
+            f"{(time.perf_counter() - started) / 60:.1f} min this session "
+            f"({sum(result['seconds'].values()) / 60:.1f} min in all)")
+    log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
+    return summary
+
+
+def _dirname(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_")

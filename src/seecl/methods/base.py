@@ -1,0 +1,68 @@
+"""The one small interface every continual-learning method implements, and what they share.
+
+A method is built from a `MethodContext` (base-model settings, run config, a working directory
+for its state, and the adapter cache) and is driven by evaluation/protocol.py:
+
+- `schedule == "sequential"`: `learn(tasks[:i+1])` at every stage i (the last task is new);
+- `schedule == "joint"`: one `learn(all tasks)` (MTL);
+- `schedule == "independent"`: `learn([task_j])` per task, each scored on its own task (AvgSTL).
+
+`learn` must be idempotent: when the stage's state is already on disk (an interrupted run, or a
+shared cache entry) it loads instead of training. `answer` returns one `Answer` per query; routed
+methods fill in the route, others report `answered_by="model"`.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+from ..cache import AdapterCache
+from ..config import RunConfig
+from ..data.task import Task
+from ..routing import Answer, Route
+
+Schedule = Literal["sequential", "joint", "independent"]
+MODEL = "model"  # answered_by for methods without routing
+
+
+class Method(Protocol):
+    label: str
+    schedule: Schedule
+    routed: bool
+
+    def learn(self, tasks: Sequence[Task]) -> dict:
+        """Train on the last of `tasks` (or all of them, for joint methods); returns stage metrics."""
+
+    def answer(self, queries: Sequence[str], budgets: Sequence[int]) -> list[Answer]:
+        """Greedy answers; `budgets` are max_new_tokens per query."""
+
+    def routes(self, queries: Sequence[str]) -> list[Route]:
+        """Only the routing decisions (routed methods); others return `answered_by="model"`."""
+
+    def trainable_parameters(self) -> int:
+        """Parameters the method has trained so far (all adapters/experts it keeps)."""
+
+    def close(self) -> None:
+        """Release the model."""
+
+
+@dataclass
+class MethodContext:
+    config: RunConfig
+    workdir: Path
+    cache: AdapterCache
+    general: Task | None = None  # general instructions (pseudo/general negatives), when configured
+    extra: dict = field(default_factory=dict)
+
+
+def unrouted(answers_text: Sequence[str], queries: Sequence[str]) -> list[Answer]:
+    return [Answer(q, t, Route(MODEL, "direct")) for q, t in zip(queries, answers_text)]
+
+
+def release(*objects) -> None:
+    """Drop references to models and give the memory back before the next method loads one."""
+    del objects
+    gc.collect()

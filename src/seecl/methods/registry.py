@@ -1,0 +1,69 @@
+"""Method labels -> method objects: `MTL`, `AvgSTL`, `Non-rehearsal`, `RandSel(10%)`,
+`KMeansSel(10%)`, `SSR`, `SSR(5%)`, `SEE(10%)` and SEE variants `SEE(10%)-<variant>`.
+
+SEE variants (each one config switch): `pseudo` (negatives from the general instruction set
+instead of earlier tasks), `nonsemantic` / `semantic` (indicator type), `general` (general
+negatives for every expert), `aLoRA` (activated-LoRA experts).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..errors import ConfigError
+from .base import Method, MethodContext
+
+_LABEL = re.compile(r"^(?P<name>[A-Za-z-]+)(\((?P<tau>[0-9.]+)%\))?(-(?P<variant>[A-Za-z]+))?$")
+
+SEE_VARIANTS = {
+    "pseudo": ["see.negatives=pseudo"],
+    "nonsemantic": ["model.indicator=nonsemantic"],
+    "semantic": ["model.indicator=semantic"],
+    "general": [],  # see.general_negatives comes from the context (count set by the benchmark)
+    "aLoRA": ["adapter.kind=alora"],
+}
+
+
+def parse_label(label: str) -> tuple[str, float | None, str | None]:
+    match = _LABEL.match(label)
+    if not match:
+        raise ConfigError(f"cannot parse method label {label!r}")
+    tau = float(match["tau"]) / 100 if match["tau"] else None
+    return match["name"], tau, match["variant"]
+
+
+def build_method(label: str, ctx: MethodContext) -> Method:
+    from .mtl import MultiTask
+    from .replay import Replay
+    from .see import SeeMethod
+    from .ssr import SelfSynthesizedRehearsal
+    from .stl import SingleTask
+
+    name, tau, variant = parse_label(label)
+    if variant is not None and name != "SEE":
+        raise ConfigError(f"{label!r}: only SEE has variants")
+    if name == "MTL" and tau is None:
+        return MultiTask(ctx, label)
+    if name == "AvgSTL" and tau is None:
+        return SingleTask(ctx, label)
+    if name == "Non-rehearsal" and tau is None:
+        return Replay(ctx, label, 0.0, "none")
+    if name == "RandSel" and tau is not None:
+        return Replay(ctx, label, tau, "random")
+    if name == "KMeansSel" and tau is not None:
+        return Replay(ctx, label, tau, "kmeans")
+    if name == "SSR":
+        return SelfSynthesizedRehearsal(ctx, label, 0.1 if tau is None else tau)
+    if name == "SEE" and tau is not None:
+        if variant is not None and variant not in SEE_VARIANTS:
+            raise ConfigError(f"unknown SEE variant {variant!r}; known: {sorted(SEE_VARIANTS)}")
+        overrides = [f"see.tau={tau}"] + (SEE_VARIANTS[variant] if variant else [])
+        if variant in ("pseudo", "general") and ctx.general is None:
+            raise ConfigError(f"{label!r} needs a general instruction set (general negatives file)")
+        if variant == "general":
+            overrides.append(f"see.general_negatives={ctx.extra.get('general_negatives', 10)}")
+        if variant in ("pseudo", "general"):
+            overrides.append(f"see.general_negatives_file={ctx.general.source or 'general'}")
+        return SeeMethod(ctx, label, overrides)
+    raise ConfigError(f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
+                      "KMeansSel(x%), SSR, SEE(x%) and SEE(x%)-<variant>")

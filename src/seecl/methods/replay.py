@@ -1,0 +1,77 @@
+"""One LoRA fine-tuned task after task: Non-rehearsal, RandSel(tau) and KMeansSel(tau).
+
+Stage i continues the adapter of stage i-1 on task i's data plus, for the rehearsal variants,
+round(tau * |D_j|) instances (with responses) of every earlier task j: chosen at random
+(RandSel) or as the instances nearest to the k-means centres of sentence embeddings of the
+task's queries (KMeansSel). Non-rehearsal is tau = 0: it forgets.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Literal, Sequence
+
+from ..data.task import Instance, Task
+from ..routing import Answer, Route
+from .base import MODEL, MethodContext
+from .see import negatives_count
+from .single import SingleAdapter
+
+Selection = Literal["none", "random", "kmeans"]
+
+
+def select_rehearsal(task: Task, k: int, selection: Selection, seed: int, stage_task: str) -> list[Instance]:
+    if k <= 0 or selection == "none":
+        return []
+    if selection == "random":
+        return random.Random(f"replay:{seed}:{stage_task}:{task.name}").sample(list(task.instances), k)
+    from ..embeddings import embed, kmeans_representatives
+
+    vectors = embed([i.query for i in task.instances])
+    return [task.instances[i] for i in kmeans_representatives(vectors, k, seed)]
+
+
+class Replay:
+    schedule = "sequential"
+    routed = False
+
+    def __init__(self, ctx: MethodContext, label: str, tau: float = 0.0, selection: Selection = "none"):
+        self.ctx, self.label, self.tau, self.selection = ctx, label, tau, selection
+        self.single = SingleAdapter(ctx)
+        self.state_path = ctx.workdir / "stages.json"
+        self.keys: list[str] = json.loads(self.state_path.read_text()) if self.state_path.exists() else []
+        self._selected: dict[tuple[str, str], list[Instance]] = {}
+
+    def stage_data(self, tasks: Sequence[Task]) -> list[Instance]:
+        new, earlier = tasks[-1], tasks[:-1]
+        data = list(new.instances)
+        for old in earlier:
+            key = (new.name, old.name)
+            if key not in self._selected:
+                k = negatives_count(self.tau, len(old))
+                self._selected[key] = select_rehearsal(old, k, self.selection, self.ctx.config.see.seed, new.name)
+            data.extend(self._selected[key])
+        return data
+
+    def learn(self, tasks: Sequence[Task]) -> dict:
+        stage = len(tasks) - 1
+        init = self.keys[stage - 1] if stage > 0 else None
+        data = self.stage_data(tasks)
+        key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}")
+        self.keys = self.keys[:stage] + [key]
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps(self.keys))
+        return {**metrics, "instances": len(data), "rehearsal": len(data) - len(tasks[-1])}
+
+    def answer(self, queries, budgets) -> list[Answer]:
+        return self.single.answer(queries, budgets)
+
+    def routes(self, queries) -> list[Route]:
+        return [Route(MODEL, "direct") for _ in queries]
+
+    def trainable_parameters(self) -> int:
+        return self.single.parameters_of(self.keys[-1]) if self.keys else 0
+
+    def close(self) -> None:
+        self.single.close()

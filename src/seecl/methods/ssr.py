@@ -1,0 +1,130 @@
+"""SSR, self-synthesized rehearsal (Huang et al., 2024), on one sequentially fine-tuned LoRA.
+
+At stage i > 1, for every earlier task j:
+1. the *base* model writes new task inputs by in-context learning from a few stored real
+   demonstrations of task j (each candidate sees a different seeded choice and order of them, so
+   greedy decoding still yields different inputs);
+2. the *latest* model (the adapter after stage i-1) answers each synthetic query, refining the
+   synthetic instance's output;
+3. round(tau * |D_j|) of the synthetic instances are kept, the ones nearest to the k-means
+   centres of their sentence embeddings (diverse), and replayed with task i's data.
+The synthetic instances of a stage are written to disk and reused when a run resumes. SSR keeps
+only `demonstrations` real instances per task (for the prompts), never the task's data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Sequence
+
+from ..data.task import Instance, Task
+from ..routing import Answer, Route
+from .base import MODEL, MethodContext
+from .see import negatives_count
+from .single import SingleAdapter
+
+
+def split_definition(task: Task) -> tuple[str, list[str]]:
+    """(shared instruction, per-instance inputs): SuperNI queries are Definition + "\\n\\n" + input."""
+    queries = [i.query for i in task.instances]
+    prefix = queries[0]
+    for query in queries[1:]:
+        while not query.startswith(prefix):
+            prefix = prefix[:-1]
+    cut = prefix.rfind("\n\n")
+    definition = prefix[:cut] if cut > 0 else ""
+    start = len(definition) + 2 if definition else 0
+    return definition, [q[start:] for q in queries]
+
+
+def synthesis_prompt(definition: str, demos: Sequence[str]) -> str:
+    shown = "\n\n".join(f"Input: {d}" for d in demos)
+    head = f"{definition}\n\n" if definition else ""
+    return (f"{head}Here are example inputs for this task:\n\n{shown}\n\n"
+            "Write one new input for this task, different from the examples. Reply with the input only.")
+
+
+class SelfSynthesizedRehearsal:
+    schedule = "sequential"
+    routed = False
+
+    def __init__(self, ctx: MethodContext, label: str = "SSR", tau: float = 0.1, demonstrations: int = 8,
+                 shots: int = 3, oversample: float = 2.0, max_input_tokens: int = 256):
+        self.ctx, self.label, self.tau = ctx, label, tau
+        self.demonstrations, self.shots, self.oversample = demonstrations, shots, oversample
+        self.max_input_tokens = max_input_tokens
+        self.single = SingleAdapter(ctx)
+        self.state_path = ctx.workdir / "stages.json"
+        self.keys: list[str] = json.loads(self.state_path.read_text()) if self.state_path.exists() else []
+
+    def synthesize(self, earlier: Sequence[Task], stage: int) -> list[Instance]:
+        path = self.ctx.workdir / "synthetic" / f"stage{stage + 1}.jsonl"
+        if path.exists():
+            return [Instance(r["id"], r["query"], (r["response"],))
+                    for r in map(json.loads, path.read_text().splitlines())]
+        seed = self.ctx.config.see.seed
+        fmt = self.single.formatter
+        chosen: list[Instance] = []
+        for task in earlier:
+            k = negatives_count(self.tau, len(task))
+            if k == 0:
+                continue
+            definition, inputs = split_definition(task)
+            rng = random.Random(f"ssr:{seed}:{task.name}")
+            pool = rng.sample(inputs, min(self.demonstrations, len(inputs)))
+            n = max(k, round(k * self.oversample))
+            prompts = []
+            for c in range(n):
+                demos = random.Random(f"ssr:{seed}:{task.name}:{stage}:{c}").sample(pool, min(self.shots, len(pool)))
+                prompts.append(fmt.prompt_ids(synthesis_prompt(definition, demos)))
+            budget = min(self.max_input_tokens, max(len(fmt.text_ids(d)) for d in pool) + 8)
+            new_inputs = self.single.generate(prompts, [budget] * n, use_adapter=False)
+            unique = [x for x in dict.fromkeys(x.strip() for x in new_inputs) if x and x not in inputs]
+            queries = [f"{definition}\n\n{x}" if definition else x for x in unique]
+            if not queries:
+                continue
+            budgets = [fmt.answer_budget([r for i in task.instances for r in i.references])] * len(queries)
+            outputs = self.single.generate([fmt.prompt_ids(q) for q in queries], budgets)
+            candidates = [Instance(f"ssr-{task.name}-{stage + 1}-{i}", q, (o,))
+                          for i, (q, o) in enumerate(zip(queries, outputs)) if o.strip()]
+            chosen.extend(self._select(candidates, k, seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"id": i.id, "query": i.query, "response": i.response},
+                                           ensure_ascii=False) + "\n" for i in chosen))
+        return chosen
+
+    @staticmethod
+    def _select(candidates: list[Instance], k: int, seed: int) -> list[Instance]:
+        if len(candidates) <= k:
+            return candidates
+        from ..embeddings import embed, kmeans_representatives
+
+        vectors = embed([c.query for c in candidates])
+        return [candidates[i] for i in kmeans_representatives(vectors, k, seed)]
+
+    def learn(self, tasks: Sequence[Task]) -> dict:
+        stage = len(tasks) - 1
+        init = self.keys[stage - 1] if stage > 0 else None
+        synthetic: list[Instance] = []
+        if stage > 0:
+            self.single.activate(init)  # the latest model refines the synthetic outputs
+            synthetic = self.synthesize(tasks[:-1], stage)
+        data = list(tasks[-1].instances) + synthetic
+        key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}")
+        self.keys = self.keys[:stage] + [key]
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.state_path.write_text(json.dumps(self.keys))
+        return {**metrics, "instances": len(data), "synthetic": len(synthetic)}
+
+    def answer(self, queries, budgets) -> list[Answer]:
+        return self.single.answer(queries, budgets)
+
+    def routes(self, queries) -> list[Route]:
+        return [Route(MODEL, "direct") for _ in queries]
+
+    def trainable_parameters(self) -> int:
+        return self.single.parameters_of(self.keys[-1]) if self.keys else 0
+
+    def close(self) -> None:
+        self.single.close()

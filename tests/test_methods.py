@@ -1,0 +1,106 @@
+"""One shared harness: every method runs two synthetic stages on the tiny model through the protocol."""
+
+import json
+
+import pytest
+
+from seecl.cache import AdapterCache
+from seecl.config import load_config
+from seecl.data.synthetic import general_task, make_task
+from seecl.evaluation.protocol import EvalSet, Protocol
+from seecl.methods.base import MethodContext
+from seecl.methods.registry import build_method, parse_label
+from conftest import TINY
+
+TASKS = ["uppercase", "add"]
+LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)"]
+
+
+def run_protocol(tmp_path, label, **kwargs):
+    cfg = load_config(overrides=TINY + ["train.epochs=3", "see.memory_tau=0.25", "generate.max_new_tokens=8"])
+    ctx = MethodContext(cfg, tmp_path / "methods" / label, AdapterCache(tmp_path / "cache"), general=general_task())
+    method = build_method(label, ctx)
+    train = [make_task(n, "train", 16) for n in TASKS]
+    evals = {n: EvalSet(make_task(n, "eval", 4), budget=6) for n in TASKS}
+    protocol = Protocol(method, train, evals, ctx.workdir, ood_queries=[i.query for i in general_task().instances[:4]],
+                        log=lambda _: None, **kwargs)
+    return method, protocol, protocol.run()
+
+
+@pytest.mark.parametrize("label", LABELS)
+def test_every_method_through_the_shared_harness(tmp_path, label, monkeypatch):
+    method, protocol, summary = run_protocol(tmp_path, label)
+    matrix = summary["matrix"]
+    assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+    if method.schedule == "sequential":
+        assert matrix[0][0] is not None and None not in matrix[1], "diagonal and final row"
+        assert matrix[0][1] is None
+        assert summary["BWT"] == pytest.approx(matrix[1][0] - matrix[0][0])
+    elif method.schedule == "joint":
+        assert matrix[0] == [None, None] and None not in matrix[1] and summary["BWT"] is None
+    else:
+        assert matrix[0][0] is not None and matrix[1][1] is not None and matrix[1][0] is None
+    assert summary["AR"] is not None and 0 <= summary["AR"] <= 100
+    assert set(summary["per_task"]) == set(TASKS)
+    assert all(p and p > 0 for p in summary["trainable_parameters"])
+    if method.routed:
+        routing = summary["routing"]
+        assert routing["n_ood"] == 4 and 0 <= summary["rb_acc"] <= 1 and 0 <= summary["routing_f1"] <= 1
+        assert sum(map(sum, routing["confusion"])) == 8
+    else:
+        assert summary["routing_f1"] is None and summary["rb_acc"] is None
+
+    # Resume: a new process on the same directory recomputes nothing and trains nothing.
+    import seecl.training
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished stage was retrained")
+
+    monkeypatch.setattr(seecl.training, "train", forbidden)
+    for module in ("seecl.methods.single", "seecl.methods.see"):
+        monkeypatch.setattr(f"{module}.train", forbidden)
+    _, again, resumed = run_protocol(tmp_path, label)
+    assert resumed["matrix"] == matrix and resumed["AR"] == summary["AR"]
+
+
+def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path, monkeypatch):
+    import seecl.methods.single as single
+
+    real_train, calls = single.train, []
+
+    def crash_on_second_stage(model, examples, *args, **kwargs):
+        calls.append(len(examples))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed during stage 2")
+        return real_train(model, examples, *args, **kwargs)
+
+    monkeypatch.setattr(single, "train", crash_on_second_stage)
+    with pytest.raises(KeyboardInterrupt):
+        run_protocol(tmp_path, "RandSel(25%)")
+    state = json.loads((tmp_path / "methods" / "RandSel(25%)" / "protocol.json").read_text())
+    assert list(state["cells"]) == ["0:uppercase"], "stage 1 was scored before the crash"
+    monkeypatch.setattr(single, "train", real_train)
+    calls.clear()
+    monkeypatch.setattr(single, "train", lambda m, e, *a, **k: calls.append(len(e)) or real_train(m, e, *a, **k))
+    _, _, summary = run_protocol(tmp_path, "RandSel(25%)")
+    assert calls == [16 + 4], "only stage 2 trains: 16 new instances + 25% of 16 rehearsed"
+    assert None not in summary["matrix"][1]
+
+
+def test_identical_first_stages_are_trained_once(tmp_path, monkeypatch):
+    import seecl.methods.single as single
+
+    real_train, calls = single.train, []
+    monkeypatch.setattr(single, "train", lambda m, e, *a, **k: calls.append(len(e)) or real_train(m, e, *a, **k))
+    run_protocol(tmp_path, "Non-rehearsal")
+    run_protocol(tmp_path, "RandSel(25%)")
+    assert calls == [16, 16, 20], "RandSel's stage 1 is Non-rehearsal's stage 1, from the cache"
+
+
+def test_labels():
+    assert parse_label("SEE(10%)-aLoRA") == ("SEE", 0.1, "aLoRA")
+    assert parse_label("Non-rehearsal") == ("Non-rehearsal", None, None)
+    from seecl.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        build_method("Magic(3%)", None)
