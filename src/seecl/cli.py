@@ -109,6 +109,29 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .config import load_config, parse_override
+    from .evaluation.superni import ORDERS, BenchConfig, run_benchmark
+
+    cfg = load_config(BenchConfig, args.config)
+    flags = {"data_dir": args.data_dir, "eval_split": args.eval_split, "ood_file": args.ood_file,
+             "out": args.out, "n_train": args.n_train, "n_eval": args.n_eval, "n_ood": args.n_ood,
+             "reuse_experts": args.reuse_experts, "full_matrix": args.full_matrix or None}
+    if args.methods:
+        flags["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.order:
+        flags["order"] = ORDERS[int(args.order)] if args.order.isdigit() else args.order.split(",")
+    run = dict(cfg.run)
+    for item in args.overrides:
+        path, value = parse_override(item)
+        run[".".join(path)] = value
+    cfg = dataclasses.replace(cfg, run=run, **{k: v for k, v in flags.items() if v is not None})
+    run_benchmark(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seecl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("bench", help="run a benchmark (superni: every method through the protocol)")
+    p.add_argument("suite", choices=["superni"])
+    p.add_argument("--data-dir", help="folder with <task>.train.jsonl and <task>.<split>.jsonl")
+    p.add_argument("--eval-split", help="eval split name (default dev)")
+    p.add_argument("--ood-file", help="OOD queries; first half = test, second half = negatives pool")
+    p.add_argument("--methods", help="comma-separated method labels, e.g. MTL,SEE(10%%)")
+    p.add_argument("--order", help="1, 2, 3 or comma-separated task names")
+    p.add_argument("--out", help="output directory (resumes if it exists)")
+    p.add_argument("--n-train", type=int, help="training instances per task")
+    p.add_argument("--n-eval", type=int, help="eval instances per task")
+    p.add_argument("--n-ood", type=int, help="OOD test queries")
+    p.add_argument("--full-matrix", action="store_true", help="score every seen task after every stage")
+    p.add_argument("--reuse-experts", nargs="+", metavar="RUN_DIR",
+                   help="earlier output directories whose trained adapters are reused (evaluate only)")
+    p.add_argument("--config", help="YAML file with benchmark fields (and `run:` overrides)")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="run-config overrides shared by all methods, e.g. train.epochs=3")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("config", help="print every config field with its default and meaning")
     p.add_argument("--preset", choices=["small", "paper"])
     p.set_defaults(func=cmd_config)
@@ -160,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers method that transformers 5 deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`bench superni --out X train.lr=1e-3`); argparse would have
+    # bound the positional list already, so collect the trailing `key=value` items here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except SeeclError as exc:

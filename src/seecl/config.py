@@ -166,10 +166,17 @@ class SeeConfig:
 class GenerateConfig:
     max_new_tokens: int = doc("Longest answer in tokens (greedy decoding).", 64)
     batch_size: int = doc("Queries per forward pass at inference.", 16)
+    engine: Literal["fast", "reference"] = doc(
+        "'fast': batched routing with KV reuse and a prefix cache (engine.py); 'reference': one "
+        "full prompt pass per expert, then a fresh generation pass (routing.py).", "fast")
+    prefix_cache_tokens: int = doc("Token budget of the fast engine's prefix cache (0 disables it).", 4096)
+    prefix_block: int = doc("Shared prefixes are cached in multiples of this many tokens.", 32)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens must be positive")
         _check(self.batch_size > 0, "generate.batch_size must be positive")
+        _check(self.prefix_cache_tokens >= 0, "generate.prefix_cache_tokens must be >= 0")
+        _check(self.prefix_block > 0, "generate.prefix_block must be positive")
 
 
 @dataclass

@@ -119,6 +119,21 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
     return lm.base_model, lm.get_output_embeddings()
 
 
+def alora_scope(model: torch.nn.Module, input_ids: torch.Tensor):
+    """For an active aLoRA adapter, tell its layers where each row's invocation starts.
+
+    PEFT does this in PeftModel.forward; the loss above calls the backbone directly, so without
+    this an aLoRA adapter would never be applied (nor trained).
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "alora_invocation_tokens", None):
+        return contextlib.nullcontext()
+    from peft.tuners.lora.variants import calculate_alora_offsets
+
+    offsets = calculate_alora_offsets(model.peft_config, model.active_adapter, input_ids)
+    return model.base_model._enable_peft_forward_hooks(alora_offsets=offsets)
+
+
 class SupervisedLoss(torch.nn.Module):
     """Summed cross-entropy over supervised positions, computing logits only there.
 
@@ -132,7 +147,8 @@ class SupervisedLoss(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         backbone, head = causal_lm_parts(self.model)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with alora_scope(self.model, input_ids):
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = hidden.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE

@@ -50,6 +50,18 @@ class PromptFormatter:
     def prompt_ids(self, query: str) -> list[int]:
         return self.tokenizer.encode(self.prompt_text(query), add_special_tokens=False)
 
+    def invocation_ids(self) -> list[int]:
+        """Tokens the chat template appends to open the assistant turn (aLoRA's invocation)."""
+        with_header = self.prompt_ids("x")
+        messages = [{"role": "user", "content": "x"}]
+        if self.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        without = self.tokenizer.encode(self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False), add_special_tokens=False)
+        if with_header[: len(without)] != without or len(with_header) == len(without):
+            raise ValueError("the chat template has no separate assistant header to invoke aLoRA experts with")
+        return with_header[len(without):]
+
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 

@@ -23,7 +23,7 @@ from ..config import RunConfig, doc, from_dict, merge_overrides, to_dict
 from ..data.formats import load_instances, load_task
 from ..data.prompts import PromptFormatter
 from ..data.task import Task
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..methods.base import MethodContext, release
 from ..methods.registry import build_method
 from ..store import write_json_atomic
@@ -62,6 +62,19 @@ class BenchConfig:
     reuse_experts: list[str] = doc("Earlier output directories whose trained adapters may be reused.", [])
     run: dict = field(default_factory=dict, metadata={"doc": "RunConfig overrides (dotted keys) for all methods."})
 
+    def __post_init__(self):
+        from ..methods.registry import parse_label
+
+        for name in ("n_train", "n_eval", "n_ood"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.order or len(set(self.order)) != len(self.order):
+            raise ConfigError(f"order must name distinct tasks, got {self.order}")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"methods must be distinct labels, got {self.methods}")
+        for label in self.methods:
+            parse_label(label)
+
 
 def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[Task], dict[str, EvalSet]]:
     data = Path(cfg.data_dir)
@@ -90,7 +103,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
 
     out = Path(cfg.out)
     run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), BENCH_OVERRIDES + [
-        f"{k}={json.dumps(v)}" for k, v in cfg.run.items()]))
+        f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.run).items()]))
     base = load_base(run_config.model)
     formatter = PromptFormatter(base.tokenizer, None, run_config.model.system_prompt)
     release(base)
@@ -126,6 +139,17 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             f"({sum(result['seconds'].values()) / 60:.1f} min in all)")
     log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
     return summary
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} and {"train.lr": 1} both -> {"train.lr": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _dirname(label: str) -> str:

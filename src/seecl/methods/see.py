@@ -22,7 +22,8 @@ from ..data.task import Instance, Task
 from ..errors import StoreError
 from ..experts import add_expert, load_expert, save_expert, trainable_parameters
 from ..models import Base, load_base
-from ..routing import Answer, SequentialRouter
+from ..engine import RoutingEngine
+from ..routing import Answer, Route, SequentialRouter
 from ..store import ADAPTER_FILES, EnsembleStore, MemoryItem, QueryMemory
 from ..training import run_fingerprint, train
 
@@ -122,6 +123,7 @@ class SeeEnsemble:
         self._base: Base | None = None
         self._model = None
         self._loaded: list[str] = []
+        self._engine = None
         if self.store.exists():
             manifest = self.store.manifest()
             wanted = self.config.model
@@ -191,8 +193,10 @@ class SeeEnsemble:
                 for file in ADAPTER_FILES:
                     shutil.copy2(cached / file, directory / file)
         else:
-            model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed)
+            invocation = formatter.invocation_ids() if cfg.adapter.kind == "alora" else None
+            model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
+            self._engine = None
             result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
                            checkpoint_dir=self.store.root / ".work" / name, desc=f"expert {name}")
             metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
@@ -229,9 +233,24 @@ class SeeEnsemble:
         return SequentialRouter(self.model, self.formatter(), self.experts(), threshold,
                                 self.config.generate.batch_size)
 
+    def engine(self) -> RoutingEngine:
+        """The fast engine over the current experts (kept while they do not change: its prefix cache)."""
+        gen = self.config.generate
+        experts = self.experts()
+        if self._engine is None or self._engine.experts != experts:
+            self._engine = RoutingEngine(self.model, self.formatter(), experts, self.config.see.threshold,
+                                         gen.batch_size, gen.prefix_cache_tokens, gen.prefix_block)
+        return self._engine
+
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
         budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
-        return self.router().ask(list(queries), budget)
+        runner = self.engine() if self.config.generate.engine == "fast" else self.router()
+        return runner.ask(list(queries), budget)
+
+    def route(self, queries: Sequence[str]) -> list[Route]:
+        if self.config.generate.engine == "fast":
+            return self.engine().route(list(queries))
+        return self.router().route(list(queries))[1]
 
 
 class SeeMethod:
@@ -260,7 +279,7 @@ class SeeMethod:
         return self.ensemble.ask(list(queries), list(budgets))
 
     def routes(self, queries):
-        return self.ensemble.router().route(list(queries))[1]
+        return self.ensemble.route(list(queries))
 
     def trainable_parameters(self) -> int:
         return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts())

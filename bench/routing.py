@@ -1,0 +1,245 @@
+"""Routing cost: the naive sequential process, the fast engine, and one LoRA model on the same queries.
+
+Workload: the SuperNI eval queries of the benchmark's five tasks (`--n-per-task` per task from the
+dev split, answer budgets from each task's training references), answered by the SEE(10%) experts
+of a `seecl bench superni` run (`--ensemble`, default results/superni-mini/methods/SEE_10/ensemble)
+and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one run:
+
+- naive: `routing.SequentialRouter` one query at a time (a full prompt pass per expert, then a
+  fresh generation pass) -> queries/s;
+- engine: `engine.RoutingEngine` over the same queries -> queries/s, `speedup_vs_naive`;
+- single: one expert's adapter answering every query through the same engine, no routing ->
+  `overhead_measured` = engine time / single time - 1;
+- measured TTFT (one prompt pass, batch 1) and TPOT (one decode step, batch 1) -> the cost model's
+  overhead TTFT*(M-1)/2 / (TTFT + TPOT*N) for the same M and mean answer length N (`overhead_eq8`);
+- memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
+- routing latency vs number of experts (1..16, random LoRA or aLoRA experts, nobody claims, so
+  every expert is asked): plotted to results/bench/routing_latency.png.
+
+    python bench/routing.py                 # writes results/bench/routing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+from pathlib import Path
+
+from common import DATA, RESULTS, ROOT, machine, print_table, write_json
+
+TASKS = ["qa", "qg", "sa", "sum", "trans"]
+
+
+def rss_mb() -> float:
+    with open(f"/proc/{os.getpid()}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def workload(formatter, n_per_task: int):
+    from seecl.data.formats import load_task
+
+    queries, budgets, owners = [], [], []
+    for name in TASKS:
+        train = load_task(DATA / "superni" / f"{name}.train.jsonl", limit=100)
+        budget = formatter.answer_budget([r for inst in train.instances for r in inst.references])
+        for inst in load_task(DATA / "superni" / f"{name}.dev.jsonl", limit=n_per_task).instances:
+            queries.append(inst.query)
+            budgets.append(budget)
+            owners.append(name)
+    return queries, budgets, owners
+
+
+def timed(fn):
+    started = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - started
+
+
+def ttft_tpot(engine, prompts: list[list[int]], steps: int = 16) -> tuple[float, float]:
+    """Median seconds of one prompt pass and of one decode step, batch 1, base model."""
+    import torch
+
+    from seecl.routing import BASE
+
+    firsts, steps_s = [], []
+    with torch.inference_mode(), engine._use(BASE):
+        for prompt in prompts:
+            state, (_, t1) = None, (None, 0.0)
+            (state, logprobs), t1 = timed(lambda: engine._extend(None, [prompt], 1))
+            firsts.append(t1)
+            token = int(logprobs[0, -1].argmax())
+            for _ in range(steps):
+                (state, logprobs), dt = timed(lambda: engine._extend(state, [[token]], 1))
+                steps_s.append(dt)
+                token = int(logprobs[0, -1].argmax())
+    return statistics.median(firsts), statistics.median(steps_s)
+
+
+def compare(ensemble_dir: Path, queries, budgets, owners, label: str, naive_limit: int) -> dict:
+    """naive vs engine vs single model on one trained ensemble."""
+    from seecl.methods.see import SeeEnsemble
+
+    ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
+    experts = ens.experts()
+    engine = ens.engine()
+    router = ens.router()
+    engine.ask(queries[:2], 2)  # warm-up (thread pools, allocator)
+    answers, engine_s = timed(lambda: engine.ask(queries, budgets))
+    routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
+    lengths = [len(ens.formatter().text_ids(a.text)) for a in answers]
+    # The naive process answers one query at a time; it is timed on an even sample of the queries.
+    sample = list(range(0, len(queries), max(1, len(queries) // naive_limit)))[:naive_limit]
+    _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
+    naive_qps = len(sample) / naive_s
+    single_owner = experts[-1]
+    pos = list(ens.base.indicators.pos_ids)
+    _, single_s = timed(lambda: engine.generate(single_owner, queries, budgets, forced=pos))
+    prompts = [ens.formatter().prompt_ids(queries[i]) for i in sample[:8]]
+    ttft, tpot = ttft_tpot(engine, prompts)
+    m, n = len(experts), statistics.mean(lengths)
+    row = {
+        "experts": experts, "queries": len(queries), "routing_accuracy": routed,
+        "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
+        "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
+        "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
+        "overhead_measured": engine_s / single_s - 1, "ttft_s": ttft, "tpot_s": tpot,
+        "mean_answer_tokens": n, "overhead_eq8": ttft * (m - 1) / 2 / (ttft + tpot * n),
+        "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses},
+    }
+    print(f"{label}: {row}")
+    return row
+
+
+def random_experts(base, count: int, kind: str):
+    """The base with `count` freshly initialised (random B) experts attached."""
+    import torch
+
+    from seecl.config import AdapterConfig
+    from seecl.data.prompts import PromptFormatter
+    from seecl.experts import add_expert
+
+    formatter = PromptFormatter(base.tokenizer, base.indicators)
+    invocation = formatter.invocation_ids() if kind == "alora" else None
+    model = base.model
+    for i in range(count):
+        model = add_expert(model, f"e{i}", AdapterConfig(kind=kind), base.indicators, seed=i, invocation_tokens=invocation)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if f"lora_B.e{i}." in name:
+                    param.normal_(0, 0.01)
+    model.eval()
+    return model, formatter
+
+
+def memory_curve() -> dict:
+    from seecl.config import ModelConfig
+    from seecl.models import load_base
+
+    gc.collect()
+    base = load_base(ModelConfig())
+    rss = {0: rss_mb()}
+    model, attached = base.model, 0
+    from seecl.config import AdapterConfig
+    from seecl.experts import add_expert
+
+    for target in (1, 10, 100):
+        while attached < target:
+            model = add_expert(model, f"m{attached}", AdapterConfig(), base.indicators, seed=attached)
+            attached += 1
+        gc.collect()
+        rss[target] = rss_mb()
+    added = rss[100] - rss[0]
+    return {"rss_mb": rss, "rss_added_100_experts_mb": added, "mb_per_expert": added / 100}
+
+
+def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
+    """Routing-only latency per query when every expert is asked (a threshold nobody reaches)."""
+    from seecl.config import ModelConfig
+    from seecl.engine import RoutingEngine
+    from seecl.models import load_base
+
+    curve = {}
+    for kind in ("lora", "alora"):
+        base = load_base(ModelConfig())
+        model, formatter = random_experts(base, max(counts), kind)
+        curve[kind] = {}
+        for count in counts:
+            engine = RoutingEngine(model, formatter, [f"e{i}" for i in range(count)], threshold=0.999999,
+                                   batch_size=16, prefix_cache_tokens=0)
+            engine.route(queries[:2])
+            _, seconds = timed(lambda: engine.route(queries))
+            curve[kind][count] = seconds / len(queries)
+            print(f"latency {kind} x{count}: {1000 * curve[kind][count]:.1f} ms/query")
+        del model, base
+        gc.collect()
+    return curve
+
+
+def plot(curve: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, points in curve.items():
+        xs = sorted(int(k) for k in points)
+        ax.plot(xs, [1000 * points[k] if k in points else 1000 * points[str(k)] for k in xs], marker="o",
+                label={"lora": "LoRA experts", "alora": "aLoRA experts"}[kind])
+    ax.set_xlabel("experts asked per query")
+    ax.set_ylabel("routing time per query (ms)")
+    ax.set_title("Routing latency (fast engine, batch 16)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    run = ROOT / "results" / "superni-mini" / "methods"
+    parser.add_argument("--ensemble", default=str(run / "SEE_10" / "ensemble"))
+    parser.add_argument("--alora-ensemble", default=str(run / "SEE_10_-aLoRA" / "ensemble"))
+    parser.add_argument("--n-per-task", type=int, default=50)
+    parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
+    parser.add_argument("--out", default=str(RESULTS / "routing.json"))
+    args = parser.parse_args()
+
+    from seecl.config import ModelConfig
+    from seecl.data.prompts import PromptFormatter
+    from seecl.models import load_base
+
+    base = load_base(ModelConfig())
+    queries, budgets, owners = workload(PromptFormatter(base.tokenizer, base.indicators, ""), args.n_per_task)
+    del base
+    result: dict = {"machine": machine(), "command": "python bench/routing.py", "workload": {
+        "tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev"}}
+    for label, directory in (("lora", args.ensemble), ("alora", args.alora_ensemble)):
+        if (Path(directory) / "manifest.json").exists():
+            result[label] = compare(Path(directory), queries, budgets, owners, label, args.naive_queries)
+        else:
+            print(f"{label}: no ensemble at {directory} (run `seecl bench superni` first); skipped")
+    result["memory"] = memory_curve()
+    result["latency_vs_experts"] = latency_curve(queries[:: max(1, len(queries) // 32)][:32])
+    plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
+    summary = {}
+    if "lora" in result:
+        summary.update({k: result["lora"][k] for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8")})
+    if "alora" in result:
+        summary["overhead_alora"] = result["alora"]["overhead_measured"]
+        summary["speedup_vs_naive_alora"] = result["alora"]["speedup_vs_naive"]
+    summary.update({k: result["memory"][k] for k in ("mb_per_expert", "rss_added_100_experts_mb")})
+    result.update(summary)
+    rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]
+    print_table("Routing cost (SmolLM2-135M, CPU)", ["metric", "value"], rows)
+    write_json(Path(args.out), result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The fast routing engine: the routes and greedy answers of `routing.SequentialRouter`, with less work.
+
+Owns how a batch of queries is pushed through the experts of a PEFT model:
+
+- batched routing: the still-open queries go through the newest expert together; claimed ones
+  leave, the rest go on (the walk itself is `routing.walk`, shared with the reference);
+- the indicator check computes logits at the decision positions only;
+- a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
+- a prefix cache per owner (an expert, or the base) keyed by block-aligned token prefixes, so
+  prompts that share a task definition or system prompt prefill it once; LRU with a token budget;
+- activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
+  prefilled once by the base model and its KV is shared by every expert's check, which then costs
+  only the invocation and indicator-prefix positions; unclaimed queries continue on the base KV.
+
+The expert's indicator rows (PEFT trainable tokens) are merged into the shared embedding for the
+duration of its pass: PEFT would otherwise rebuild the full embedding matrix at every forward.
+Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`) or loading experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .data.prompts import PromptFormatter
+from .routing import BASE, Answer, Check, Route, decide, walk
+
+
+@dataclass
+class _Rows:
+    """Decoding state of a batch of rows: KV cache, attention mask over it, next position ids."""
+
+    cache: object  # transformers DynamicCache
+    mask: torch.Tensor  # [rows, cached tokens], 1 = real token
+    next_pos: torch.Tensor  # [rows]
+
+    def fork(self, rows: Sequence[int]) -> "_Rows":
+        """A new state holding copies of `rows` (the original stays usable)."""
+        from transformers import DynamicCache
+
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
+                  for layer in self.cache.layers]
+        return _Rows(DynamicCache(ddp_cache_data=layers), self.mask.index_select(0, index),
+                     self.next_pos.index_select(0, index))
+
+
+class PrefixCache:
+    """Per-owner KV of shared prompt prefixes, LRU-evicted to stay under `max_tokens` tokens."""
+
+    def __init__(self, max_tokens: int = 4096, block: int = 32):
+        self.max_tokens, self.block = max_tokens, block
+        self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.tokens = 0
+        self.hits = self.misses = 0
+
+    def lookup(self, owner: str, prefix: Sequence[int]) -> tuple[int, list | None]:
+        """Longest cached block-aligned head of `prefix`: (length, per-layer (k, v)) or (0, None)."""
+        for length in range(len(prefix) // self.block * self.block, 0, -self.block):
+            key = (owner, tuple(prefix[:length]))
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return length, self.entries[key]
+        self.misses += 1
+        return 0, None
+
+    def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
+        if len(prefix) > self.max_tokens or len(prefix) == 0:
+            return
+        key = (owner, tuple(prefix))
+        if key not in self.entries:
+            self.tokens += len(prefix)
+        self.entries[key] = layers
+        self.entries.move_to_end(key)
+        while self.tokens > self.max_tokens:
+            old_key, _ = self.entries.popitem(last=False)
+            self.tokens -= len(old_key[1])
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.tokens = 0
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    length = min(len(r) for r in rows)
+    for row in rows[1:]:
+        n = 0
+        while n < length and row[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
+
+class RoutingEngine:
+    """Batched SEE routing and generation over a PEFT model holding one adapter per expert."""
+
+    def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
+                 threshold: float | None = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
+                 prefix_block: int = 32):
+        self.model, self.formatter = model, formatter
+        self.indicators = formatter.indicators
+        self.experts = list(experts)
+        self.threshold, self.batch_size = threshold, batch_size
+        self.pad_id = formatter.tokenizer.pad_token_id
+        self.eos_id = formatter.eos_id
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
+        self.device = next(model.parameters()).device
+        # aLoRA experts act only from their invocation tokens (the assistant-turn header) on
+        configs = getattr(model, "peft_config", {})
+        self.alora = {name: list(getattr(configs[name], "alora_invocation_tokens", None) or [])
+                      for name in self.experts}
+        invocations = {tuple(v) for v in self.alora.values()}
+        # Shared-body routing needs every expert to be aLoRA with one invocation sequence.
+        self.invocation = list(next(iter(invocations))) if len(invocations) == 1 and () not in invocations else None
+        self._active_alora = False
+
+    # -- adapters -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _use(self, owner: str):
+        """`owner`'s adapter active (its indicator rows merged), or the bare base for BASE."""
+        self._active_alora = bool(self.alora.get(owner))
+        if owner == BASE:
+            with (self.model.disable_adapter() if hasattr(self.model, "disable_adapter")
+                  else contextlib.nullcontext()):
+                yield
+            return
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        self.model.set_adapter(owner)
+        layers = [m for m in self.model.modules()
+                  if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta]
+        for layer in layers:
+            layer.merge(adapter_names=[owner])
+        try:
+            yield
+        finally:
+            for layer in layers:
+                if layer.merged:
+                    layer.unmerge()
+
+    # -- forward passes -----------------------------------------------------------------------------
+    def _extend(self, state: _Rows | None, chunks: Sequence[Sequence[int]], keep: int,
+                tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
+        """Feed one chunk of new tokens per row (left-padded among themselves) on top of `state`.
+
+        Returns the new state and log-probs [rows, keep, vocab] at the last `keep` positions. For an
+        aLoRA expert, `tail` is how many trailing positions of each chunk come after the invocation
+        start (None: all of them).
+        """
+        from transformers import DynamicCache
+
+        width = max(len(c) for c in chunks)
+        ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            ids[row, width - len(chunk):] = torch.tensor(list(chunk), dtype=torch.long)
+            new_mask[row, width - len(chunk):] = 1
+        ids, new_mask = ids.to(self.device), new_mask.to(self.device)
+        if state is None:
+            state = _Rows(DynamicCache(), new_mask[:, :0], torch.zeros(len(chunks), dtype=torch.long,
+                                                                       device=self.device))
+        positions = state.next_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([state.mask, new_mask], dim=1)
+        kwargs = {"alora_offsets": [width if tail is None else tail] * len(chunks)} if self._active_alora else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=state.cache, use_cache=True, logits_to_keep=keep, **kwargs)
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+        return _Rows(out.past_key_values, mask, state.next_pos + new_mask.sum(-1)), logprobs
+
+    def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
+                 tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
+        """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix."""
+        shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - keep)
+        block = self.prefix_cache.block
+        state = None
+        length, layers = self.prefix_cache.lookup(owner, prompts[0][:shared]) if shared >= block else (0, None)
+        if layers is None and shared >= block and self.prefix_cache.max_tokens > 0:
+            length = shared // block * block
+            head, _ = self._extend(None, [prompts[0][:length]], 1, 0)
+            layers = [(layer.keys, layer.values) for layer in head.cache.layers]
+            self.prefix_cache.store(owner, prompts[0][:length], layers)
+        if layers is not None:
+            from transformers import DynamicCache
+
+            n = len(prompts)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(),
+                                                  v.expand(n, -1, -1, -1).contiguous()) for k, v in layers])
+            state = _Rows(cache, torch.ones((n, length), dtype=torch.long, device=self.device),
+                          torch.full((n,), length, dtype=torch.long, device=self.device))
+        return self._extend(state, [p[length:] for p in prompts], keep, tail)
+
+    @torch.inference_mode()
+    def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int]) -> list[list[int]]:
+        """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget."""
+        results: list[list[int]] = [[] for _ in budgets]
+        live = list(range(len(budgets)))
+        state, logprobs = self._extend(state, first, 1)
+        while live:
+            tokens = logprobs[:, -1].argmax(-1).tolist()
+            keep_rows = []
+            for row, (index, token) in enumerate(zip(live, tokens)):
+                if budgets[index] <= 0 or token == self.eos_id:
+                    continue
+                results[index].append(token)
+                if len(results[index]) < budgets[index]:
+                    keep_rows.append(row)
+            if not keep_rows:
+                break
+            if len(keep_rows) < len(live):
+                state = state.fork(keep_rows)
+                live = [live[r] for r in keep_rows]
+                tokens = [tokens[r] for r in keep_rows]
+            state, logprobs = self._extend(state, [[t] for t in tokens], 1)
+        return results
+
+    # -- routing ------------------------------------------------------------------------------------
+    def _check_and_answer(self, expert: str, batch: list[int], prompts, budgets, texts,
+                          bodies: _Rows | None) -> list[Check]:
+        """One expert's pass over the open queries `batch`; claimed ones are answered right away."""
+        prefix = list(self.indicators.shared_prefix)
+        with torch.inference_mode(), self._use(expert):
+            if bodies is not None:  # aLoRA: fork the base's body KV, feed invocation + indicator prefix
+                state = bodies.fork([self._rows[i] for i in batch])
+                state, logprobs = self._extend(state, [self.invocation + prefix] * len(batch), len(prefix) + 1)
+            else:
+                tail = len(self.alora[expert]) + len(prefix)
+                state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1, tail)
+            checks = [Check(expert, *decide(logprobs[row], self.indicators, self.threshold))
+                      for row in range(len(batch))]
+            claimed = [row for row, check in enumerate(checks) if check.verdict == "pos"]
+            if claimed and any(budgets[batch[r]] > 0 for r in claimed):
+                continuation = list(self.indicators.pos_ids[len(prefix):])
+                answers = self._decode(state.fork(claimed), [continuation] * len(claimed),
+                                       [budgets[batch[r]] for r in claimed])
+                for row, tokens in zip(claimed, answers):
+                    texts[batch[row]] = self.formatter.decode(tokens)
+        return checks
+
+    def _base_answers(self, batch: list[int], prompts, budgets, texts, bodies: _Rows | None) -> None:
+        with torch.inference_mode(), self._use(BASE):
+            if bodies is not None:  # continue on the base's own body KV
+                state = bodies.fork([self._rows[i] for i in batch])
+                answers = self._decode(state, [self.invocation] * len(batch), [budgets[i] for i in batch])
+            else:
+                state, logprobs = self._prefill(BASE, [prompts[i][:-1] for i in batch], 1)
+                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch])
+        for index, tokens in zip(batch, answers):
+            texts[index] = self.formatter.decode(tokens)
+
+    def _prefill_bodies(self, batch: list[int], prompts) -> _Rows:
+        """aLoRA: the base prefills the prompt bodies (everything before the invocation) once."""
+        n = len(self.invocation)
+        for i in batch:
+            if len(prompts[i]) <= n or list(prompts[i][-n:]) != self.invocation:
+                raise ValueError("aLoRA routing needs every prompt to end with the invocation tokens")
+        self._rows = {index: row for row, index in enumerate(batch)}
+        with torch.inference_mode(), self._use(BASE):
+            state, _ = self._prefill(BASE, [prompts[i][:-n] for i in batch], 1)
+        return state
+
+    def run(self, queries: Sequence[str], budgets: Sequence[int]) -> tuple[list[str], list[Route]]:
+        """Texts and routes; a budget of 0 only routes the query (no answer is generated)."""
+        prompts = [self.formatter.prompt_ids(q) for q in queries]
+        texts = [""] * len(queries)
+        routes: list[Route | None] = [None] * len(queries)
+        # Sorted prompts put shared prefixes into the same batch; each batch walks the experts alone,
+        # so memory stays bounded by one batch's KV.
+        order = sorted(range(len(queries)), key=lambda i: (prompts[i], i))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            bodies = self._prefill_bodies(chunk, prompts) if self.invocation else None
+            chunk_routes = walk(len(chunk), self.experts[::-1], lambda expert, idx: self._check_and_answer(
+                expert, [chunk[i] for i in idx], prompts, budgets, texts, bodies))
+            for index, route in zip(chunk, chunk_routes):
+                routes[index] = route
+            unclaimed = [chunk[i] for i, r in enumerate(chunk_routes)
+                         if r.answered_by == BASE and budgets[chunk[i]] > 0]
+            if unclaimed:
+                self._base_answers(unclaimed, prompts, budgets, texts, bodies)
+        return texts, routes  # type: ignore[return-value]
+
+    def generate(self, owner: str, queries: Sequence[str], max_new_tokens: int | Sequence[int],
+                 forced: Sequence[int] = ()) -> list[str]:
+        """Greedy answers of one adapter (or BASE) without routing, after the `forced` tokens.
+
+        The single-model baseline: the same batching, prefix cache and decoding as routed queries.
+        """
+        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        prompts = [self.formatter.prompt_ids(q) + list(forced) for q in queries]
+        texts = [""] * len(queries)
+        order = sorted(range(len(queries)), key=lambda i: (prompts[i], i))
+        with torch.inference_mode(), self._use(owner):
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start: start + self.batch_size]
+                state, _ = self._prefill(owner, [prompts[i][:-1] for i in batch], 1)
+                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch])
+                for index, tokens in zip(batch, answers):
+                    texts[index] = self.formatter.decode(tokens)
+        return texts
+
+    def route(self, queries: Sequence[str]) -> list[Route]:
+        return self.run(queries, [0] * len(queries))[1]
+
+    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
+        """Answer a batch of queries; every answer carries its route."""
+        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        texts, routes = self.run(list(queries), budgets)
+        return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
+

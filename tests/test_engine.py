@@ -1,0 +1,133 @@
+"""The fast engine gives the reference router's routes and greedy answers, with less work."""
+
+import pytest
+import torch
+
+from seecl.data.synthetic import make_task
+from seecl.engine import PrefixCache, RoutingEngine
+from seecl.methods.see import SeeEnsemble
+from seecl.routing import BASE
+
+NAMES = ["reverse_list", "uppercase", "add"]
+
+
+def _learn(root, *overrides):
+    from conftest import TINY
+    from seecl.config import load_config
+
+    ens = SeeEnsemble(root, load_config(overrides=TINY + list(overrides)))
+    for name in NAMES:
+        ens.learn(make_task(name, "train", 48))
+    return ens
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    return _learn(tmp_path_factory.mktemp("engine") / "ens")
+
+
+def _queries():
+    queries = [inst.query for n in NAMES for inst in make_task(n, "eval", 4).instances]
+    # unclaimed prompts of very different lengths: left padding and the base path
+    return queries + ["Hi", "Tell me a long story about a lighthouse keeper and the sea " * 3]
+
+
+def _engine(ens, **kwargs):
+    gen = ens.config.generate
+    args = dict(threshold=None, batch_size=5, prefix_cache_tokens=4096, prefix_block=8)
+    args.update(kwargs)
+    return RoutingEngine(ens.model, ens.formatter(), ens.experts(), **args)
+
+
+def _assert_same(fast, reference):
+    assert len(fast) == len(reference)
+    for f, r in zip(fast, reference):
+        assert f.route.answered_by == r.route.answered_by, f.query
+        assert f.route.reason == r.route.reason
+        assert [c.expert for c in f.route.checks] == [c.expert for c in r.route.checks]
+        for cf, cr in zip(f.route.checks, r.route.checks):
+            assert cf.verdict == cr.verdict
+            assert cf.p_pos == pytest.approx(cr.p_pos, abs=1e-4)
+            assert cf.p_neg == pytest.approx(cr.p_neg, abs=1e-4)
+        assert f.text == r.text, f.query
+
+
+def test_engine_equals_reference_routes_and_answers(learned):
+    queries = _queries()
+    budgets = [6 if i % 2 else 9 for i in range(len(queries))]  # mixed budgets in one batch
+    reference = learned.router().ask(queries, budgets)
+    assert {a.route.answered_by for a in reference} >= set(NAMES), "the fixture must exercise every expert"
+    _assert_same(_engine(learned).ask(queries, budgets), reference)
+
+
+def test_engine_without_prefix_cache_and_other_batch_sizes(learned):
+    queries = _queries()
+    reference = learned.router().ask(queries, 7)
+    for batch_size in (1, 3, 64):
+        _assert_same(_engine(learned, batch_size=batch_size, prefix_cache_tokens=0).ask(queries, 7), reference)
+
+
+def test_route_only_equals_the_routes_of_ask(learned):
+    queries = _queries()
+    engine = _engine(learned)
+    routes = engine.route(queries)
+    reference = learned.router().route(queries)[1]
+    assert [r.answered_by for r in routes] == [r.answered_by for r in reference]
+
+
+def test_prefix_cache_is_used_and_does_not_change_answers(learned):
+    queries = [inst.query for inst in make_task("uppercase", "eval", 6).instances]
+    engine = _engine(learned, batch_size=3)
+    first = engine.ask(queries, 6)
+    assert engine.prefix_cache.hits + engine.prefix_cache.misses > 0
+    second = engine.ask(queries, 6)
+    assert engine.prefix_cache.hits > 0
+    assert [a.text for a in first] == [a.text for a in second]
+    _assert_same(second, learned.router().ask(queries, 6))
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget():
+    cache = PrefixCache(max_tokens=10, block=2)
+    kv = [(torch.zeros(1), torch.zeros(1))]
+    cache.store("a", [1, 2, 3, 4], kv)
+    cache.store("a", [5, 6, 7, 8], kv)
+    assert cache.lookup("a", [1, 2, 3, 4, 9])[0] == 4  # touch the first: the second is now oldest
+    cache.store("b", [1, 2, 3, 4], kv)
+    assert cache.tokens <= 10
+    assert cache.lookup("a", [5, 6, 7, 8])[0] == 0
+    assert cache.lookup("a", [1, 2, 3, 4])[0] == 4
+    assert cache.lookup("b", [1, 2, 3])[0] == 0  # only block-aligned heads that were stored
+    cache.store("c", list(range(20)), kv)  # larger than the whole budget: not kept
+    assert cache.lookup("c", list(range(20)))[0] == 0
+
+
+def test_engine_leaves_indicator_rows_unmerged(learned):
+    """After a pass the shared embedding holds the base rows again (the base answers stay base)."""
+    embedding = learned.model.get_base_model().get_input_embeddings()
+    weight = embedding.base_layer.weight if hasattr(embedding, "base_layer") else embedding.weight
+    before = weight.detach().clone()
+    _engine(learned).ask(_queries()[:4], 3)
+    assert torch.equal(weight.detach(), before)
+
+
+def test_ensemble_ask_uses_the_fast_engine_by_default(learned):
+    queries = _queries()[:5]
+    assert learned.config.generate.engine == "fast"
+    _assert_same(learned.ask(queries, 5), learned.router().ask(queries, 5))
+
+
+@pytest.fixture(scope="module")
+def learned_alora(tmp_path_factory):
+    return _learn(tmp_path_factory.mktemp("engine_alora") / "ens", "adapter.kind=alora")
+
+
+def test_alora_experts_route_and_answer_like_the_reference(learned_alora):
+    engine = _engine(learned_alora)
+    assert engine.invocation == learned_alora.formatter().invocation_ids()
+    queries = _queries()
+    seen = set()
+    for threshold in (None, 0.999999):  # a strict threshold sends queries on to the base as well
+        reference = learned_alora.router(threshold).ask(queries, 6)
+        _assert_same(_engine(learned_alora, threshold=threshold).ask(queries, 6), reference)
+        seen |= {a.route.answered_by for a in reference}
+    assert BASE in seen and len(seen - {BASE}) >= 2, seen
