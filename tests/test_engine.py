@@ -131,3 +131,41 @@ def test_alora_experts_route_and_answer_like_the_reference(learned_alora):
         _assert_same(_engine(learned_alora, threshold=threshold).ask(queries, 6), reference)
         seen |= {a.route.answered_by for a in reference}
     assert BASE in seen and len(seen - {BASE}) >= 2, seen
+
+
+def test_calibrate_threshold_from_log_odds():
+    import math
+
+    from seecl.methods.see import calibrate_threshold
+    from seecl.routing import Check
+
+    def check(odds):
+        p_pos = 1 / (1 + math.exp(-odds))
+        return Check("e", "pos", p_pos, 1 - p_pos)
+
+    # the 0.05 quantile of the 20 log-odds 1..20 is element 1 (odds 2); minus margin 0.5 -> sigmoid(1.5)
+    assert calibrate_threshold([check(o) for o in range(20, 0, -1)], 0.05, 0.5) == pytest.approx(1 / (1 + math.exp(-1.5)))
+    assert calibrate_threshold([check(-3.0)] * 5, 0.05, 2.0) == 0.5  # never below the greedy rule
+    assert calibrate_threshold([check(30.0)] * 5, 0.05, 0.0) == 0.999  # never demands certainty
+    assert calibrate_threshold([], 0.05, 2.0) == 0.5
+
+
+def test_calibrated_thresholds_are_per_expert_and_kept(learned):
+    import dataclasses
+    import json
+
+    learned.config.see = dataclasses.replace(learned.config.see, calibrate=True)
+    learned._engine = None
+    try:
+        thresholds = learned.thresholds()
+        assert set(thresholds) == set(NAMES) and all(0.5 <= t <= 0.999 for t in thresholds.values())
+        saved = json.loads((learned.store.root / "calibration.json").read_text())
+        assert list(saved.values())[0] == thresholds
+        queries = [inst.query for n in NAMES for inst in make_task(n, "eval", 4).instances]
+        owners = [n for n in NAMES for _ in range(4)]
+        fast, reference = learned.ask(queries, 4), learned.router().ask(queries, 4)
+        _assert_same(fast, reference)
+        assert sum(a.route.answered_by == o for a, o in zip(fast, owners)) >= 0.9 * len(owners)
+    finally:
+        learned.config.see = dataclasses.replace(learned.config.see, calibrate=False)
+        learned._engine = None

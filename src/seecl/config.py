@@ -142,6 +142,12 @@ class SeeConfig:
     threshold: float | None = doc(
         "Claim a query only if P(pos) / (P(pos) + P(neg)) >= threshold; null = greedy indicator.", None
     )
+    calibrate: bool = doc(
+        "Per-expert thresholds calibrated on each expert's own stored queries (overrides threshold): "
+        "the calibration_quantile of their log-odds log(P(pos)/P(neg)), minus calibration_margin.", False
+    )
+    calibration_quantile: float = doc("Quantile of the own-query log-odds the threshold starts from.", 0.05)
+    calibration_margin: float = doc("Log-odds subtracted from that quantile (room for unseen own queries).", 2.0)
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.tau <= 1.0, f"see.tau must be in [0, 1], got {self.tau}")
@@ -160,6 +166,8 @@ class SeeConfig:
         _check(
             self.threshold is None or 0.0 < self.threshold < 1.0, "see.threshold must be in (0, 1)"
         )
+        _check(0.0 <= self.calibration_quantile < 1.0, "see.calibration_quantile must be in [0, 1)")
+        _check(self.calibration_margin >= 0.0, "see.calibration_margin must be >= 0")
 
 
 @dataclass

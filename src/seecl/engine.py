@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from .data.prompts import PromptFormatter
-from .routing import BASE, Answer, Check, Route, decide, walk
+from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
 @dataclass
@@ -101,7 +101,7 @@ class RoutingEngine:
     """Batched SEE routing and generation over a PEFT model holding one adapter per expert."""
 
     def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
-                 threshold: float | None = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
+                 threshold: Thresholds = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
                  prefix_block: int = 32):
         self.model, self.formatter = model, formatter
         self.indicators = formatter.indicators
@@ -231,7 +231,8 @@ class RoutingEngine:
             else:
                 tail = len(self.alora[expert]) + len(prefix)
                 state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1, tail)
-            checks = [Check(expert, *decide(logprobs[row], self.indicators, self.threshold))
+            threshold = threshold_for(self.threshold, expert)
+            checks = [Check(expert, *decide(logprobs[row], self.indicators, threshold))
                       for row in range(len(batch))]
             claimed = [row for row, check in enumerate(checks) if check.verdict == "pos"]
             if claimed and any(budgets[batch[r]] > 0 for r in claimed):

@@ -73,6 +73,12 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
 
 
 CheckFn = Callable[[str, list[int]], list[Check]]
+# One threshold for every expert, one per expert (calibrated), or None for the greedy indicator.
+Thresholds = float | dict[str, float] | None
+
+
+def threshold_for(thresholds: Thresholds, expert: str) -> float | None:
+    return thresholds.get(expert) if isinstance(thresholds, dict) else thresholds
 
 
 def walk(n_queries: int, experts_newest_first: Sequence[str], check: CheckFn) -> list[Route]:
@@ -104,7 +110,7 @@ class SequentialRouter:
     """Reference router over a PEFT model holding one adapter per expert (oldest first)."""
 
     def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
-                 threshold: float | None = None, batch_size: int = 16):
+                 threshold: Thresholds = None, batch_size: int = 16):
         self.model = model
         self.formatter = formatter
         self.indicators: Indicators = formatter.indicators  # type: ignore[assignment]
@@ -126,7 +132,8 @@ class SequentialRouter:
         with self._use(expert):
             logprobs = last_logprobs(self.model, [p + prefix for p in prompts], len(prefix) + 1,
                                      self.pad_id, self.batch_size)
-        return [Check(expert, *decide(lp, self.indicators, self.threshold)) for lp in logprobs]
+        threshold = threshold_for(self.threshold, expert)
+        return [Check(expert, *decide(lp, self.indicators, threshold)) for lp in logprobs]
 
     def route(self, queries: Sequence[str]) -> tuple[list[list[int]], list[Route]]:
         prompts = [self.formatter.prompt_ids(q) for q in queries]

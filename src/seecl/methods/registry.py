@@ -1,9 +1,10 @@
 """Method labels -> method objects: `MTL`, `AvgSTL`, `Non-rehearsal`, `RandSel(10%)`,
-`KMeansSel(10%)`, `SSR`, `SSR(5%)`, `SEE(10%)` and SEE variants `SEE(10%)-<variant>`.
+`KMeansSel(10%)`, `SSR`, `SSR(5%)`, `MoSEs`, `SETA`, `SEE(10%)` and SEE variants `SEE(10%)-<variant>`.
 
 SEE variants (each one config switch): `pseudo` (negatives from the general instruction set
 instead of earlier tasks), `nonsemantic` / `semantic` (indicator type), `general` (general
-negatives for every expert), `aLoRA` (activated-LoRA experts).
+negatives for every expert), `aLoRA` (activated-LoRA experts), `calibrated` (per-expert
+P(pos) thresholds calibrated on the experts' own queries; reuses the SEE(x%) experts).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SEE_VARIANTS = {
     "semantic": ["model.indicator=semantic"],
     "general": [],  # see.general_negatives comes from the context (count set by the benchmark)
     "aLoRA": ["adapter.kind=alora"],
+    "calibrated": ["see.calibrate=true"],  # same experts as SEE(x%): only routing changes
 }
 
 
@@ -54,6 +56,14 @@ def build_method(label: str, ctx: MethodContext) -> Method:
         return Replay(ctx, label, tau, "kmeans")
     if name == "SSR":
         return SelfSynthesizedRehearsal(ctx, label, 0.1 if tau is None else tau)
+    if name == "MoSEs" and tau is None:
+        from .moses import MoSEs
+
+        return MoSEs(ctx, label)
+    if name == "SETA" and tau is None:
+        from .seta import SETA
+
+        return SETA(ctx, label)
     if name == "SEE" and tau is not None:
         if variant is not None and variant not in SEE_VARIANTS:
             raise ConfigError(f"unknown SEE variant {variant!r}; known: {sorted(SEE_VARIANTS)}")
@@ -66,4 +76,4 @@ def build_method(label: str, ctx: MethodContext) -> Method:
             overrides.append(f"see.general_negatives_file={ctx.general.source or 'general'}")
         return SeeMethod(ctx, label, overrides)
     raise ConfigError(f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
-                      "KMeansSel(x%), SSR, SEE(x%) and SEE(x%)-<variant>")
+                      "KMeansSel(x%), SSR, MoSEs, SETA, SEE(x%) and SEE(x%)-<variant>")

@@ -8,6 +8,7 @@ the on-disk format and the routing rule live in training.py, store.py and routin
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -23,8 +24,8 @@ from ..errors import StoreError
 from ..experts import add_expert, load_expert, save_expert, trainable_parameters
 from ..models import Base, load_base
 from ..engine import RoutingEngine
-from ..routing import Answer, Route, SequentialRouter
-from ..store import ADAPTER_FILES, EnsembleStore, MemoryItem, QueryMemory
+from ..routing import Answer, Check, Route, SequentialRouter, Thresholds
+from ..store import ADAPTER_FILES, EnsembleStore, MemoryItem, QueryMemory, write_json_atomic
 from ..training import run_fingerprint, train
 
 
@@ -228,8 +229,30 @@ class SeeEnsemble:
         state.wait_for_everyone()
         return record
 
-    def router(self, threshold: float | None = None) -> SequentialRouter:
-        threshold = self.config.see.threshold if threshold is None else threshold
+    def thresholds(self) -> Thresholds:
+        """What routing compares P(pos)/(P(pos)+P(neg)) with: see.calibrate, see.threshold or None."""
+        return self.calibrated_thresholds() if self.config.see.calibrate else self.config.see.threshold
+
+    def calibrated_thresholds(self) -> dict[str, float]:
+        """Per-expert thresholds from each expert's own stored queries (computed once, kept in
+        calibration.json next to the manifest, keyed by expert, quantile and margin)."""
+        see = self.config.see
+        path = self.store.root / "calibration.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        setting = f"q={see.calibration_quantile},margin={see.calibration_margin}"
+        thresholds = saved.get(setting, {})
+        missing = [name for name in self.experts() if name not in thresholds]
+        for name in missing:
+            queries = [item.query for item in self.store.memory(name).items]
+            checks = [route.checks[0] for route in RoutingEngine(
+                self.model, self.formatter(), [name], None, self.config.generate.batch_size, 0).route(queries)]
+            thresholds[name] = calibrate_threshold(checks, see.calibration_quantile, see.calibration_margin)
+        if missing:
+            write_json_atomic(path, {**saved, setting: thresholds})
+        return {name: thresholds[name] for name in self.experts()}
+
+    def router(self, threshold: Thresholds = None) -> SequentialRouter:
+        threshold = self.thresholds() if threshold is None else threshold
         return SequentialRouter(self.model, self.formatter(), self.experts(), threshold,
                                 self.config.generate.batch_size)
 
@@ -238,7 +261,7 @@ class SeeEnsemble:
         gen = self.config.generate
         experts = self.experts()
         if self._engine is None or self._engine.experts != experts:
-            self._engine = RoutingEngine(self.model, self.formatter(), experts, self.config.see.threshold,
+            self._engine = RoutingEngine(self.model, self.formatter(), experts, self.thresholds(),
                                          gen.batch_size, gen.prefix_cache_tokens, gen.prefix_block)
         return self._engine
 
@@ -251,6 +274,21 @@ class SeeEnsemble:
         if self.config.generate.engine == "fast":
             return self.engine().route(list(queries))
         return self.router().route(list(queries))[1]
+
+
+def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float) -> float:
+    """Threshold on P(pos)/(P(pos)+P(neg)) from an expert's checks of its own queries.
+
+    Takes the `quantile` of their log-odds log(P(pos)/P(neg)), subtracts `margin` and maps back;
+    kept within [0.5, 0.999] so that a calibrated expert never claims less than the greedy rule
+    would on a clear `<<pos>>`, and never demands certainty.
+    """
+    odds = sorted(math.log(max(c.p_pos, 1e-30)) - math.log(max(c.p_neg, 1e-30)) for c in checks)
+    if not odds:
+        return 0.5
+    position = min(len(odds) - 1, int(quantile * len(odds)))
+    threshold = 1.0 / (1.0 + math.exp(-(odds[position] - margin)))
+    return min(0.999, max(0.5, threshold))
 
 
 class SeeMethod:
