@@ -13,7 +13,7 @@ from seecl.methods.registry import build_method, parse_label
 from conftest import TINY
 
 TASKS = ["uppercase", "add"]
-LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)"]
+LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)", "MoSEs", "SETA"]
 
 
 def run_protocol(tmp_path, label, **kwargs):

@@ -18,6 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -239,8 +240,13 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler,
 
 
 def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int,
-          checkpoint_dir: str | Path | None = None, desc: str = "train") -> TrainResult:
-    """Train the parameters of `model` that require grad on `examples`; returns the metrics."""
+          checkpoint_dir: str | Path | None = None, desc: str = "train",
+          regularizer: Callable[[], torch.Tensor] | None = None) -> TrainResult:
+    """Train the parameters of `model` that require grad on `examples`; returns the metrics.
+
+    `regularizer`, when given, returns a loss on the parameters themselves (e.g. SETA's elastic
+    anchoring); it is added once per optimizer step and is not part of the reported loss.
+    """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -307,6 +313,8 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
                     accelerator.backward(loss * scale)
                 step_loss += loss.detach()
                 session_tokens += int(tensors["attention_mask"].sum())
+            if regularizer is not None:
+                accelerator.backward(regularizer())
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
