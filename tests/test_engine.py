@@ -169,3 +169,25 @@ def test_calibrated_thresholds_are_per_expert_and_kept(learned):
     finally:
         learned.config.see = dataclasses.replace(learned.config.see, calibrate=False)
         learned._engine = None
+
+
+def test_response_nll_equals_the_full_sequence_loss(learned):
+    """Batched, left-padded scoring equals a straightforward per-example cross-entropy."""
+    import torch.nn.functional as F
+
+    engine = _engine(learned)
+    insts = [i for n in NAMES for i in make_task(n, "eval", 2).instances]
+    queries, responses = [i.query for i in insts], [i.references[0] for i in insts]
+    owners = [NAMES[k // 2] for k in range(len(insts))]
+    owners[-1] = BASE
+    scored = engine.response_nll(queries, responses, owners)
+    fmt = learned.formatter()
+    for (nll, n), q, r, owner in zip(scored, queries, responses, owners):
+        prompt = fmt.prompt_ids(q) + (list(fmt.indicators.pos_ids) if owner != BASE else [])
+        target = fmt.text_ids(r) + [fmt.eos_id]
+        ids = torch.tensor([prompt + target])
+        with torch.inference_mode(), engine._use(owner):
+            logits = learned.model(input_ids=ids).logits[0, len(prompt) - 1: -1]
+        expected = F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum")
+        assert n == len(target)
+        assert nll == pytest.approx(float(expected), rel=1e-4, abs=1e-4)

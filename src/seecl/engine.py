@@ -146,12 +146,12 @@ class RoutingEngine:
 
     # -- forward passes -----------------------------------------------------------------------------
     def _extend(self, state: _Rows | None, chunks: Sequence[Sequence[int]], keep: int,
-                tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
+                tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
         """Feed one chunk of new tokens per row (left-padded among themselves) on top of `state`.
 
         Returns the new state and log-probs [rows, keep, vocab] at the last `keep` positions. For an
         aLoRA expert, `tail` is how many trailing positions of each chunk come after the invocation
-        start (None: all of them).
+        start (None: all of them; a sequence: one count per row).
         """
         from transformers import DynamicCache
 
@@ -167,14 +167,15 @@ class RoutingEngine:
                                                                        device=self.device))
         positions = state.next_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([state.mask, new_mask], dim=1)
-        kwargs = {"alora_offsets": [width if tail is None else tail] * len(chunks)} if self._active_alora else {}
+        offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
+        kwargs = {"alora_offsets": offsets} if self._active_alora else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=state.cache, use_cache=True, logits_to_keep=keep, **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         return _Rows(out.past_key_values, mask, state.next_pos + new_mask.sum(-1)), logprobs
 
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
-                 tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
+                 tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
         """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix."""
         shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - keep)
         block = self.prefix_cache.block
@@ -304,6 +305,30 @@ class RoutingEngine:
                 for index, tokens in zip(batch, answers):
                     texts[index] = self.formatter.decode(tokens)
         return texts
+
+    def response_nll(self, queries: Sequence[str], responses: Sequence[str], owners: Sequence[str]
+                     ) -> list[tuple[float, int]]:
+        """(summed negative log-likelihood, tokens) of each response and its end-of-turn token.
+
+        An expert scores (q, `<<pos>>`, r) with the indicator as given context; BASE scores (q, r).
+        """
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(queries)
+        pos = list(self.indicators.pos_ids)
+        for owner in dict.fromkeys(owners):
+            members = [i for i, o in enumerate(owners) if o == owner]
+            with torch.inference_mode(), self._use(owner):
+                for start in range(0, len(members), self.batch_size):
+                    batch = members[start: start + self.batch_size]
+                    prompts = [self.formatter.prompt_ids(queries[i]) + (pos if owner != BASE else []) for i in batch]
+                    targets = [self.formatter.text_ids(responses[i]) + [self.eos_id] for i in batch]
+                    width = max(len(t) for t in targets)
+                    tail = [len(self.alora.get(owner) or []) + len(pos) + len(t) for t in targets]
+                    _, logprobs = self._extend(None, [p + t for p, t in zip(prompts, targets)], width + 1, tail)
+                    for row, (index, target) in enumerate(zip(batch, targets)):
+                        predicting = logprobs[row, width - len(target): width]  # positions before each target token
+                        nll = -predicting.gather(1, torch.tensor(target)[:, None].to(predicting.device)).sum()
+                        out[index] = (float(nll), len(target))
+        return out
 
     def route(self, queries: Sequence[str]) -> list[Route]:
         return self.run(queries, [0] * len(queries))[1]

@@ -87,6 +87,14 @@ class Protocol:
                 self._score_cell(stage, task)
         if self.method.routed and "routing" not in self.state:
             self._score_routing()
+        if hasattr(self.method, "perplexity") and "perplexity" not in self.state:
+            started = time.perf_counter()
+            self.state["perplexity"] = {
+                name: self.method.perplexity([i.query for i in self.eval_sets[name].task.instances],
+                                             [i.references[0] for i in self.eval_sets[name].task.instances])
+                for name in (t.name for t in self.tasks)}
+            self.state["seconds"]["eval"] += time.perf_counter() - started
+            self._save()
         return self.summary()
 
     def _score_cell(self, stage: int, task: str) -> None:
@@ -168,6 +176,7 @@ class Protocol:
             "routing_f1": routing["f1"] if routing else None,
             "rb_acc": routing["rb_acc"] if routing else None,
             "routing": routing,
+            "perplexity": self.state.get("perplexity"),
             "trainable_parameters": parameters,
             "seconds": {k: round(v, 1) for k, v in self.state["seconds"].items()},
         }

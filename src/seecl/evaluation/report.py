@@ -77,6 +77,13 @@ def markdown(summary: dict) -> str:
                   "| method | " + " | ".join(em_tasks) + " |", "|---|" + "---|" * len(em_tasks)]
         parts += [f"| {label} | " + " | ".join(_fmt(v.get(t)) for t in em_tasks) + " |" for label, v in ems.items()]
         parts.append("")
+    ppl = {label: m["perplexity"] for label, m in summary["methods"].items() if m.get("perplexity")}
+    if ppl:
+        parts += ["Ensemble perplexity of the reference answers (each (q, r) scored by the expert q is "
+                  "routed to; final model):", "",
+                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        parts += [f"| {label} | " + " | ".join(_fmt(v.get(t), 2) for t in tasks) + " |" for label, v in ppl.items()]
+        parts.append("")
     points = tau_points(summary)
     if len(points) > 1:
         parts += ["## SEE: rehearsal ratio", "", "| tau | AR | BWT | routing F1 | RB-Acc |", "|---|---|---|---|---|"]

@@ -319,6 +319,13 @@ class SeeMethod:
     def routes(self, queries):
         return self.ensemble.route(list(queries))
 
+    def perplexity(self, queries, responses) -> float:
+        """Ensemble perplexity (DESIGN §3): each (q, r) scored by the expert q is routed to."""
+        engine = self.ensemble.engine()
+        owners = [route.answered_by for route in engine.route(list(queries))]
+        scored = engine.response_nll(list(queries), list(responses), owners)
+        return math.exp(sum(n for n, _ in scored) / max(1, sum(t for _, t in scored)))
+
     def trainable_parameters(self) -> int:
         return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts())
 
