@@ -1,4 +1,4 @@
-"""The `seecl` command line: demo, learn, ask, info, config.
+"""The `seecl` command line: demo, learn, ask, info, bench, serve, config.
 
 Each command parses its arguments, builds a config (defaults <- --preset <- --config YAML <-
 `section.field=value` overrides) and calls library code. Errors seecl raises on purpose are
@@ -132,6 +132,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .methods.see import SeeEnsemble
+    from .server import MAX_TOKENS_LIMIT, ServerLimits, ensemble_app, serve
+    from .store import EnsembleStore
+
+    if not EnsembleStore(args.ensemble).exists():
+        raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
+    overrides = list(args.overrides) + ([f"model.device={args.device}"] if args.device else [])
+    ensemble = SeeEnsemble.open(args.ensemble, overrides)
+    ensemble.model  # load the base and every expert before the first request arrives
+    budget = ensemble.config.generate.max_new_tokens
+    app = ensemble_app(ensemble, ServerLimits(default_max_tokens=budget, max_tokens=max(budget, MAX_TOKENS_LIMIT)))
+    print(f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    serve(app, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seecl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="run-config overrides shared by all methods, e.g. train.epochs=3")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve an ensemble over an OpenAI-compatible HTTP API")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", help="cpu, cuda, auto")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.field=value",
+                   help="config override, e.g. --set see.threshold=0.7")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning")
     p.add_argument("--preset", choices=["small", "paper"])
