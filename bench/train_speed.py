@@ -6,23 +6,28 @@ schedule, batch size and epochs, in one run:
 
 - `hf`: transformers Trainer + PEFT + DataCollatorForSeq2Seq (random order, padding to the
   longest in each batch, loss through the model's full logits);
-- `seecl`: seecl.training.train (class-mixed length-grouped batches, logits only at supervised
-  positions).
+- `seecl_unshared`: seecl.training.train with prefix sharing off (class-mixed length-grouped
+  batches, logits only at supervised positions);
+- `seecl`: the same with its default prefix sharing (rows of a micro-batch that share a task
+  definition run it once, gradients flowing through its KV cache).
 
-Reports useful (non-padding) tokens/s of both and their ratio, the final training loss of both
-(per supervised token, measured after training on all examples with the same loss function) and
-its relative difference, and the seecl trainer's achieved GFLOP/s against an fp32 GEMM ceiling
-measured in the same run (MFU). FLOPs counted are those the job needs: forward and input-gradient
-passes through every linear layer (the base is frozen: no weight gradients), causal attention,
-the LoRA matmuls (forward, input and weight gradients) and the output head at supervised positions.
+Reports useful tokens/s (non-padding tokens of the examples trained on, per second) and the ratio
+to the Trainer, the final training loss of each (per supervised token, measured after training on
+all examples with the same loss function) and the relative difference, and achieved GFLOP/s
+against an fp32 GEMM ceiling measured in the same run (MFU). FLOPs counted are those of the work
+actually done, from the token positions and causal attention pairs the trainer computed: forward
+and input-gradient passes through every linear layer (the base is frozen: no weight gradients),
+causal attention, the LoRA matmuls (forward, input and weight gradients) and the output head at
+supervised positions. Shared heads are counted once, so they raise tokens/s but not MFU.
 
-    python bench/train_speed.py            # ~25 min on 2 CPU cores; writes results/bench/train_speed.json
+    python bench/train_speed.py            # ~15 min on 2 CPU cores; writes results/bench/train_speed.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import tempfile
 import time
 
@@ -40,22 +45,18 @@ def build_examples(formatter, n_positives: int, tau: float):
     return reconstruct(qa, memories, tau, seed=0).examples(formatter)
 
 
-def flops_needed(examples, config, adapter, vocab: int, epochs: int) -> float:
-    """FLOPs one training run needs (see module docstring)."""
+def flops_computed(config, adapter, vocab: int, tokens: int, attention_pairs: int, supervised: int) -> float:
+    """FLOPs of the work the seecl trainer actually did (see module docstring)."""
     d, layers = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
     inner = config.intermediate_size
     linear = layers * (d * d + 2 * d * kv + d * d + 3 * d * inner)  # q, k, v, o, gate/up/down
     out_dims = {"q_proj": d, "k_proj": kv, "v_proj": kv, "o_proj": d}
     lora = layers * sum(adapter.r * (d + out_dims.get(t, d)) for t in adapter.targets)
-    total = 0.0
-    for e in examples:
-        length, supervised = len(e), e.supervised
-        total += 2 * 2 * linear * length  # forward + input gradient
-        total += 3 * 2 * lora * length  # forward + input gradient + weight gradient
-        total += 2 * (2 * layers * length * length * d)  # causal QK^T and AV, forward + backward
-        total += 2 * 2 * d * vocab * supervised  # output head at supervised positions
-    return epochs * total
+    return (2 * 2 * linear * tokens  # forward + input gradient
+            + 3 * 2 * lora * tokens  # forward + input gradient + weight gradient
+            + 3 * 2 * 2 * layers * d * attention_pairs  # QK^T and AV per causal pair, forward + 2x backward
+            + 2 * 2 * d * vocab * supervised)  # output head at supervised positions
 
 
 def fresh_model(base_model, adapter_cfg, indicators):
@@ -104,7 +105,9 @@ def run_seecl(model, examples, cfg, pad_id) -> dict:
     from seecl.training import train
 
     result = train(model, examples, cfg, pad_id, desc="seecl trainer")
-    return {"seconds": result.seconds, "train_loss": result.mean_loss}
+    return {"seconds": result.seconds, "train_loss": result.mean_loss,
+            "computed_tokens": result.computed_tokens, "attention_pairs": result.attention_pairs,
+            "supervised_tokens": result.supervised_tokens}
 
 
 def final_loss(model, examples, pad_id) -> float:
@@ -151,24 +154,30 @@ def main() -> None:
     print(f"fp32 GEMM ceiling: {ceiling:.1f} GFLOP/s")
 
     results = {}
-    for name in ("hf", "seecl"):
+    for name in ("hf", "seecl_unshared", "seecl"):
         model = fresh_model(base.model, adapter, base.indicators)
         if name == "hf":
             run = run_hf_trainer(model, examples, cfg, base.tokenizer)
         else:
-            run = run_seecl(model, examples, cfg, pad_id)
+            shared = cfg.share_prefix_tokens if name == "seecl" else 0
+            run = run_seecl(model, examples, dataclasses.replace(cfg, share_prefix_tokens=shared), pad_id)
+            run["flops"] = flops_computed(config, adapter, len(base.tokenizer), run["computed_tokens"],
+                                          run["attention_pairs"], run["supervised_tokens"])
+            run["gflops"] = run["flops"] / run["seconds"] / 1e9
         run["final_loss"] = final_loss(model, examples, pad_id)
         run["useful_tokens_per_second"] = useful_tokens / run["seconds"]
         results[name] = run
         print(f"{name}: {run}")
         del model
 
-    flops = flops_needed(examples, config, adapter, len(base.tokenizer), args.epochs)
-    achieved = flops / results["seecl"]["seconds"] / 1e9
-    hf, ours = results["hf"], results["seecl"]
+    hf, unshared, ours = results["hf"], results["seecl_unshared"], results["seecl"]
+    achieved = ours["gflops"]
     summary = {
         "speedup_vs_hf_trainer": ours["useful_tokens_per_second"] / hf["useful_tokens_per_second"],
+        "speedup_without_prefix_sharing": unshared["useful_tokens_per_second"] / hf["useful_tokens_per_second"],
+        "computed_token_share": ours["computed_tokens"] / useful_tokens,
         "loss_rel_diff": abs(ours["final_loss"] - hf["final_loss"]) / hf["final_loss"],
+        "loss_rel_diff_unshared": abs(unshared["final_loss"] - hf["final_loss"]) / hf["final_loss"],
         "mfu": achieved / ceiling,
         "achieved_gflops": achieved,
         "gemm_ceiling_gflops": ceiling,
@@ -176,6 +185,9 @@ def main() -> None:
     rows = [
         ["transformers Trainer", f"{hf['useful_tokens_per_second']:.1f}", f"{hf['seconds']:.0f}",
          f"{hf['train_loss']:.4f}", f"{hf['final_loss']:.4f}", "", ""],
+        ["seecl trainer, no prefix sharing", f"{unshared['useful_tokens_per_second']:.1f}",
+         f"{unshared['seconds']:.0f}", f"{unshared['train_loss']:.4f}", f"{unshared['final_loss']:.4f}",
+         f"{unshared['gflops']:.1f}", f"{unshared['gflops'] / ceiling:.2f}"],
         ["seecl trainer", f"{ours['useful_tokens_per_second']:.1f}", f"{ours['seconds']:.0f}",
          f"{ours['train_loss']:.4f}", f"{ours['final_loss']:.4f}", f"{achieved:.1f}",
          f"{summary['mfu']:.2f}"],
@@ -187,7 +199,7 @@ def main() -> None:
           f"(ceiling {ceiling:.1f} GFLOP/s)")
     write_json(__import__("pathlib").Path(args.out), {
         **summary, "runs": results, "examples": len(examples), "epochs": args.epochs,
-        "useful_tokens": useful_tokens, "flops": flops, "machine": machine(),
+        "useful_tokens": useful_tokens, "machine": machine(),
         "command": "python bench/train_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 1 else ""),
     })
 

@@ -7,7 +7,7 @@ from seecl.config import AdapterConfig, TrainConfig
 from seecl.data.prompts import PromptFormatter
 from seecl.data.synthetic import make_task
 from seecl.experts import add_expert
-from seecl.training import SupervisedLoss, collate, plan_batches, reference_loss, train
+from seecl.training import SupervisedLoss, collate, plan_batches, prefix_groups, reference_loss, train
 from seecl.data.prompts import Example
 
 
@@ -84,6 +84,41 @@ def test_sparse_supervised_loss_equals_full_logits_loss(fresh_tiny_base):
     full = reference_loss(model, batch)
     assert torch.allclose(sparse, full, rtol=1e-5), (sparse, full)
     sparse.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference_loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
+def test_prefix_groups_share_only_loss_free_heads():
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 9], [1, 2, 3, 7, 7], [8, 8, 8, 8, 8], [8, 8, 8, 8, 1]]
+    first_targets = [5, 6, 4, 2, 4]  # row 3 is supervised from its third token on
+    groups, rest = prefix_groups(rows, first_targets, 3)
+    assert groups == [([0, 1, 2], 3)] and rest == [3, 4]
+    assert prefix_groups(rows, first_targets, 0) == ([], [0, 1, 2, 3, 4])
+    groups, _ = prefix_groups(rows[:2], [6, 6], 3)
+    assert groups == [([0, 1], 4)]  # the common head, not just the minimum
+
+
+def test_shared_prefix_loss_equals_per_row_loss(fresh_tiny_base):
+    """Rows sharing a task definition run it once; loss and gradients equal the plain computation."""
+    base = fresh_tiny_base
+    model = _tiny_expert(base)
+    fmt = PromptFormatter(base.tokenizer, base.indicators)
+    definition = "Definition: add the two numbers and answer with the sum only, in digits. " * 3
+    own = [fmt.see_example(definition + i.query, i.response) for i in make_task("add", "train", 4).instances]
+    others = [fmt.see_example(i.query, None) for i in make_task("uppercase", "train", 2).instances]
+    examples = [own[0], others[0], own[1], own[2], others[1], own[3]]
+    assert len({len(e) for e in examples}) > 2  # mixed lengths: right padding inside a group
+    batch = collate(examples, base.tokenizer.pad_token_id)
+    shared_loss = SupervisedLoss(model, share_prefix_tokens=8)
+    loss = shared_loss(**batch)
+    assert shared_loss.computed_tokens < sum(len(e) for e in examples) - 2 * 20
+    reference = reference_loss(model, batch)
+    assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     reference_loss(model, batch).backward()

@@ -99,6 +99,10 @@ class TrainConfig:
         "negatives, kept for ablations).",
         "stratified",
     )
+    share_prefix_tokens: int = doc(
+        "Rows of a micro-batch whose prompts share a loss-free head of at least this many tokens "
+        "(a task definition) compute it once and continue from its KV cache; 0 disables. LoRA "
+        "dropout on a shared head is drawn once for its rows.", 16)
     seed: int = doc("Seed for adapter init, dropout and data order.", 0)
     checkpoint_every: int = doc("Save a resumable checkpoint every N optimizer steps; 0 disables.", 0)
     mixed_precision: Literal["no", "bf16", "fp16"] = doc(
@@ -119,6 +123,7 @@ class TrainConfig:
         _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio must be in [0, 1)")
         _check(self.max_length > 8, "train.max_length is too small")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _check(self.share_prefix_tokens >= 0, "train.share_prefix_tokens must be >= 0")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .data.prompts import PromptFormatter
+from .data.prompts import PromptFormatter, common_prefix_length
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
@@ -84,17 +84,6 @@ class PrefixCache:
     def clear(self) -> None:
         self.entries.clear()
         self.tokens = 0
-
-
-def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
-    first = rows[0]
-    length = min(len(r) for r in rows)
-    for row in rows[1:]:
-        n = 0
-        while n < length and row[n] == first[n]:
-            n += 1
-        length = n
-    return length
 
 
 class RoutingEngine:
@@ -177,7 +166,7 @@ class RoutingEngine:
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
                  tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
         """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix."""
-        shared = min(_common_prefix(prompts), min(len(p) for p in prompts) - keep)
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - keep)
         block = self.prefix_cache.block
         state = None
         length, layers = self.prefix_cache.lookup(owner, prompts[0][:shared]) if shared >= block else (0, None)

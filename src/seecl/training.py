@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig
-from .data.prompts import IGNORE, Example
+from .data.prompts import IGNORE, Example, common_prefix_length
 
 MEGABATCH = 16  # batches whose members are regrouped by length together
 TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's name for trained embedding rows (the indicators)
@@ -135,23 +135,91 @@ def alora_scope(model: torch.nn.Module, input_ids: torch.Tensor):
     return model.base_model._enable_peft_forward_hooks(alora_offsets=offsets)
 
 
+def prefix_groups(rows: list[list[int]], first_targets: list[int], min_tokens: int
+                  ) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Rows that share a loss-free head of at least `min_tokens` tokens, and the rest.
+
+    Returns ([(row indices, shared head length), ...], remaining row indices). A head may not reach
+    a row's first supervised token's predecessor (`first_targets[i] - 1`): the logits there must
+    come from the per-row pass.
+    """
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        if min_tokens > 0 and first_targets[i] - 1 >= min_tokens:
+            buckets.setdefault(tuple(row[:min_tokens]), []).append(i)
+    groups, grouped = [], set()
+    for members in buckets.values():
+        if len(members) < 2:
+            continue
+        head = min(common_prefix_length([rows[i] for i in members]),
+                   min(first_targets[i] - 1 for i in members))
+        groups.append((members, head))
+        grouped.update(members)
+    return groups, [i for i in range(len(rows)) if i not in grouped]
+
+
 class SupervisedLoss(torch.nn.Module):
     """Summed cross-entropy over supervised positions, computing logits only there.
 
     Equal to the model's own shifted loss (times the number of supervised tokens), without the
-    [batch x length x vocabulary] logits tensor. A module so that DDP sees a normal forward.
+    [batch x length x vocabulary] logits tensor. Rows whose prompts share a head of at least
+    `share_prefix_tokens` tokens (a task definition, a system prompt) run that head once and
+    continue from its KV cache, with gradients flowing through it. A module so that DDP sees a
+    normal forward. Counts the tokens and causal attention pairs it actually computes.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, share_prefix_tokens: int = 0):
         super().__init__()
         self.model = model
+        self.share_prefix_tokens = share_prefix_tokens
+        self.computed_tokens = 0
+        self.attention_pairs = 0
 
     def forward(self, input_ids, attention_mask, labels):
         backbone, head = causal_lm_parts(self.model)
-        with alora_scope(self.model, input_ids):
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = hidden.last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
+        lengths = attention_mask.sum(1).tolist()
+        alora = bool(getattr(getattr(self.model, "active_peft_config", None), "alora_invocation_tokens", None))
+        groups, rest = [], list(range(len(lengths)))
+        if self.share_prefix_tokens and not alora:
+            rows = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
+            supervised = (labels != IGNORE).int()
+            first_targets = [int(supervised[i].argmax()) if supervised[i].any() else n
+                             for i, n in enumerate(lengths)]
+            groups, rest = prefix_groups(rows, first_targets, self.share_prefix_tokens)
+        loss = input_ids.new_zeros((), dtype=torch.float32)
+        for members, shared in groups:
+            loss = loss + self._shared_head_loss(backbone, head, input_ids, attention_mask, labels,
+                                                 members, shared, lengths)
+        if rest:
+            index = torch.tensor(rest, device=input_ids.device)
+            width = max(lengths[i] for i in rest)
+            ids, mask = input_ids[index, :width], attention_mask[index, :width]
+            with alora_scope(self.model, ids):
+                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            loss = loss + self._head_loss(head, hidden[:, :-1], labels[index, 1:width])
+            self.computed_tokens += sum(lengths[i] for i in rest)
+            self.attention_pairs += sum(lengths[i] * (lengths[i] + 1) // 2 for i in rest)
+        return loss
+
+    def _shared_head_loss(self, backbone, head, input_ids, attention_mask, labels, members, shared,
+                          lengths):
+        from transformers import DynamicCache
+
+        index = torch.tensor(members, device=input_ids.device)
+        width = max(lengths[i] for i in members)
+        prefix = backbone(input_ids=input_ids[members[0]: members[0] + 1, :shared], use_cache=True)
+        n = len(members)
+        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+                                             for layer in prefix.past_key_values.layers])
+        hidden = backbone(input_ids=input_ids[index, shared:width], attention_mask=attention_mask[index, :width],
+                          past_key_values=cache, use_cache=True).last_hidden_state
+        suffixes = [lengths[i] - shared for i in members]
+        self.computed_tokens += shared + sum(suffixes)
+        self.attention_pairs += shared * (shared + 1) // 2 + sum(s * shared + s * (s + 1) // 2 for s in suffixes)
+        return self._head_loss(head, hidden[:, :-1], labels[index, shared + 1: width])
+
+    @staticmethod
+    def _head_loss(head, hidden, targets):
         keep = targets != IGNORE
         logits = head(hidden[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
@@ -175,10 +243,12 @@ class TrainResult:
     tokens: int  # non-padding tokens of the whole run (all epochs)
     supervised_tokens: int
     seconds: float  # wall time of this session (after a resume: since the resume)
-    session_tokens: int  # non-padding tokens computed in this session
+    session_tokens: int  # non-padding tokens of the examples trained on in this session
     mean_loss: float  # per supervised token, averaged over optimizer steps
     final_loss: float  # per supervised token over the last epoch
     resumed_from_step: int = 0
+    computed_tokens: int = 0  # token positions actually run this session (shared heads once)
+    attention_pairs: int = 0  # causal (query, key) pairs actually computed this session
     losses: list[float] = field(default_factory=list)
 
     @property
@@ -275,7 +345,8 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
     scheduler = get_scheduler(
         "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
         num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
-    loss_module = SupervisedLoss(model)
+    loss_module = SupervisedLoss(model, cfg.share_prefix_tokens)
+    counter = loss_module
     # The scheduler stays unprepared: accelerate would step it once per process, but our steps
     # are already global (every process takes part in each one).
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
@@ -333,6 +404,8 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     session = accelerator.reduce(torch.tensor(session_tokens, device=device), reduction="sum")
+    counts = accelerator.reduce(torch.tensor([counter.computed_tokens, counter.attention_pairs], device=device),
+                                reduction="sum").tolist()
     final = losses[-len(plans[-1]):]
     return TrainResult(
         steps=total_steps, epochs=cfg.epochs, examples=len(examples),
@@ -340,6 +413,7 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
         supervised_tokens=cfg.epochs * sum(e.supervised for e in examples),
         seconds=time.perf_counter() - started, session_tokens=int(session),
         mean_loss=sum(losses) / len(losses), final_loss=sum(final) / len(final),
-        resumed_from_step=start_step, losses=[round(x, 5) for x in losses],
+        resumed_from_step=start_step, computed_tokens=int(counts[0]), attention_pairs=int(counts[1]),
+        losses=[round(x, 5) for x in losses],
     )
 

@@ -15,6 +15,18 @@ from ..indicators import Indicators
 IGNORE = -100
 
 
+def common_prefix_length(rows) -> int:
+    """Number of leading tokens that all `rows` (token id sequences) share."""
+    first = rows[0]
+    length = min(len(r) for r in rows)
+    for row in rows[1:]:
+        n = 0
+        while n < length and row[n] == first[n]:
+            n += 1
+        length = n
+    return length
+
+
 @dataclass(frozen=True)
 class Example:
     input_ids: tuple[int, ...]
