@@ -17,12 +17,17 @@ and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one 
   every expert is asked): plotted to results/bench/routing_latency.png.
 
     python bench/routing.py                 # writes results/bench/routing.json
+
+Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once and
+kept by the next run with the same workload, so the aLoRA row can be added when its ensemble
+exists; `--redo` measures everything again.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import time
@@ -158,6 +163,14 @@ def memory_curve() -> dict:
     return {"rss_mb": rss, "rss_added_100_experts_mb": added, "mb_per_expert": added / 100}
 
 
+def memory_in_fresh_process() -> dict:
+    """`memory_curve` in a new interpreter: memory freed by earlier parts would hide growth."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(memory_curve)
+
+
 def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
     """Routing-only latency per query when every expert is asked (a threshold nobody reaches)."""
     from seecl.config import ModelConfig
@@ -209,6 +222,7 @@ def main() -> None:
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
+    parser.add_argument("--redo", action="store_true", help="measure every part again, ignoring --out")
     args = parser.parse_args()
 
     from seecl.config import ModelConfig
@@ -218,15 +232,32 @@ def main() -> None:
     base = load_base(ModelConfig())
     queries, budgets, owners = workload(PromptFormatter(base.tokenizer, base.indicators, ""), args.n_per_task)
     del base
-    result: dict = {"machine": machine(), "command": "python bench/routing.py", "workload": {
-        "tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev"}}
+    out = Path(args.out)
+    workload_key = {"tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev",
+                    "naive_queries": args.naive_queries}
+    result: dict = json.loads(out.read_text()) if out.exists() and not args.redo else {}
+    if result.get("workload") != workload_key:
+        result = {}
+    result.update({"machine": machine(), "command": "python bench/routing.py", "workload": workload_key})
+
+    def part(key: str, measure) -> None:
+        # Each part compares against a baseline measured inside the same part, so a part finished
+        # in an earlier (interrupted) run is kept and the others are measured now.
+        if key in result:
+            print(f"{key}: kept from {out.name} (--redo to measure again)")
+            return
+        value = measure()
+        if value is not None:
+            result[key] = value
+            write_json(out, result)
+
     for label, directory in (("lora", args.ensemble), ("alora", args.alora_ensemble)):
         if (Path(directory) / "manifest.json").exists():
-            result[label] = compare(Path(directory), queries, budgets, owners, label, args.naive_queries)
+            part(label, lambda: compare(Path(directory), queries, budgets, owners, label, args.naive_queries))
         else:
             print(f"{label}: no ensemble at {directory} (run `seecl bench superni` first); skipped")
-    result["memory"] = memory_curve()
-    result["latency_vs_experts"] = latency_curve(queries[:: max(1, len(queries) // 32)][:32])
+    part("memory", memory_in_fresh_process)
+    part("latency_vs_experts", lambda: latency_curve(queries[:: max(1, len(queries) // 32)][:32]))
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
     summary = {}
     if "lora" in result:
@@ -238,7 +269,7 @@ def main() -> None:
     result.update(summary)
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]
     print_table("Routing cost (SmolLM2-135M, CPU)", ["metric", "value"], rows)
-    write_json(Path(args.out), result)
+    write_json(out, result)
 
 
 if __name__ == "__main__":
