@@ -92,6 +92,29 @@ def test_sparse_supervised_loss_equals_full_logits_loss(fresh_tiny_base):
             assert torch.allclose(grads[n], p.grad, atol=1e-6), n
 
 
+def test_supervised_loss_never_materialises_the_embedding_matrix(fresh_tiny_base, monkeypatch):
+    """The indicator rows are substituted, not copied into a [vocab x hidden] matrix per forward."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    base = fresh_tiny_base
+    model = _tiny_expert(base)
+    fmt = PromptFormatter(base.tokenizer, base.indicators)
+    examples = [fmt.see_example(i.query, i.response if k % 2 else None)
+                for k, i in enumerate(make_task("add", "train", 4).instances)]
+    batch = collate(examples, base.tokenizer.pad_token_id)
+    reference = reference_loss(model, batch)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("full embedding matrix built")
+
+    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights", refuse)
+    loss = SupervisedLoss(model, share_prefix_tokens=4)(**batch)
+    loss.backward()
+    assert torch.allclose(loss, reference, rtol=1e-5)
+    rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+    assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows)
+
+
 def test_prefix_groups_share_only_loss_free_heads():
     rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9, 9, 9], [1, 2, 3, 7, 7], [8, 8, 8, 8, 8], [8, 8, 8, 8, 1]]
     first_targets = [5, 6, 4, 2, 4]  # row 3 is supervised from its third token on

@@ -158,6 +158,56 @@ def prefix_groups(rows: list[list[int]], first_targets: list[int], min_tokens: i
     return groups, [i for i in range(len(rows)) if i not in grouped]
 
 
+def token_rows(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token ids, their trained rows) of an unmerged PEFT trainable-tokens layer with one active
+    adapter that trains rows; None for any other layer (which then runs its own forward)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layer = getattr(layer, "token_adapter", layer)  # PEFT's TrainableTokensWrapper around the layer
+    if not isinstance(layer, TrainableTokensLayer) or layer.merged or layer.disable_adapters:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.trainable_tokens_delta]
+    if len(active) != 1 or len(active) != len(layer.active_adapters):
+        return None
+    delta = layer.trainable_tokens_delta[active[0]]
+    return torch.tensor(layer.token_indices[active[0]], device=delta.device), delta
+
+
+def backbone_inputs(backbone: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword inputs for the backbone: embeddings with the trained indicator rows substituted.
+
+    PEFT's trainable-tokens layer builds a full copy of the [vocabulary x hidden] embedding matrix
+    with the trained rows in it on every forward, and a dense gradient of that size on every
+    backward; on a 135M model that is about a tenth of a training step. Looking up the frozen table
+    and replacing the indicator positions gives the same embeddings and the same gradients.
+    """
+    layer = backbone.get_input_embeddings()
+    layer = getattr(layer, "token_adapter", layer)
+    rows = token_rows(layer)
+    if rows is None or not isinstance(layer.base_layer, torch.nn.Embedding):
+        return {"input_ids": input_ids}
+    index, delta = rows
+    embeds = layer.base_layer(input_ids)
+    replacement = delta.to(embeds.dtype)
+    scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+    if scale is not None:  # scaled embeddings (Gemma): PEFT scales the substituted rows as well
+        replacement = replacement * scale.to(embeds.dtype)
+    match = input_ids[..., None] == index
+    return {"inputs_embeds": torch.where(match.any(-1, keepdim=True), replacement[match.int().argmax(-1)], embeds)}
+
+
+def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Output-head logits with the trained indicator rows of a tied head, without PEFT's full copy
+    of the head matrix and its dense gradient (see `backbone_inputs`)."""
+    layer = getattr(head, "token_adapter", head)
+    rows = token_rows(layer)
+    if rows is None or not isinstance(layer.base_layer, torch.nn.Linear):
+        return head(hidden)
+    index, delta = rows
+    logits = F.linear(hidden, layer.base_layer.weight)  # PEFT's tied head has no bias either
+    return logits.index_copy(-1, index, hidden @ delta.to(hidden.dtype).T)
+
+
 class SupervisedLoss(torch.nn.Module):
     """Summed cross-entropy over supervised positions, computing logits only there.
 
@@ -195,7 +245,8 @@ class SupervisedLoss(torch.nn.Module):
             width = max(lengths[i] for i in rest)
             ids, mask = input_ids[index, :width], attention_mask[index, :width]
             with alora_scope(self.model, ids):
-                hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                hidden = backbone(**backbone_inputs(backbone, ids), attention_mask=mask,
+                                  use_cache=False).last_hidden_state
             loss = loss + self._head_loss(head, hidden[:, :-1], labels[index, 1:width])
             self.computed_tokens += sum(lengths[i] for i in rest)
             self.attention_pairs += sum(lengths[i] * (lengths[i] + 1) // 2 for i in rest)
@@ -207,12 +258,14 @@ class SupervisedLoss(torch.nn.Module):
 
         index = torch.tensor(members, device=input_ids.device)
         width = max(lengths[i] for i in members)
-        prefix = backbone(input_ids=input_ids[members[0]: members[0] + 1, :shared], use_cache=True)
+        prefix = backbone(**backbone_inputs(backbone, input_ids[members[0]: members[0] + 1, :shared]),
+                          use_cache=True)
         n = len(members)
         cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
                                              for layer in prefix.past_key_values.layers])
-        hidden = backbone(input_ids=input_ids[index, shared:width], attention_mask=attention_mask[index, :width],
-                          past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = backbone(**backbone_inputs(backbone, input_ids[index, shared:width]),
+                          attention_mask=attention_mask[index, :width], past_key_values=cache,
+                          use_cache=True).last_hidden_state
         suffixes = [lengths[i] - shared for i in members]
         self.computed_tokens += shared + sum(suffixes)
         self.attention_pairs += shared * (shared + 1) // 2 + sum(s * shared + s * (s + 1) // 2 for s in suffixes)
@@ -221,7 +274,7 @@ class SupervisedLoss(torch.nn.Module):
     @staticmethod
     def _head_loss(head, hidden, targets):
         keep = targets != IGNORE
-        logits = head(hidden[keep])
+        logits = head_logits(head, hidden[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
