@@ -1,7 +1,7 @@
 import pytest
 
 from seecl.evaluation.metrics import (average_score, backward_transfer, confusion, exact_match,
-                                      rb_acc, rouge_l, routing_accuracy, routing_prf)
+                                      rb_acc, rouge_l, routing_accuracy, routing_f1s, routing_prf)
 
 
 def test_rouge_l_known_values():
@@ -45,3 +45,15 @@ def test_routing_f1_on_a_known_confusion():
     assert confusion(truth[:5], routed[:5], ["a", "b"], ["a", "b"]) == [[2, 1, 0], [1, 1, 0]]
     assert rb_acc(routed[5:]) == 0.5
     assert routing_accuracy(truth[:5], routed[:5]) == pytest.approx(3 / 5)
+
+
+def test_routing_f1s_from_counts_with_and_without_ood_claims():
+    truth = ["a", "a", "a", "b", "b"]
+    routed = ["a", "a", "b", "b", "base"]
+    counts = confusion(truth, routed, ["a", "b"], ["a", "b"])
+    in_task, with_ood = routing_f1s(counts, ["a", "b"], ["a", "b", "base"], {"a": 2, "base": 3})
+    f1 = lambda p, r: 2 * p * r / (p + r)
+    assert in_task == pytest.approx((f1(1, 2 / 3) + f1(1 / 2, 1 / 2)) / 2)
+    # two OOD queries claimed by a: its precision drops to 2/4, b is unchanged
+    assert with_ood == pytest.approx((f1(2 / 4, 2 / 3) + f1(1 / 2, 1 / 2)) / 2)
+    assert routing_f1s(counts, ["a", "b"], ["a", "b", "base"]) == (pytest.approx(in_task), None)

@@ -122,16 +122,29 @@ class RoutingEngine:
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
         self.model.set_adapter(owner)
+        # The owner's indicator rows are written into the shared embedding (and tied head) weight in
+        # place and the layers marked merged, so their forward uses the plain weight. PEFT's own
+        # merge would allocate a new [vocab x hidden] matrix per switch, and allocated inside
+        # inference mode it could not take part in a later training step.
         layers = [m for m in self.model.modules()
-                  if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta]
-        for layer in layers:
-            layer.merge(adapter_names=[owner])
+                  if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta and not m.merged]
+        saved = {}
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.base_layer.weight
+                if id(weight) not in saved:
+                    index = torch.tensor(layer.token_indices[owner], device=weight.device)
+                    saved[id(weight)] = (weight, index, weight.data[index].clone())
+                    weight.data.index_copy_(0, index, layer.trainable_tokens_delta[owner].to(weight))
+                layer.merged_adapters.append(owner)
         try:
             yield
         finally:
+            with torch.no_grad():
+                for weight, index, rows in saved.values():
+                    weight.data.index_copy_(0, index, rows)
             for layer in layers:
-                if layer.merged:
-                    layer.unmerge()
+                layer.merged_adapters.remove(owner)
 
     # -- forward passes -----------------------------------------------------------------------------
     def _extend(self, state: _Rows | None, chunks: Sequence[Sequence[int]], keep: int,

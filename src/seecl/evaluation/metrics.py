@@ -121,6 +121,24 @@ def routing_prf(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequ
     return out
 
 
+def routing_f1s(confusion: list[list[int]], tasks: Sequence[str], columns: Sequence[str],
+                ood_counts: dict[str, int] | None = None) -> tuple[float, float | None]:
+    """Mean per-task routing F1 from confusion counts: over the tasks' own queries, and with the
+    OOD queries an expert claimed counted as its false positives (None without OOD counts).
+
+    The first is the routing F1 (which expert answers a task's queries); the second also charges
+    the experts for OOD claims, which RB-Acc reports on its own.
+    """
+    truth = [t for t, row in zip(tasks, confusion) for c, n in zip(columns, row) for _ in range(n)]
+    routed = [c for row in confusion for c, n in zip(columns, row) for _ in range(n)]
+    in_task = mean([v["f1"] for v in routing_prf(truth, routed, tasks).values()])
+    if ood_counts is None:
+        return in_task, None
+    ood = [c for c in columns for _ in range(ood_counts.get(c, 0))]
+    with_ood = routing_prf(truth + ["<ood>"] * len(ood), routed + ood, tasks)
+    return in_task, mean([v["f1"] for v in with_ood.values()])
+
+
 def routing_accuracy(true_experts: Sequence[str], routed_to: Sequence[str]) -> float:
     """Share of queries answered by the expert they belong to."""
     return sum(t == r for t, r in zip(true_experts, routed_to)) / len(true_experts) if true_experts else float("nan")
