@@ -36,12 +36,15 @@ def test_decide_multi_token_indicator_needs_the_shared_prefix():
     assert decide(logprobs(5, 20), MULTI)[0] == "neither", "prefix not produced greedily"
 
 
-def test_threshold_compares_pos_against_neg():
+def test_threshold_compares_pos_against_neg_only_when_an_indicator_wins():
     row = torch.full((1, 32), -20.0)
-    row[0, 10], row[0, 11], row[0, 3] = math.log(0.2), math.log(0.3), math.log(0.5)
+    row[0, 10], row[0, 11], row[0, 3] = math.log(0.2), math.log(0.15), math.log(0.1)
+    assert decide(row, ADDED)[0] == "pos"
+    assert decide(row, ADDED, threshold=0.55)[0] == "pos"  # 0.2 / 0.35 = 0.57
+    assert decide(row, ADDED, threshold=0.6)[0] == "neg"
+    row[0, 3] = math.log(0.5)  # another token wins: no threshold turns that into a claim or a pass
     assert decide(row, ADDED)[0] == "neither"
-    assert decide(row, ADDED, threshold=0.35)[0] == "pos"  # 0.2 / 0.5 = 0.4
-    assert decide(row, ADDED, threshold=0.45)[0] == "neg"
+    assert all(decide(row, ADDED, threshold=t)[0] == "neither" for t in (0.1, 0.5, 0.99))
 
 
 def scripted(verdicts):

@@ -54,8 +54,11 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
     """Verdict from next-token log-probs at the last k+1 positions (k = shared indicator prefix).
 
     Greedy: the shared prefix must itself be the argmax at its positions; then the argmax at the
-    decision position is `pos`, `neg` or neither. With a threshold, the decision position claims
-    the query iff P(pos) / (P(pos) + P(neg)) >= threshold.
+    decision position is `pos`, `neg` or neither. A threshold only makes a claim stricter: when the
+    argmax is an indicator, the query is claimed iff P(pos) / (P(pos) + P(neg)) >= threshold, else
+    passed on; an expert that produces neither indicator still sends the query to the base model
+    (passing such queries on let the first expert, which never saw a negative, claim 89 of 100
+    OOD queries in the SuperNI benchmark).
     """
     prefix = indicators.shared_prefix
     final = logprobs[len(prefix)]
@@ -64,12 +67,12 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
     for position, token in enumerate(prefix):
         if int(logprobs[position].argmax()) != token:
             return "neither", p_pos, p_neg
-    if threshold is not None:
-        total = p_pos + p_neg
-        return ("pos" if total > 0 and p_pos / total >= threshold else "neg"), p_pos, p_neg
     top = int(final.argmax())
-    verdict = "pos" if top == indicators.pos_id else "neg" if top == indicators.neg_id else "neither"
-    return verdict, p_pos, p_neg
+    if top not in (indicators.pos_id, indicators.neg_id):
+        return "neither", p_pos, p_neg
+    if threshold is not None:
+        return ("pos" if p_pos / (p_pos + p_neg) >= threshold else "neg"), p_pos, p_neg
+    return ("pos" if top == indicators.pos_id else "neg"), p_pos, p_neg
 
 
 CheckFn = Callable[[str, list[int]], list[Check]]
