@@ -193,7 +193,10 @@ def backbone_inputs(backbone: torch.nn.Module, input_ids: torch.Tensor) -> dict[
     if scale is not None:  # scaled embeddings (Gemma): PEFT scales the substituted rows as well
         replacement = replacement * scale.to(embeds.dtype)
     match = input_ids[..., None] == index
-    return {"inputs_embeds": torch.where(match.any(-1, keepdim=True), replacement[match.int().argmax(-1)], embeds)}
+    # A one-hot product rather than indexing: indexing's backward accumulates into the two rows in
+    # a thread-dependent order, which made a resumed run drift from an uninterrupted one.
+    substituted = match.to(embeds.dtype) @ replacement
+    return {"inputs_embeds": torch.where(match.any(-1, keepdim=True), substituted, embeds)}
 
 
 def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

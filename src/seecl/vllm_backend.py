@@ -267,11 +267,12 @@ def verdict(expert: str, sampled: int, logprobs: dict[int, float], indicators: I
     p_neg = math.exp(logprobs[indicators.neg_id]) if indicators.neg_id in logprobs else 0.0
     if indicators.shared_prefix and list(prefix_tokens or ()) != list(indicators.shared_prefix):
         return Check(expert, "neither", p_pos, p_neg)
+    if sampled not in (indicators.pos_id, indicators.neg_id):
+        return Check(expert, "neither", p_pos, p_neg)
     if threshold is not None:
         total = p_pos + p_neg
         return Check(expert, "pos" if total > 0 and p_pos / total >= threshold else "neg", p_pos, p_neg)
-    result = "pos" if sampled == indicators.pos_id else "neg" if sampled == indicators.neg_id else "neither"
-    return Check(expert, result, p_pos, p_neg)
+    return Check(expert, "pos" if sampled == indicators.pos_id else "neg", p_pos, p_neg)
 
 
 def _first_token(output) -> tuple[int, dict[int, float]]:
