@@ -246,10 +246,8 @@ def main() -> None:
         if key in result:
             print(f"{key}: kept from {out.name} (--redo to measure again)")
             return
-        value = measure()
-        if value is not None:
-            result[key] = value
-            write_json(out, result)
+        result[key] = measure()
+        write_json(out, result)
 
     for label, directory in (("lora", args.ensemble), ("alora", args.alora_ensemble)):
         if (Path(directory) / "manifest.json").exists():

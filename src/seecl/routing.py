@@ -67,12 +67,20 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
     for position, token in enumerate(prefix):
         if int(logprobs[position].argmax()) != token:
             return "neither", p_pos, p_neg
-    top = int(final.argmax())
+    return indicator_verdict(int(final.argmax()), p_pos, p_neg, indicators, threshold), p_pos, p_neg
+
+
+def indicator_verdict(top: int, p_pos: float, p_neg: float, indicators: Indicators,
+                      threshold: float | None = None) -> str:
+    """The rule at the decision position (after the shared prefix was produced), given its argmax
+    token `top`: neither indicator -> "neither"; otherwise the argmax, or with a threshold "pos"
+    iff P(pos) / (P(pos) + P(neg)) >= threshold. Shared by every backend."""
     if top not in (indicators.pos_id, indicators.neg_id):
-        return "neither", p_pos, p_neg
+        return "neither"
     if threshold is not None:
-        return ("pos" if p_pos / (p_pos + p_neg) >= threshold else "neg"), p_pos, p_neg
-    return ("pos" if top == indicators.pos_id else "neg"), p_pos, p_neg
+        total = p_pos + p_neg
+        return "pos" if total > 0 and p_pos / total >= threshold else "neg"
+    return "pos" if top == indicators.pos_id else "neg"
 
 
 CheckFn = Callable[[str, list[int]], list[Check]]

@@ -158,19 +158,20 @@ def prefix_groups(rows: list[list[int]], first_targets: list[int], min_tokens: i
     return groups, [i for i in range(len(rows)) if i not in grouped]
 
 
-def token_rows(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(token ids, their trained rows) of an unmerged PEFT trainable-tokens layer with one active
-    adapter that trains rows; None for any other layer (which then runs its own forward)."""
+def token_rows(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor] | None:
+    """(layer, token ids, their trained rows) of an unmerged PEFT trainable-tokens layer (or the
+    wrapper around one) with one active adapter that trains rows; None for any other module
+    (which then runs its own forward)."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    layer = getattr(layer, "token_adapter", layer)  # PEFT's TrainableTokensWrapper around the layer
+    layer = getattr(module, "token_adapter", module)  # PEFT's TrainableTokensWrapper around the layer
     if not isinstance(layer, TrainableTokensLayer) or layer.merged or layer.disable_adapters:
         return None
     active = [a for a in layer.active_adapters if a in layer.trainable_tokens_delta]
     if len(active) != 1 or len(active) != len(layer.active_adapters):
         return None
     delta = layer.trainable_tokens_delta[active[0]]
-    return torch.tensor(layer.token_indices[active[0]], device=delta.device), delta
+    return layer, torch.tensor(layer.token_indices[active[0]], device=delta.device), delta
 
 
 def backbone_inputs(backbone: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -181,12 +182,10 @@ def backbone_inputs(backbone: torch.nn.Module, input_ids: torch.Tensor) -> dict[
     backward; on a 135M model that is about a tenth of a training step. Looking up the frozen table
     and replacing the indicator positions gives the same embeddings and the same gradients.
     """
-    layer = backbone.get_input_embeddings()
-    layer = getattr(layer, "token_adapter", layer)
-    rows = token_rows(layer)
-    if rows is None or not isinstance(layer.base_layer, torch.nn.Embedding):
+    rows = token_rows(backbone.get_input_embeddings())
+    if rows is None or not isinstance(rows[0].base_layer, torch.nn.Embedding):
         return {"input_ids": input_ids}
-    index, delta = rows
+    layer, index, delta = rows
     embeds = layer.base_layer(input_ids)
     replacement = delta.to(embeds.dtype)
     scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
@@ -202,11 +201,10 @@ def backbone_inputs(backbone: torch.nn.Module, input_ids: torch.Tensor) -> dict[
 def head_logits(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Output-head logits with the trained indicator rows of a tied head, without PEFT's full copy
     of the head matrix and its dense gradient (see `backbone_inputs`)."""
-    layer = getattr(head, "token_adapter", head)
-    rows = token_rows(layer)
-    if rows is None or not isinstance(layer.base_layer, torch.nn.Linear):
+    rows = token_rows(head)
+    if rows is None or not isinstance(rows[0].base_layer, torch.nn.Linear):
         return head(hidden)
-    index, delta = rows
+    layer, index, delta = rows
     logits = F.linear(hidden, layer.base_layer.weight)  # PEFT's tied head has no bias either
     return logits.index_copy(-1, index, hidden @ delta.to(hidden.dtype).T)
 

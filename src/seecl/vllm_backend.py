@@ -51,7 +51,7 @@ from typing import Any, Sequence
 from .data.prompts import PromptFormatter
 from .errors import SeeclError
 from .indicators import Indicators
-from .routing import BASE, Answer, Check, Route, walk
+from .routing import BASE, Answer, Check, Route, indicator_verdict, walk
 from .store import EnsembleStore
 
 INSTALL_HINT = "pip install seecl[vllm]"
@@ -267,12 +267,7 @@ def verdict(expert: str, sampled: int, logprobs: dict[int, float], indicators: I
     p_neg = math.exp(logprobs[indicators.neg_id]) if indicators.neg_id in logprobs else 0.0
     if indicators.shared_prefix and list(prefix_tokens or ()) != list(indicators.shared_prefix):
         return Check(expert, "neither", p_pos, p_neg)
-    if sampled not in (indicators.pos_id, indicators.neg_id):
-        return Check(expert, "neither", p_pos, p_neg)
-    if threshold is not None:
-        total = p_pos + p_neg
-        return Check(expert, "pos" if total > 0 and p_pos / total >= threshold else "neg", p_pos, p_neg)
-    return Check(expert, "pos" if sampled == indicators.pos_id else "neg", p_pos, p_neg)
+    return Check(expert, indicator_verdict(sampled, p_pos, p_neg, indicators, threshold), p_pos, p_neg)
 
 
 def _first_token(output) -> tuple[int, dict[int, float]]:

@@ -121,22 +121,16 @@ def routing_prf(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequ
     return out
 
 
-def routing_f1s(confusion: list[list[int]], tasks: Sequence[str], columns: Sequence[str],
-                ood_counts: dict[str, int] | None = None) -> tuple[float, float | None]:
-    """Mean per-task routing F1 from confusion counts: over the tasks' own queries, and with the
-    OOD queries an expert claimed counted as its false positives (None without OOD counts).
-
-    The first is the routing F1 (which expert answers a task's queries); the second also charges
-    the experts for OOD claims, which RB-Acc reports on its own.
-    """
-    truth = [t for t, row in zip(tasks, confusion) for c, n in zip(columns, row) for _ in range(n)]
+def routing_prf_from_counts(confusion: list[list[int]], tasks: Sequence[str], columns: Sequence[str],
+                            ood_counts: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+    """`routing_prf` from a confusion matrix (rows: tasks, columns: experts + base); with
+    `ood_counts` (answered-by counts of OOD queries) the OOD queries an expert claimed are its
+    false positives as well. Without them it is the routing F1 of the tasks' own queries; RB-Acc
+    reports the OOD claims on its own."""
+    truth = [t for t, row in zip(tasks, confusion) for n in row for _ in range(n)]
     routed = [c for row in confusion for c, n in zip(columns, row) for _ in range(n)]
-    in_task = mean([v["f1"] for v in routing_prf(truth, routed, tasks).values()])
-    if ood_counts is None:
-        return in_task, None
-    ood = [c for c in columns for _ in range(ood_counts.get(c, 0))]
-    with_ood = routing_prf(truth + ["<ood>"] * len(ood), routed + ood, tasks)
-    return in_task, mean([v["f1"] for v in with_ood.values()])
+    ood = [c for c in columns for _ in range((ood_counts or {}).get(c, 0))]
+    return routing_prf(truth + ["<ood>"] * len(ood), routed + ood, tasks)
 
 
 def routing_accuracy(true_experts: Sequence[str], routed_to: Sequence[str]) -> float:

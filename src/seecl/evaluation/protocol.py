@@ -21,7 +21,7 @@ from ..data.task import Task
 from ..methods.base import Method
 from ..store import write_json_atomic
 from .metrics import (BASE, average_score, backward_transfer, confusion, exact_match, mean, rb_acc,
-                      rouge_l, routing_f1s, routing_prf)
+                      rouge_l, routing_prf_from_counts)
 
 
 @dataclass(frozen=True)
@@ -131,11 +131,8 @@ class Protocol:
                 routed.append(json.loads(line)["answered_by"])
         started = time.perf_counter()
         ood_routes = [r.answered_by for r in self.method.routes(self.ood)] if self.ood else []
-        prf = routing_prf(truth, routed, names)
-        experts = [n for n in names]
-        self.state["routing"] = {
-            "per_task": prf,  # over the tasks' own queries; OOD claims are in ood_confusion
-            "f1": mean([v["f1"] for v in prf.values()]),
+        experts = list(names)
+        self.state["routing"] = {  # precision/recall/F1 are derived from the counts in summary()
             "accuracy": mean([float(t == r) for t, r in zip(truth, routed)]),
             "columns": experts + [BASE],
             "confusion": confusion(truth, routed, names, experts),
@@ -168,15 +165,20 @@ class Protocol:
             if value is not None:
                 em[name] = value
         routing = self.state.get("routing")
-        f1, f1_with_ood = (routing_f1s(routing["confusion"], names, routing["columns"],
-                                       routing.get("ood_confusion") if routing.get("n_ood") else None)
-                           if routing else (None, None))
+        f1_with_ood = None
+        if routing:
+            counts = (routing["confusion"], names, routing["columns"])
+            prf = routing_prf_from_counts(*counts)
+            routing = {**routing, "per_task": prf, "f1": mean([v["f1"] for v in prf.values()])}
+            if routing.get("n_ood"):
+                with_ood = routing_prf_from_counts(*counts, routing["ood_confusion"])
+                f1_with_ood = mean([v["f1"] for v in with_ood.values()])
         parameters = [self.state["stages"][k].get("trainable_parameters") for k in sorted(self.state["stages"], key=int)]
         return {
             "AR": ar, "BWT": bwt, "matrix": matrix,
             "per_task": {n: v for n, v in zip(names, final)},
             "exact_match": em,
-            "routing_f1": f1,
+            "routing_f1": routing["f1"] if routing else None,
             "routing_f1_with_ood": f1_with_ood,
             "rb_acc": routing["rb_acc"] if routing else None,
             "routing": routing,
