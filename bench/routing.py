@@ -215,10 +215,12 @@ def plot(curve: dict, path: Path) -> None:
 
 
 def main() -> None:
+    from seecl.evaluation.superni import method_dirname
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     run = ROOT / "results" / "superni-mini" / "methods"
-    parser.add_argument("--ensemble", default=str(run / "SEE_10" / "ensemble"))
-    parser.add_argument("--alora-ensemble", default=str(run / "SEE_10_-aLoRA" / "ensemble"))
+    parser.add_argument("--ensemble", default=str(run / method_dirname("SEE(10%)") / "ensemble"))
+    parser.add_argument("--alora-ensemble", default=str(run / method_dirname("SEE(10%)-aLoRA") / "ensemble"))
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))

@@ -123,7 +123,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     total = time.perf_counter()
     for label in cfg.methods:
         started = time.perf_counter()
-        ctx = MethodContext(run_config, out / "methods" / _dirname(label), cache, general,
+        ctx = MethodContext(run_config, out / "methods" / method_dirname(label), cache, general,
                             extra={"general_negatives": cfg.general_negatives})
         method = build_method(label, ctx)
         log(f"== {label}")
@@ -152,5 +152,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _dirname(label: str) -> str:
+def method_dirname(label: str) -> str:
+    """Directory name of a method label inside `OUT/methods` (e.g. `SEE(10%)-aLoRA` -> `SEE_10__-aLoRA`)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_")
