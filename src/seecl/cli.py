@@ -201,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, help="eval instances per task")
     p.add_argument("--n-ood", type=int, help="OOD test queries")
     p.add_argument("--full-matrix", action="store_true", help="score every seen task after every stage")
-    p.add_argument("--reuse-experts", nargs="+", metavar="RUN_DIR",
-                   help="earlier output directories whose trained adapters are reused (evaluate only)")
+    # One directory per flag: a variadic flag would swallow the trailing `key=value` overrides.
+    p.add_argument("--reuse-experts", action="append", metavar="RUN_DIR",
+                   help="earlier output directory whose trained adapters are reused (repeatable)")
     p.add_argument("--config", help="YAML file with benchmark fields (and `run:` overrides)")
     p.add_argument("overrides", nargs="*", metavar="section.field=value",
                    help="run-config overrides shared by all methods, e.g. train.epochs=3")

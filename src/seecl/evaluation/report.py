@@ -59,6 +59,16 @@ def confusion_table(label: str, method: dict, tasks: list[str]) -> str:
     return "\n".join(lines)
 
 
+def parameters_table(summary: dict) -> str:
+    tasks = summary["config"]["order"]
+    lines = ["| method | " + " | ".join(f"after {t}" for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for label, m in summary["methods"].items():
+        counts = list(m.get("trainable_parameters") or [])
+        counts += [None] * (len(tasks) - len(counts))
+        lines.append(f"| {label} | " + " | ".join("–" if c is None else f"{c:,}" for c in counts) + " |")
+    return "\n".join(lines)
+
+
 def tau_points(summary: dict) -> list[tuple[float, str, dict]]:
     points = []
     for label, m in summary["methods"].items():
@@ -92,6 +102,9 @@ def markdown(summary: dict) -> str:
         parts += [f"| {tau:g}% | {_fmt(m['AR'])} | {_fmt(m['BWT'])} | {_fmt(m['routing_f1'], 3)} | "
                   f"{_fmt(m['rb_acc'], 3)} |" for tau, _, m in points]
         parts.append("")
+    if any(m.get("trainable_parameters") for m in summary["methods"].values()):
+        parts += ["Trainable parameters held by the method after each stage (all experts / adapters so far):",
+                  "", parameters_table(summary), ""]
     parts += ["## Score matrices", ""]
     for label, m in summary["methods"].items():
         parts += [matrix_table(label, m, tasks), ""]

@@ -1,0 +1,85 @@
+"""`seecl bench superni` end to end on the tiny model and SuperNI-format files written by the test:
+the summary.json shape the issue fixes, the report and plots, resume, and `--reuse-experts`."""
+
+import json
+
+import pytest
+
+from seecl.cli import main
+from seecl.data.synthetic import general_task, make_task
+from conftest import TINY
+
+TASKS = ["uppercase", "add"]
+METHODS = ["Non-rehearsal", "SEE(25%)"]
+
+
+def write_jsonl(path, instances):
+    with open(path, "w") as f:
+        for inst in instances:
+            f.write(json.dumps({"id": inst.id, "full_prompt": inst.query, "output": inst.references[0]}) + "\n")
+
+
+@pytest.fixture
+def benchmark_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in TASKS:
+        write_jsonl(data / f"{name}.train.jsonl", make_task(name, "train", 16).instances)
+        write_jsonl(data / f"{name}.dev.jsonl", make_task(name, "eval", 4).instances)
+        write_jsonl(data / f"{name}.test.jsonl", make_task(name, "eval", 6).instances[2:])
+    write_jsonl(data / "ood.jsonl", general_task().instances[:8])
+    return data
+
+
+def bench(data, out, *extra):
+    return main(["bench", "superni", "--data-dir", str(data), "--ood-file", str(data / "ood.jsonl"),
+                 "--order", ",".join(TASKS), "--methods", ",".join(METHODS), "--n-train", "16",
+                 "--n-eval", "4", "--n-ood", "4", "--out", str(out), *extra,
+                 *TINY, "train.epochs=3", "see.memory_tau=0.25", "generate.max_new_tokens=8"])
+
+
+def forbid_training(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("trained although every adapter exists")
+
+    for module in ("seecl.training", "seecl.methods.single", "seecl.methods.see"):
+        monkeypatch.setattr(f"{module}.train", forbidden)
+
+
+def test_bench_writes_summary_report_and_plots_then_resumes_and_reuses(benchmark_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert bench(benchmark_data, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["order"] == TASKS and summary["config"]["methods"] == METHODS
+    assert list(summary["methods"]) == METHODS
+    for label, m in summary["methods"].items():
+        assert isinstance(m["AR"], float) and 0 <= m["AR"] <= 100
+        assert m["BWT"] is None or isinstance(m["BWT"], float)
+        assert len(m["matrix"]) == 2 and set(m["per_task"]) == set(TASKS)
+        assert len(m["trainable_parameters"]) == 2
+    see, plain = summary["methods"]["SEE(25%)"], summary["methods"]["Non-rehearsal"]
+    assert 0 <= see["routing_f1"] <= 1 and 0 <= see["rb_acc"] <= 1 and see["routing"]["n_ood"] == 4
+    assert plain["routing_f1"] is None and plain["rb_acc"] is None
+    report = (out / "report.md").read_text()
+    assert "| SEE(25%) |" in report and "| Non-rehearsal |" in report and "after add" in report
+    assert (out / "per_task.png").stat().st_size > 0
+    assert summary["config"]["run_config"]["model"]["name"] == "tiny-random", "resolved config beside the results"
+
+    # The same command again: nothing is trained, the numbers are the same.
+    forbid_training(monkeypatch)
+    assert bench(benchmark_data, out) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert {k: m["AR"] for k, m in again["methods"].items()} == {k: m["AR"] for k, m in summary["methods"].items()}
+
+    # A new eval split in a new directory reuses the trained adapters and only evaluates.
+    other = tmp_path / "test-split"
+    assert bench(benchmark_data, other, "--eval-split", "test", "--reuse-experts", str(out)) == 0
+    scored = json.loads((other / "summary.json").read_text())
+    assert scored["config"]["eval_split"] == "test" and list(scored["methods"]) == METHODS
+
+
+def test_bench_rejects_an_oversized_ood_test_set(benchmark_data, tmp_path, capsys):
+    code = main(["bench", "superni", "--data-dir", str(benchmark_data), "--ood-file", str(benchmark_data / "ood.jsonl"),
+                 "--order", ",".join(TASKS), "--methods", "SEE(25%)", "--n-ood", "5", "--out", str(tmp_path / "x"),
+                 *TINY])
+    assert code == 2 and "n_ood=5 exceeds the first half" in capsys.readouterr().err
