@@ -191,3 +191,15 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
         expected = F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum")
         assert n == len(target)
         assert nll == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
+
+
+def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
+    from seecl.engine import batch_order
+
+    shared_a, shared_b = list(range(100, 140)), list(range(200, 240))
+    prompts = [shared_a + [1] * 9, [7, 3], shared_b + [2] * 3, shared_a + [5] * 2, [9] * 5,
+               shared_b + [1] * 7, shared_a + [3] * 4, [8]]
+    order = batch_order(prompts, block=32)
+    assert sorted(order) == list(range(len(prompts))), "a permutation"
+    assert order == [3, 6, 0, 2, 5, 7, 1, 4], "groups by shared block, then loners; shortest first in each"
+    assert batch_order(prompts, block=32) == order, "deterministic"

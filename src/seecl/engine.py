@@ -49,6 +49,25 @@ class _Rows:
                      self.next_pos.index_select(0, index))
 
 
+def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
+    """The order in which prompts are cut into batches.
+
+    Prompts that share at least one prefix block stay together, so the prefix cache prefills their
+    shared part once; inside each such group, and among the prompts that share nothing, shorter
+    prompts come first, so a batch pads little (padding is computed at every expert's check).
+    """
+    by_text = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+    groups: list[list[int]] = []
+    for previous, index in zip([None] + by_text, by_text):
+        if previous is not None and common_prefix_length([prompts[previous], prompts[index]]) >= block:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    loners = [g[0] for g in groups if len(g) == 1]
+    groups = [g for g in groups if len(g) > 1] + [loners]
+    return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
+
+
 class PrefixCache:
     """Per-owner KV of shared prompt prefixes, LRU-evicted to stay under `max_tokens` tokens."""
 
@@ -273,9 +292,8 @@ class RoutingEngine:
         prompts = [self.formatter.prompt_ids(q) for q in queries]
         texts = [""] * len(queries)
         routes: list[Route | None] = [None] * len(queries)
-        # Sorted prompts put shared prefixes into the same batch; each batch walks the experts alone,
-        # so memory stays bounded by one batch's KV.
-        order = sorted(range(len(queries)), key=lambda i: (prompts[i], i))
+        # Each batch walks the experts alone, so memory stays bounded by one batch's KV.
+        order = batch_order(prompts, self.prefix_cache.block)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start: start + self.batch_size]
             bodies = self._prefill_bodies(chunk, prompts) if self.invocation else None
@@ -298,7 +316,7 @@ class RoutingEngine:
         budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         prompts = [self.formatter.prompt_ids(q) + list(forced) for q in queries]
         texts = [""] * len(queries)
-        order = sorted(range(len(queries)), key=lambda i: (prompts[i], i))
+        order = batch_order(prompts, self.prefix_cache.block)
         with torch.inference_mode(), self._use(owner):
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
