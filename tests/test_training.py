@@ -7,7 +7,8 @@ from seecl.config import AdapterConfig, TrainConfig
 from seecl.data.prompts import PromptFormatter
 from seecl.data.synthetic import make_task
 from seecl.experts import add_expert
-from seecl.training import SupervisedLoss, collate, plan_batches, prefix_groups, reference_loss, train
+from seecl.loss import SupervisedLoss, prefix_groups, reference_loss
+from seecl.training import collate, plan_batches, train
 from seecl.data.prompts import Example
 
 
@@ -113,6 +114,49 @@ def test_supervised_loss_never_materialises_the_embedding_matrix(fresh_tiny_base
     assert torch.allclose(loss, reference, rtol=1e-5)
     rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
     assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows)
+
+
+def test_alora_loss_runs_bodies_without_autograd_and_equals_the_full_pass(fresh_tiny_base, monkeypatch):
+    """aLoRA: nothing before the invocation depends on a trained parameter, so the prompt bodies run
+    under no_grad; the loss and every gradient equal PEFT's own full-logits aLoRA forward."""
+    base = fresh_tiny_base
+    fmt = PromptFormatter(base.tokenizer, base.indicators)
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0, kind="alora")
+    model = add_expert(base.model, "e", cfg, base.indicators, seed=0, invocation_tokens=fmt.invocation_ids())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    examples = [fmt.see_example(i.query, i.response if k % 2 else None)
+                for k, i in enumerate(make_task("uppercase", "train", 6).instances)]
+    batch = collate(examples, base.tokenizer.pad_token_id)
+    loss_fn = SupervisedLoss(model)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    backbone = model.get_base_model().base_model
+    starts = loss_fn._alora_starts(backbone, batch["input_ids"], batch["labels"], lengths)
+    assert starts is not None and all(0 < s < n for s, n in zip(starts, lengths)), "the split applies"
+
+    seen_grad_modes = []
+    real_forward = type(backbone).forward
+
+    def spy(self, *args, **kwargs):
+        seen_grad_modes.append(torch.is_grad_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(backbone), "forward", spy)
+    loss = loss_fn(**batch)
+    monkeypatch.undo()
+    assert seen_grad_modes == [False, True], "bodies without autograd, then the tails with it"
+    reference = reference_loss(model, batch)
+    assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n), "the adapter is trained"
+    model.zero_grad()
+    reference_loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
 
 
 def test_prefix_groups_share_only_loss_free_heads():

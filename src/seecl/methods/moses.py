@@ -56,6 +56,7 @@ from ..data.prompts import PromptFormatter
 from ..data.task import Task
 from ..errors import ConfigError
 from ..generation import greedy_generate, left_pad
+from ..loss import causal_lm_parts
 from ..models import Base, load_base
 from ..routing import BASE, Answer, Route
 from .base import MethodContext
@@ -87,7 +88,7 @@ def wrap_targets(model: nn.Module, targets: Sequence[str], factory: Callable[[nn
 def base_features(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequence[Sequence[int]],
                   pad_id: int, batch_size: int) -> torch.Tensor:
     """Mean over prompt tokens of the frozen base's last hidden state (wrappers bypassed)."""
-    backbone, _ = training.causal_lm_parts(model)
+    backbone, _ = causal_lm_parts(model)
     device = next(model.parameters()).device
     for layer in layers:
         layer.bypass = True

@@ -47,6 +47,7 @@ from torch import nn
 from .. import training
 from ..data.task import Task
 from ..errors import ConfigError
+from ..loss import SupervisedLoss
 from .base import MethodContext
 from .moses import LayerMethod, generator
 
@@ -232,7 +233,7 @@ class SETA(LayerMethod):
         """Sum of per-example |dL/dW| (or mean of (dL/dW)^2) over `examples`, L the mean token loss."""
         names = list(self.layers)
         sums = {n: torch.zeros_like(self.layers[n].base.weight) for n in names}
-        loss_fn = training.SupervisedLoss(self.model)
+        loss_fn = SupervisedLoss(self.model)
         pad, device = self.base.tokenizer.pad_token_id, self.base.device
         self.model.eval()
         try:
