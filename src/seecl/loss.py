@@ -177,12 +177,12 @@ class SupervisedLoss(torch.nn.Module):
         without autograd: nothing before the invocation is supervised (the first invocation token's
         label included) and the body holds no trained token row. None otherwise."""
         rows = token_rows(backbone.get_input_embeddings())
+        width = input_ids.shape[1]  # PEFT counts each offset back from the padded row's end
         starts = []
-        for i, length in enumerate(lengths):
-            offset = alora_offsets(self.model, input_ids[i: i + 1, :length])[0]
-            if offset is None or offset >= length:
+        for i, (length, offset) in enumerate(zip(lengths, alora_offsets(self.model, input_ids))):
+            start = None if offset is None else width - offset
+            if start is None or not 0 < start < length:
                 return None
-            start = length - offset
             if (labels[i, : start + 1] != IGNORE).any():
                 return None
             if rows is not None and torch.isin(input_ids[i, :start], rows[1]).any():
