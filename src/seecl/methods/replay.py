@@ -13,10 +13,9 @@ import random
 from typing import Literal, Sequence
 
 from ..data.task import Instance, Task
-from ..routing import Answer, Route
-from .base import MODEL, MethodContext
+from .base import MethodContext
 from .see import negatives_count
-from .single import SingleAdapter
+from .single import OneModelMethod
 
 Selection = Literal["none", "random", "kmeans"]
 
@@ -32,20 +31,21 @@ def select_rehearsal(task: Task, k: int, selection: Selection, seed: int, stage_
     return [task.instances[i] for i in kmeans_representatives(vectors, k, seed)]
 
 
-class Replay:
+class Replay(OneModelMethod):
+    """One adapter chain: stage i continues stage i-1's adapter on task i plus `rehearsal(...)`."""
+
     schedule = "sequential"
-    routed = False
 
     def __init__(self, ctx: MethodContext, label: str, tau: float = 0.0, selection: Selection = "none"):
-        self.ctx, self.label, self.tau, self.selection = ctx, label, tau, selection
-        self.single = SingleAdapter(ctx)
+        super().__init__(ctx, label)
+        self.tau, self.selection = tau, selection
         self.state_path = ctx.workdir / "stages.json"
         self.keys: list[str] = json.loads(self.state_path.read_text()) if self.state_path.exists() else []
         self._selected: dict[tuple[str, str], list[Instance]] = {}
 
-    def stage_data(self, tasks: Sequence[Task]) -> list[Instance]:
-        new, earlier = tasks[-1], tasks[:-1]
-        data = list(new.instances)
+    def rehearsal(self, earlier: Sequence[Task], new: Task, init: str | None) -> list[Instance]:
+        """Instances of earlier tasks replayed with `new` (`init`: the previous stage's adapter)."""
+        data: list[Instance] = []
         for old in earlier:
             key = (new.name, old.name)
             if key not in self._selected:
@@ -57,21 +57,13 @@ class Replay:
     def learn(self, tasks: Sequence[Task]) -> dict:
         stage = len(tasks) - 1
         init = self.keys[stage - 1] if stage > 0 else None
-        data = self.stage_data(tasks)
+        replayed = self.rehearsal(tasks[:-1], tasks[-1], init)
+        data = list(tasks[-1].instances) + replayed
         key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}")
         self.keys = self.keys[:stage] + [key]
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state_path.write_text(json.dumps(self.keys))
-        return {**metrics, "instances": len(data), "rehearsal": len(data) - len(tasks[-1])}
-
-    def answer(self, queries, budgets) -> list[Answer]:
-        return self.single.answer(queries, budgets)
-
-    def routes(self, queries) -> list[Route]:
-        return [Route(MODEL, "direct") for _ in queries]
+        return {**metrics, "instances": len(data), "rehearsal": len(replayed)}
 
     def trainable_parameters(self) -> int:
         return self.single.parameters_of(self.keys[-1]) if self.keys else 0
-
-    def close(self) -> None:
-        self.single.close()

@@ -17,9 +17,9 @@ from ..data.task import Instance
 from ..experts import add_expert, load_expert, only_train, save_expert, trainable_parameters
 from ..generation import greedy_generate
 from ..models import Base, load_base
-from ..routing import Answer
+from ..routing import Answer, Route
 from ..training import run_fingerprint, train
-from .base import MethodContext, unrouted
+from .base import MODEL, MethodContext, unrouted
 
 
 class SingleAdapter:
@@ -120,3 +120,22 @@ class SingleAdapter:
         self.model = None
         self._base = None
 
+
+
+class OneModelMethod:
+    """What the unrouted baselines share: one `SingleAdapter` that answers every query directly."""
+
+    routed = False
+
+    def __init__(self, ctx: MethodContext, label: str):
+        self.ctx, self.label = ctx, label
+        self.single = SingleAdapter(ctx)
+
+    def answer(self, queries: Sequence[str], budgets: Sequence[int]) -> list[Answer]:
+        return self.single.answer(queries, budgets)
+
+    def routes(self, queries: Sequence[str]) -> list[Route]:
+        return [Route(MODEL, "direct") for _ in queries]
+
+    def close(self) -> None:
+        self.single.close()

@@ -19,10 +19,9 @@ import random
 from typing import Sequence
 
 from ..data.task import Instance, Task
-from ..routing import Answer, Route
-from .base import MODEL, MethodContext
+from .base import MethodContext
+from .replay import Replay
 from .see import negatives_count
-from .single import SingleAdapter
 
 
 def split_definition(task: Task) -> tuple[str, list[str]]:
@@ -45,18 +44,18 @@ def synthesis_prompt(definition: str, demos: Sequence[str]) -> str:
             "Write one new input for this task, different from the examples. Reply with the input only.")
 
 
-class SelfSynthesizedRehearsal:
-    schedule = "sequential"
-    routed = False
-
+class SelfSynthesizedRehearsal(Replay):
     def __init__(self, ctx: MethodContext, label: str = "SSR", tau: float = 0.1, demonstrations: int = 8,
                  shots: int = 3, oversample: float = 2.0, max_input_tokens: int = 256):
-        self.ctx, self.label, self.tau = ctx, label, tau
+        super().__init__(ctx, label, tau)
         self.demonstrations, self.shots, self.oversample = demonstrations, shots, oversample
         self.max_input_tokens = max_input_tokens
-        self.single = SingleAdapter(ctx)
-        self.state_path = ctx.workdir / "stages.json"
-        self.keys: list[str] = json.loads(self.state_path.read_text()) if self.state_path.exists() else []
+
+    def rehearsal(self, earlier: Sequence[Task], new: Task, init: str | None) -> list[Instance]:
+        if not earlier:
+            return []
+        self.single.activate(init)  # the latest model refines the synthetic outputs
+        return self.synthesize(earlier, len(earlier))
 
     def synthesize(self, earlier: Sequence[Task], stage: int) -> list[Instance]:
         path = self.ctx.workdir / "synthetic" / f"stage{stage + 1}.jsonl"
@@ -102,29 +101,3 @@ class SelfSynthesizedRehearsal:
 
         vectors = embed([c.query for c in candidates])
         return [candidates[i] for i in kmeans_representatives(vectors, k, seed)]
-
-    def learn(self, tasks: Sequence[Task]) -> dict:
-        stage = len(tasks) - 1
-        init = self.keys[stage - 1] if stage > 0 else None
-        synthetic: list[Instance] = []
-        if stage > 0:
-            self.single.activate(init)  # the latest model refines the synthetic outputs
-            synthetic = self.synthesize(tasks[:-1], stage)
-        data = list(tasks[-1].instances) + synthetic
-        key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}")
-        self.keys = self.keys[:stage] + [key]
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        self.state_path.write_text(json.dumps(self.keys))
-        return {**metrics, "instances": len(data), "synthetic": len(synthetic)}
-
-    def answer(self, queries, budgets) -> list[Answer]:
-        return self.single.answer(queries, budgets)
-
-    def routes(self, queries) -> list[Route]:
-        return [Route(MODEL, "direct") for _ in queries]
-
-    def trainable_parameters(self) -> int:
-        return self.single.parameters_of(self.keys[-1]) if self.keys else 0
-
-    def close(self) -> None:
-        self.single.close()
