@@ -8,10 +8,15 @@ and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one 
 - naive: `routing.SequentialRouter` one query at a time (a full prompt pass per expert, then a
   fresh generation pass) -> queries/s;
 - engine: `engine.RoutingEngine` over the same queries -> queries/s, `speedup_vs_naive`;
-- single: one expert's adapter answering every query through the same engine, no routing ->
+- single: the newest expert answering every query through the same engine, no routing, decoding
+  exactly as many tokens as the routed answer (equal decoding work) ->
   `overhead_measured` = engine time / single time - 1;
 - measured TTFT (one prompt pass, batch 1) and TPOT (one decode step, batch 1) -> the cost model's
   overhead TTFT*(M-1)/2 / (TTFT + TPOT*N) for the same M and mean answer length N (`overhead_eq8`);
+- the cost model's own regime, one query at a time: engine and single model at batch 1 on the
+  naive process's sample -> `overhead_batch1` (at batch 16 the single model's decoding is shared
+  by its batch while every LoRA check stays a compute-bound prompt pass, so the batched overhead
+  is larger than the per-query one the cost model describes);
 - memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
 - routing latency vs number of experts (1..16, random LoRA or aLoRA experts, nobody claims, so
   every expert is asked): plotted to results/bench/routing_latency.png.
@@ -20,7 +25,7 @@ and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one 
 
 Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once and
 kept by the next run with the same workload, so the aLoRA row can be added when its ensemble
-exists; `--redo` measures everything again.
+exists; `--redo` measures everything again, `--redo lora alora` only the parts named.
 """
 
 from __future__ import annotations
@@ -86,7 +91,22 @@ def ttft_tpot(engine, prompts: list[list[int]], steps: int = 16) -> tuple[float,
     return statistics.median(firsts), statistics.median(steps_s)
 
 
-def compare(ensemble_dir: Path, queries, budgets, owners, label: str, naive_limit: int) -> dict:
+def naive_sample(total: int, limit: int) -> list[int]:
+    """An even sample of the workload (every task represented), for the one-query-at-a-time timings."""
+    return list(range(0, total, max(1, total // limit)))[:limit]
+
+
+def single_model_seconds(ens, engine, queries, answers, budgets) -> float:
+    """Time of the newest expert answering every query directly, decoding exactly as many tokens
+    as the routed answer took (its text and the end token), so both sides do the same decoding."""
+    steps = [min(len(ens.formatter().text_ids(a.text)) + 1, b) for a, b in zip(answers, budgets)]
+    pos = list(ens.base.indicators.pos_ids)
+    engine.prefix_cache.clear()
+    _, seconds = timed(lambda: engine.generate(ens.experts()[-1], queries, steps, forced=pos, ignore_eos=True))
+    return seconds
+
+
+def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int]) -> dict:
     """naive vs engine vs single model on one trained ensemble."""
     from seecl.methods.see import SeeEnsemble
 
@@ -95,16 +115,14 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, naive_limi
     engine = ens.engine()
     router = ens.router()
     engine.ask(queries[:2], 2)  # warm-up (thread pools, allocator)
+    engine.prefix_cache.clear()
     answers, engine_s = timed(lambda: engine.ask(queries, budgets))
     routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
     lengths = [len(ens.formatter().text_ids(a.text)) for a in answers]
     # The naive process answers one query at a time; it is timed on an even sample of the queries.
-    sample = list(range(0, len(queries), max(1, len(queries) // naive_limit)))[:naive_limit]
     _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
     naive_qps = len(sample) / naive_s
-    single_owner = experts[-1]
-    pos = list(ens.base.indicators.pos_ids)
-    _, single_s = timed(lambda: engine.generate(single_owner, queries, budgets, forced=pos))
+    single_s = single_model_seconds(ens, engine, queries, answers, budgets)
     prompts = [ens.formatter().prompt_ids(queries[i]) for i in sample[:8]]
     ttft, tpot = ttft_tpot(engine, prompts)
     m, n = len(experts), statistics.mean(lengths)
@@ -118,6 +136,23 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, naive_limi
         "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses},
     }
     print(f"{label}: {row}")
+    return row
+
+
+def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str) -> dict:
+    """Per-query latency of the engine and of the single model, one query at a time."""
+    from seecl.methods.see import SeeEnsemble
+
+    ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=1"])
+    engine = ens.engine()
+    chosen, limits = [queries[i] for i in sample], [budgets[i] for i in sample]
+    engine.ask(chosen[:1], 2)  # warm-up
+    engine.prefix_cache.clear()
+    answers, engine_s = timed(lambda: engine.ask(chosen, limits))
+    single_s = single_model_seconds(ens, engine, chosen, answers, limits)
+    row = {"queries": len(chosen), "engine_s_per_query": engine_s / len(chosen),
+           "single_s_per_query": single_s / len(chosen), "overhead_measured": engine_s / single_s - 1}
+    print(f"{label} batch 1: {row}")
     return row
 
 
@@ -224,7 +259,9 @@ def main() -> None:
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
-    parser.add_argument("--redo", action="store_true", help="measure every part again, ignoring --out")
+    parser.add_argument("--redo", nargs="*", metavar="PART", default=None,
+                        help="measure these parts again (all parts when none is named): "
+                             "lora, lora_batch1, alora, alora_batch1, memory, latency_vs_experts")
     args = parser.parse_args()
 
     from seecl.config import ModelConfig
@@ -237,9 +274,11 @@ def main() -> None:
     out = Path(args.out)
     workload_key = {"tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev",
                     "naive_queries": args.naive_queries}
-    result: dict = json.loads(out.read_text()) if out.exists() and not args.redo else {}
+    result: dict = json.loads(out.read_text()) if out.exists() and args.redo != [] else {}
     if result.get("workload") != workload_key:
         result = {}
+    for redo in args.redo or ():
+        result.pop(redo, None)
     result.update({"machine": machine(), "command": "python bench/routing.py", "workload": workload_key})
 
     def part(key: str, measure) -> None:
@@ -251,9 +290,11 @@ def main() -> None:
         result[key] = measure()
         write_json(out, result)
 
+    sample = naive_sample(len(queries), args.naive_queries)
     for label, directory in (("lora", args.ensemble), ("alora", args.alora_ensemble)):
         if (Path(directory) / "manifest.json").exists():
-            part(label, lambda: compare(Path(directory), queries, budgets, owners, label, args.naive_queries))
+            part(label, lambda: compare(Path(directory), queries, budgets, owners, label, sample))
+            part(f"{label}_batch1", lambda: batch1(Path(directory), queries, budgets, sample, label))
         else:
             print(f"{label}: no ensemble at {directory} (run `seecl bench superni` first); skipped")
     part("memory", memory_in_fresh_process)
@@ -262,9 +303,13 @@ def main() -> None:
     summary = {}
     if "lora" in result:
         summary.update({k: result["lora"][k] for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8")})
+    if "lora_batch1" in result:
+        summary["overhead_batch1"] = result["lora_batch1"]["overhead_measured"]
     if "alora" in result:
         summary["overhead_alora"] = result["alora"]["overhead_measured"]
         summary["speedup_vs_naive_alora"] = result["alora"]["speedup_vs_naive"]
+    if "alora_batch1" in result:
+        summary["overhead_batch1_alora"] = result["alora_batch1"]["overhead_measured"]
     summary.update({k: result["memory"][k] for k in ("mb_per_expert", "rss_added_100_experts_mb")})
     result.update(summary)
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]

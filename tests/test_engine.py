@@ -203,3 +203,30 @@ def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
     assert sorted(order) == list(range(len(prompts))), "a permutation"
     assert order == [3, 6, 0, 2, 5, 7, 1, 4], "groups by shared block, then loners; shortest first in each"
     assert batch_order(prompts, block=32) == order, "deterministic"
+
+
+def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
+    engine = _engine(learned)
+    decoded: list[list[int]] = []
+    plain_decode = engine._decode
+
+    def spy(*args, **kwargs):
+        out = plain_decode(*args, **kwargs)
+        decoded.extend(out)
+        return out
+
+    engine._decode = spy
+    queries, budget = _queries(), 12
+    engine.generate(BASE, queries, budget, ignore_eos=True)
+    exact = list(decoded)
+    assert [len(d) for d in exact] == [budget] * len(queries)
+    # make a token the model does emit the end-of-sequence token: plain decoding must now stop there
+    engine.eos_id = exact[0][3]
+    decoded.clear()
+    engine.generate(BASE, queries, budget)
+    stopped = list(decoded)
+    assert len(stopped[0]) <= 3
+    assert all(d[: len(s)] == s for s, d in zip(stopped, exact)), "the same greedy path up to EOS"
+    decoded.clear()
+    engine.generate(BASE, queries, budget, ignore_eos=True)
+    assert decoded == exact

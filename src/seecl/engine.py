@@ -218,8 +218,10 @@ class RoutingEngine:
         return self._extend(state, [p[length:] for p in prompts], keep, tail)
 
     @torch.inference_mode()
-    def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int]) -> list[list[int]]:
-        """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget."""
+    def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
+                ignore_eos: bool = False) -> list[list[int]]:
+        """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget
+        (exactly that many tokens with `ignore_eos`)."""
         results: list[list[int]] = [[] for _ in budgets]
         live = list(range(len(budgets)))
         state, logprobs = self._extend(state, first, 1)
@@ -227,7 +229,7 @@ class RoutingEngine:
             tokens = logprobs[:, -1].argmax(-1).tolist()
             keep_rows = []
             for row, (index, token) in enumerate(zip(live, tokens)):
-                if budgets[index] <= 0 or token == self.eos_id:
+                if budgets[index] <= 0 or (token == self.eos_id and not ignore_eos):
                     continue
                 results[index].append(token)
                 if len(results[index]) < budgets[index]:
@@ -308,10 +310,11 @@ class RoutingEngine:
         return texts, routes  # type: ignore[return-value]
 
     def generate(self, owner: str, queries: Sequence[str], max_new_tokens: int | Sequence[int],
-                 forced: Sequence[int] = ()) -> list[str]:
+                 forced: Sequence[int] = (), ignore_eos: bool = False) -> list[str]:
         """Greedy answers of one adapter (or BASE) without routing, after the `forced` tokens.
 
-        The single-model baseline: the same batching, prefix cache and decoding as routed queries.
+        The single-model baseline: the same batching, prefix cache and decoding as routed queries;
+        `ignore_eos` decodes exactly `max_new_tokens` per query (equal work for a timing baseline).
         """
         budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         prompts = [self.formatter.prompt_ids(q) + list(forced) for q in queries]
@@ -321,7 +324,8 @@ class RoutingEngine:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
                 state, _ = self._prefill(owner, [prompts[i][:-1] for i in batch], 1)
-                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch])
+                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch],
+                                       ignore_eos)
                 for index, tokens in zip(batch, answers):
                     texts[index] = self.formatter.decode(tokens)
         return texts
