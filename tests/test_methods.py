@@ -62,6 +62,13 @@ def test_every_method_through_the_shared_harness(tmp_path, label, monkeypatch):
     _, again, resumed = run_protocol(tmp_path, label)
     assert resumed["matrix"] == matrix and resumed["AR"] == summary["AR"]
 
+    # Scoring again from scratch after every stage is trained (a lost protocol.json, a new metric)
+    # sees each stage as it was: same scores, same parameter counts, nothing retrained.
+    (again.workdir / "protocol.json").unlink()
+    _, _, rescored = run_protocol(tmp_path, label)
+    assert rescored["matrix"] == matrix
+    assert rescored["trainable_parameters"] == summary["trainable_parameters"]
+
 
 def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path, monkeypatch):
     import seecl.methods.single as single

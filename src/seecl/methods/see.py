@@ -125,6 +125,9 @@ class SeeEnsemble:
         self._model = None
         self._loaded: list[str] = []
         self._engine = None
+        # Route through the first `visible` experts only (None: all). A continual run that is
+        # scored again after every expert exists sees each stage's ensemble as it was then.
+        self.visible: int | None = None
         if self.store.exists():
             manifest = self.store.manifest()
             wanted = self.config.model
@@ -162,7 +165,9 @@ class SeeEnsemble:
         return model
 
     def experts(self) -> list[str]:
-        return self.store.expert_names() if self.store.exists() else []
+        """The experts routing asks, oldest first."""
+        names = self.store.expert_names() if self.store.exists() else []
+        return names if self.visible is None else names[: self.visible]
 
     def learn(self, task: Task, name: str | None = None, general: Task | None = None,
               cache: AdapterCache | None = None) -> dict:
@@ -174,7 +179,7 @@ class SeeEnsemble:
         cfg = self.config
         name = name or task.name
         self.base  # creates the ensemble directory on first use
-        if name in self.experts():
+        if name in self.store.expert_names():
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
@@ -305,8 +310,13 @@ class SeeMethod:
         self.ensemble = SeeEnsemble(ctx.workdir / "ensemble", config)
 
     def learn(self, tasks: Sequence[Task]) -> dict:
-        task = tasks[-1]
-        if task.name in self.ensemble.experts():
+        task, seen = tasks[-1], [t.name for t in tasks]
+        stored = self.ensemble.store.expert_names() if self.ensemble.store.exists() else []
+        if stored[: len(seen)] != seen[: len(stored)]:
+            raise StoreError(f"{self.ensemble.store.root} holds experts {stored}, learned in another "
+                             f"order than this run's tasks {seen}")
+        self.ensemble.visible = len(seen)  # later experts of a resumed run stay out of this stage
+        if task.name in stored:
             record = next(e for e in self.ensemble.store.experts() if e["name"] == task.name)
             return {**record["metrics"], "cached": True}
         record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
@@ -327,7 +337,9 @@ class SeeMethod:
         return math.exp(sum(n for n, _ in scored) / max(1, sum(t for _, t in scored)))
 
     def trainable_parameters(self) -> int:
-        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts())
+        routed = set(self.ensemble.experts())
+        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts()
+                   if e["name"] in routed)
 
     def close(self) -> None:
         self.ensemble = None
