@@ -70,6 +70,17 @@ def test_every_method_through_the_shared_harness(tmp_path, label, monkeypatch):
     assert rescored["trainable_parameters"] == summary["trainable_parameters"]
 
 
+def test_final_routing_is_scored_on_the_final_ensemble_after_an_earlier_stage_is_rescored(tmp_path):
+    _, protocol, summary = run_protocol(tmp_path, "SEE(25%)")
+    state = json.loads(protocol.path.read_text())
+    del state["cells"][f"0:{TASKS[0]}"], state["routing"], state["perplexity"]
+    protocol.path.write_text(json.dumps(state))
+    _, _, rescored = run_protocol(tmp_path, "SEE(25%)")
+    assert rescored["routing"]["confusion"] == summary["routing"]["confusion"]
+    assert rescored["perplexity"] == summary["perplexity"]
+    assert rescored["matrix"] == summary["matrix"]
+
+
 def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path, monkeypatch):
     import seecl.methods.single as single
 

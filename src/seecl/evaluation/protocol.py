@@ -70,11 +70,16 @@ class Protocol:
         return [(i, self.tasks[: i + 1]) for i in range(len(self.tasks))]
 
     def run(self) -> dict:
+        final_stage = self.stages()[-1][0]
+        # routing and perplexity are scored on the final model, so its stage must be (re)loaded
+        final_pending = ((self.method.routed and "routing" not in self.state)
+                         or (hasattr(self.method, "perplexity") and "perplexity" not in self.state))
         for stage, tasks in self.stages():
             todo = [t for t in self.cells_for(stage) if f"{stage}:{t}" not in self.state["cells"]]
             later = any(f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage
                         for t in self.cells_for(s))
-            if not todo and not later and str(stage) in self.state["stages"]:
+            needed = todo or later or (final_pending and stage == final_stage)
+            if not needed and str(stage) in self.state["stages"]:
                 continue
             started = time.perf_counter()
             metrics = self.method.learn(tasks)
