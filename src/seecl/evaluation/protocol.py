@@ -178,7 +178,8 @@ class Protocol:
             if routing.get("n_ood"):
                 with_ood = routing_prf_from_counts(*counts, routing["ood_confusion"])
                 f1_with_ood = mean([v["f1"] for v in with_ood.values()])
-        parameters = [self.state["stages"][k].get("trainable_parameters") for k in sorted(self.state["stages"], key=int)]
+        # one entry per task position (None where the method has no stage, e.g. MTL before the end)
+        parameters = [self.state["stages"].get(str(i), {}).get("trainable_parameters") for i in range(len(names))]
         return {
             "AR": ar, "BWT": bwt, "matrix": matrix,
             "per_task": {n: v for n, v in zip(names, final)},
