@@ -91,15 +91,23 @@ def ttft_tpot(engine, prompts: list[list[int]], steps: int = 16) -> tuple[float,
     return statistics.median(firsts), statistics.median(steps_s)
 
 
+PARTS = ("lora", "lora_batch1", "alora", "alora_batch1", "memory", "latency_vs_experts")
+
+
 def naive_sample(total: int, limit: int) -> list[int]:
     """An even sample of the workload (every task represented), for the one-query-at-a-time timings."""
     return list(range(0, total, max(1, total // limit)))[:limit]
 
 
-def single_model_seconds(ens, engine, queries, answers, budgets) -> float:
+def answer_tokens(ens, answers) -> list[int]:
+    formatter = ens.formatter()
+    return [len(formatter.text_ids(a.text)) for a in answers]
+
+
+def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> float:
     """Time of the newest expert answering every query directly, decoding exactly as many tokens
-    as the routed answer took (its text and the end token), so both sides do the same decoding."""
-    steps = [min(len(ens.formatter().text_ids(a.text)) + 1, b) for a, b in zip(answers, budgets)]
+    as the routed answer took (`lengths`, plus the end token), so both sides do the same decoding."""
+    steps = [min(n + 1, b) for n, b in zip(lengths, budgets)]
     pos = list(ens.base.indicators.pos_ids)
     engine.prefix_cache.clear()
     _, seconds = timed(lambda: engine.generate(ens.experts()[-1], queries, steps, forced=pos, ignore_eos=True))
@@ -118,11 +126,11 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     engine.prefix_cache.clear()
     answers, engine_s = timed(lambda: engine.ask(queries, budgets))
     routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
-    lengths = [len(ens.formatter().text_ids(a.text)) for a in answers]
+    lengths = answer_tokens(ens, answers)
     # The naive process answers one query at a time; it is timed on an even sample of the queries.
     _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
     naive_qps = len(sample) / naive_s
-    single_s = single_model_seconds(ens, engine, queries, answers, budgets)
+    single_s = single_model_seconds(ens, engine, queries, lengths, budgets)
     prompts = [ens.formatter().prompt_ids(queries[i]) for i in sample[:8]]
     ttft, tpot = ttft_tpot(engine, prompts)
     m, n = len(experts), statistics.mean(lengths)
@@ -149,7 +157,7 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str) 
     engine.ask(chosen[:1], 2)  # warm-up
     engine.prefix_cache.clear()
     answers, engine_s = timed(lambda: engine.ask(chosen, limits))
-    single_s = single_model_seconds(ens, engine, chosen, answers, limits)
+    single_s = single_model_seconds(ens, engine, chosen, answer_tokens(ens, answers), limits)
     row = {"queries": len(chosen), "engine_s_per_query": engine_s / len(chosen),
            "single_s_per_query": single_s / len(chosen), "overhead_measured": engine_s / single_s - 1}
     print(f"{label} batch 1: {row}")
@@ -259,9 +267,8 @@ def main() -> None:
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
-    parser.add_argument("--redo", nargs="*", metavar="PART", default=None,
-                        help="measure these parts again (all parts when none is named): "
-                             "lora, lora_batch1, alora, alora_batch1, memory, latency_vs_experts")
+    parser.add_argument("--redo", nargs="*", metavar="PART", default=None, choices=PARTS,
+                        help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}")
     args = parser.parse_args()
 
     from seecl.config import ModelConfig

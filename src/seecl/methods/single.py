@@ -121,7 +121,6 @@ class SingleAdapter:
         self._base = None
 
 
-
 class OneModelMethod:
     """What the unrouted baselines share: one `SingleAdapter` that answers every query directly."""
 
