@@ -83,6 +83,22 @@ def test_final_routing_is_scored_on_the_final_ensemble_after_an_earlier_stage_is
     assert rescored["matrix"] == summary["matrix"]
 
 
+def test_a_copy_without_ensembles_and_predictions_resumes_from_the_cache(tmp_path, monkeypatch):
+    """What a new machine gets of a run (protocol.json and the adapter cache) is enough to go on."""
+    import shutil
+
+    _, protocol, summary = run_protocol(tmp_path, "SEE(25%)")
+    state = json.loads(protocol.path.read_text())
+    del state["routing"], state["perplexity"]  # interrupted after the final row, before routing
+    protocol.path.write_text(json.dumps(state))
+    shutil.rmtree(protocol.workdir / "ensemble")
+    shutil.rmtree(protocol.workdir / "predictions")
+    monkeypatch.setattr("seecl.methods.see.train", lambda *a, **k: pytest.fail("a cached expert was retrained"))
+    _, _, resumed = run_protocol(tmp_path, "SEE(25%)")
+    assert resumed["routing"]["confusion"] == summary["routing"]["confusion"]
+    assert resumed["matrix"] == summary["matrix"] and resumed["rb_acc"] == summary["rb_acc"]
+
+
 def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path, monkeypatch):
     import seecl.methods.single as single
 

@@ -71,6 +71,12 @@ class Protocol:
 
     def run(self) -> dict:
         final_stage = self.stages()[-1][0]
+        if self.method.routed and "routing" not in self.state:
+            # routing is scored from the final row's answers; a copy of the run that kept only
+            # protocol.json and the adapters (predictions quote the data) answers them again
+            for name in (t.name for t in self.tasks):
+                if not self._predictions(final_stage, name).is_file():
+                    self.state["cells"].pop(f"{final_stage}:{name}", None)
         # routing and perplexity are scored on the final model, so its stage must be (re)loaded
         final_pending = ((self.method.routed and "routing" not in self.state)
                          or (hasattr(self.method, "perplexity") and "perplexity" not in self.state))
