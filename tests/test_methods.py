@@ -136,7 +136,19 @@ def test_identical_first_stages_are_trained_once(tmp_path, monkeypatch):
 def test_labels():
     assert parse_label("SEE(10%)-aLoRA") == ("SEE", 0.1, "aLoRA")
     assert parse_label("Non-rehearsal") == ("Non-rehearsal", None, None)
+    assert parse_label("SEE(10%)-general-calibrated") == ("SEE", 0.1, "general-calibrated")
     from seecl.errors import ConfigError
 
     with pytest.raises(ConfigError):
         build_method("Magic(3%)", None)
+    for bad in ("SEE(10%)-general-magic", "SEE(10%)-general-general"):
+        with pytest.raises(ConfigError):
+            build_method(bad, None)
+
+
+def test_combined_variants_apply_every_switch(tmp_path):
+    cfg = load_config(overrides=TINY)
+    ctx = MethodContext(cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"), general=general_task(),
+                        extra={"general_negatives": 3})
+    see = build_method("SEE(10%)-general-calibrated", ctx).ensemble.config.see
+    assert see.calibrate and see.general_negatives == 3 and see.tau == 0.1

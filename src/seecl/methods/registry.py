@@ -5,6 +5,7 @@ SEE variants (each one config switch): `pseudo` (negatives from the general inst
 instead of earlier tasks), `nonsemantic` / `semantic` (indicator type), `general` (general
 negatives for every expert), `aLoRA` (activated-LoRA experts), `calibrated` (per-expert
 P(pos) thresholds calibrated on the experts' own queries; reuses the SEE(x%) experts).
+Variants combine in a label, `SEE(10%)-general-calibrated`, each switch applied once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from ..errors import ConfigError
 from .base import Method, MethodContext
 
-_LABEL = re.compile(r"^(?P<name>[A-Za-z-]+)(\((?P<tau>[0-9.]+)%\))?(-(?P<variant>[A-Za-z]+))?$")
+_LABEL = re.compile(r"^(?P<name>[A-Za-z-]+)(\((?P<tau>[0-9.]+)%\))?(-(?P<variant>[A-Za-z]+(-[A-Za-z]+)*))?$")
 
 SEE_VARIANTS = {
     "pseudo": ["see.negatives=pseudo"],
@@ -32,6 +33,17 @@ def parse_label(label: str) -> tuple[str, float | None, str | None]:
         raise ConfigError(f"cannot parse method label {label!r}")
     tau = float(match["tau"]) / 100 if match["tau"] else None
     return match["name"], tau, match["variant"]
+
+
+def see_variants(variant: str | None) -> list[str]:
+    """`general-calibrated` -> ["general", "calibrated"], each a known SEE variant, none twice."""
+    variants = variant.split("-") if variant else []
+    unknown = [v for v in variants if v not in SEE_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown SEE variant {unknown[0]!r}; known: {sorted(SEE_VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ConfigError(f"SEE variant repeated in {variant!r}")
+    return variants
 
 
 def build_method(label: str, ctx: MethodContext) -> Method:
@@ -65,14 +77,13 @@ def build_method(label: str, ctx: MethodContext) -> Method:
 
         return SETA(ctx, label)
     if name == "SEE" and tau is not None:
-        if variant is not None and variant not in SEE_VARIANTS:
-            raise ConfigError(f"unknown SEE variant {variant!r}; known: {sorted(SEE_VARIANTS)}")
-        overrides = [f"see.tau={tau}"] + (SEE_VARIANTS[variant] if variant else [])
-        if variant in ("pseudo", "general") and ctx.general is None:
+        variants = see_variants(variant)
+        overrides = [f"see.tau={tau}"] + [o for v in variants for o in SEE_VARIANTS[v]]
+        if {"pseudo", "general"} & set(variants) and ctx.general is None:
             raise ConfigError(f"{label!r} needs a general instruction set (general negatives file)")
-        if variant == "general":
+        if "general" in variants:
             overrides.append(f"see.general_negatives={ctx.extra.get('general_negatives', 10)}")
-        if variant in ("pseudo", "general"):
+        if {"pseudo", "general"} & set(variants):
             overrides.append(f"see.general_negatives_file={ctx.general.source or 'general'}")
         return SeeMethod(ctx, label, overrides)
     raise ConfigError(f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
