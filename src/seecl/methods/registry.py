@@ -79,11 +79,12 @@ def build_method(label: str, ctx: MethodContext) -> Method:
     if name == "SEE" and tau is not None:
         variants = see_variants(variant)
         overrides = [f"see.tau={tau}"] + [o for v in variants for o in SEE_VARIANTS[v]]
-        if {"pseudo", "general"} & set(variants) and ctx.general is None:
+        needs_general = bool({"pseudo", "general"} & set(variants))
+        if needs_general and ctx.general is None:
             raise ConfigError(f"{label!r} needs a general instruction set (general negatives file)")
         if "general" in variants:
             overrides.append(f"see.general_negatives={ctx.extra.get('general_negatives', 10)}")
-        if {"pseudo", "general"} & set(variants):
+        if needs_general:
             overrides.append(f"see.general_negatives_file={ctx.general.source or 'general'}")
         return SeeMethod(ctx, label, overrides)
     raise ConfigError(f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
