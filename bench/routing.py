@@ -1,22 +1,25 @@
 """Routing cost: the naive sequential process, the fast engine, and one LoRA model on the same queries.
 
 Workload: the SuperNI eval queries of the benchmark's five tasks (`--n-per-task` per task from the
-dev split, answer budgets from each task's training references), answered by the SEE(10%) experts
-of a `seecl bench superni` run (`--ensemble`, default results/superni-mini/methods/SEE_10/ensemble)
-and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one run:
+dev split, answer budgets from each task's training references), answered by the experts of a SEE
+method of the `seecl bench superni` run in results/superni-mini (`--label`, default SEE(10%)) and,
+for the aLoRA rows, of `--alora-label` (default SEE(10%)-aLoRA). An ensemble that is not on disk is
+learned through the method: experts held by the run's adapter cache are copied, others trained.
+In one run:
 
 - naive: `routing.SequentialRouter` one query at a time (a full prompt pass per expert, then a
   fresh generation pass) -> queries/s;
-- engine: `engine.RoutingEngine` over the same queries -> queries/s, `speedup_vs_naive`;
+- engine: `engine.RoutingEngine` over the same queries, batch 16 -> queries/s, `speedup_vs_naive`;
 - single: the newest expert answering every query through the same engine, no routing, decoding
   exactly as many tokens as the routed answer (equal decoding work) ->
   `overhead_measured` = engine time / single time - 1;
-- measured TTFT (one prompt pass, batch 1) and TPOT (one decode step, batch 1) -> the cost model's
-  overhead TTFT*(M-1)/2 / (TTFT + TPOT*N) for the same M and mean answer length N (`overhead_eq8`);
-- the cost model's own regime, one query at a time: engine and single model at batch 1 on the
-  naive process's sample -> `overhead_batch1` (at batch 16 the single model's decoding is shared
-  by its batch while every LoRA check stays a compute-bound prompt pass, so the batched overhead
-  is larger than the per-query one the cost model describes);
+- the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from measured TTFT (one prompt pass) and TPOT (one
+  decode step): at batch 1 with the mean answer length N (`overhead_eq8`, the paper's per-query
+  regime), and at the engine's batch size with its batches' TTFT, TPOT and longest answers
+  (`overhead_eq8_batch`, the regime of `overhead_measured`: a batch shares its decoding steps
+  while every LoRA check stays a compute-bound prompt pass);
+- one query at a time: engine and single model at batch 1 on the naive process's sample ->
+  `overhead_batch1`, to compare with `overhead_eq8`;
 - memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
 - routing latency vs number of experts (1..16, random LoRA or aLoRA experts, nobody claims, so
   every expert is asked): plotted to results/bench/routing_latency.png.
@@ -24,8 +27,8 @@ and, for the aLoRA rows, by SEE(10%)-aLoRA experts (`--alora-ensemble`). In one 
     python bench/routing.py                 # writes results/bench/routing.json
 
 Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once and
-kept by the next run with the same workload, so the aLoRA row can be added when its ensemble
-exists; `--redo` measures everything again, `--redo lora alora` only the parts named.
+kept by the next run with the same workload; `--redo` measures everything again, `--redo lora
+lora_batch1` only the parts named.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 from common import DATA, RESULTS, ROOT, machine, print_table, write_json
 
 TASKS = ["qa", "qg", "sa", "sum", "trans"]
+RUN = ROOT / "results" / "superni-mini"  # the `seecl bench superni` run whose experts are timed
 
 
 def rss_mb() -> float:
@@ -51,18 +55,62 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def workload(formatter, n_per_task: int):
-    from seecl.data.formats import load_task
+def bench_config(n_per_task: int):
+    """The SuperNI run's benchmark settings (its summary.json), read from this machine's data copy."""
+    from seecl.config import from_dict
+    from seecl.evaluation.superni import BenchConfig
 
+    recorded = json.loads((RUN / "summary.json").read_text())["config"] if (RUN / "summary.json").exists() else {}
+    fields = {k: v for k, v in recorded.items() if k in BenchConfig.__dataclass_fields__}
+    cfg = from_dict(BenchConfig, {**fields, "order": TASKS, "n_eval": n_per_task})
+    cfg.data_dir = str(DATA / "superni")
+    cfg.ood_file = str(DATA / "ood" / Path(cfg.ood_file).name)
+    return cfg, recorded.get("run_config")
+
+
+def workload(formatter, n_per_task: int):
+    """Every eval query of the five tasks, its task's answer budget, and the task it belongs to."""
+    from seecl.evaluation.superni import load_benchmark
+
+    _, evals = load_benchmark(bench_config(n_per_task)[0], formatter)
     queries, budgets, owners = [], [], []
     for name in TASKS:
-        train = load_task(DATA / "superni" / f"{name}.train.jsonl", limit=100)
-        budget = formatter.answer_budget([r for inst in train.instances for r in inst.references])
-        for inst in load_task(DATA / "superni" / f"{name}.dev.jsonl", limit=n_per_task).instances:
+        for inst in evals[name].task.instances:
             queries.append(inst.query)
-            budgets.append(budget)
+            budgets.append(evals[name].budget)
             owners.append(name)
     return queries, budgets, owners
+
+
+def ensure_ensemble(label: str, n_per_task: int) -> Path:
+    """The ensemble of `label` from the SuperNI run; when absent it is learned through the method,
+    copying every expert the run's adapter cache holds and training only the others."""
+    from seecl.cache import AdapterCache
+    from seecl.config import RunConfig, from_dict
+    from seecl.data.prompts import PromptFormatter
+    from seecl.evaluation.superni import load_benchmark, load_ood, method_dirname
+    from seecl.methods.base import MethodContext
+    from seecl.methods.registry import build_method
+    from seecl.models import load_base
+
+    workdir = RUN / "methods" / method_dirname(label)
+    if (workdir / "ensemble" / "manifest.json").exists():
+        return workdir / "ensemble"
+    cfg, recorded = bench_config(n_per_task)
+    if recorded is None:
+        raise SystemExit(f"no {RUN / 'summary.json'}: run `seecl bench superni` first")
+    run_config = from_dict(RunConfig, recorded)
+    base = load_base(run_config.model)
+    tasks, _ = load_benchmark(cfg, PromptFormatter(base.tokenizer, None, run_config.model.system_prompt))
+    del base
+    _, general = load_ood(cfg)
+    ctx = MethodContext(run_config, workdir, AdapterCache(RUN / "cache"), general,
+                        extra={"general_negatives": cfg.general_negatives})
+    method = build_method(label, ctx)
+    for stage in range(len(tasks)):
+        print(f"{label}: expert {tasks[stage].name}: {method.learn(tasks[: stage + 1])}")
+    method.close()
+    return workdir / "ensemble"
 
 
 def timed(fn):
@@ -71,24 +119,28 @@ def timed(fn):
     return value, time.perf_counter() - started
 
 
-def ttft_tpot(engine, prompts: list[list[int]], steps: int = 16) -> tuple[float, float]:
-    """Median seconds of one prompt pass and of one decode step, batch 1, base model."""
+def ttft_tpot(engine, batches: list[list[list[int]]], steps: int = 16) -> tuple[float, float]:
+    """Median seconds of one prompt pass over a batch and of one decode step of that batch, base
+    model, no prefix cache: the TTFT and TPOT of the cost model at that batch size."""
     import torch
 
     from seecl.routing import BASE
 
     firsts, steps_s = [], []
     with torch.inference_mode(), engine._use(BASE):
-        for prompt in prompts:
-            state, (_, t1) = None, (None, 0.0)
-            (state, logprobs), t1 = timed(lambda: engine._extend(None, [prompt], 1))
+        for prompts in batches:
+            (state, logprobs), t1 = timed(lambda: engine._extend(None, prompts, 1))
             firsts.append(t1)
-            token = int(logprobs[0, -1].argmax())
             for _ in range(steps):
-                (state, logprobs), dt = timed(lambda: engine._extend(state, [[token]], 1))
+                tokens = logprobs[:, -1].argmax(-1).tolist()
+                (state, logprobs), dt = timed(lambda: engine._extend(state, [[t] for t in tokens], 1))
                 steps_s.append(dt)
-                token = int(logprobs[0, -1].argmax())
     return statistics.median(firsts), statistics.median(steps_s)
+
+
+def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
+    """Extra latency of routing over one model: TTFT*(M-1)/2 / (TTFT + TPOT*N) (Appendix E, unsimplified)."""
+    return ttft * (experts - 1) / 2 / (ttft + tpot * answer_tokens)
 
 
 PARTS = ("lora", "lora_batch1", "alora", "alora_batch1", "memory", "latency_vs_experts")
@@ -116,6 +168,7 @@ def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> f
 
 def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int]) -> dict:
     """naive vs engine vs single model on one trained ensemble."""
+    from seecl.engine import batch_order
     from seecl.methods.see import SeeEnsemble
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
@@ -131,16 +184,24 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
     naive_qps = len(sample) / naive_s
     single_s = single_model_seconds(ens, engine, queries, lengths, budgets)
-    prompts = [ens.formatter().prompt_ids(queries[i]) for i in sample[:8]]
-    ttft, tpot = ttft_tpot(engine, prompts)
+    prompts = [ens.formatter().prompt_ids(q) for q in queries]
+    ttft, tpot = ttft_tpot(engine, [[prompts[i]] for i in sample[:8]])
     m, n = len(experts), statistics.mean(lengths)
+    # The same cost model in the regime measured above: batches as the engine cuts them; a batch
+    # decodes until its longest answer is done.
+    order = batch_order(prompts, engine.prefix_cache.block)
+    batches = [order[i: i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
+    ttft_b, tpot_b = ttft_tpot(engine, [[prompts[i] for i in b] for b in batches[:: max(1, len(batches) // 5)][:5]])
+    n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     row = {
         "experts": experts, "queries": len(queries), "routing_accuracy": routed,
         "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
         "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
         "overhead_measured": engine_s / single_s - 1, "ttft_s": ttft, "tpot_s": tpot,
-        "mean_answer_tokens": n, "overhead_eq8": ttft * (m - 1) / 2 / (ttft + tpot * n),
+        "mean_answer_tokens": n, "overhead_eq8": cost_model(ttft, tpot, m, n),
+        "batch_size": engine.batch_size, "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b,
+        "mean_batch_answer_tokens": n_b, "overhead_eq8_batch": cost_model(ttft_b, tpot_b, m, n_b),
         "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses},
     }
     print(f"{label}: {row}")
@@ -258,12 +319,9 @@ def plot(curve: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from seecl.evaluation.superni import method_dirname
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    run = ROOT / "results" / "superni-mini" / "methods"
-    parser.add_argument("--ensemble", default=str(run / method_dirname("SEE(10%)") / "ensemble"))
-    parser.add_argument("--alora-ensemble", default=str(run / method_dirname("SEE(10%)-aLoRA") / "ensemble"))
+    parser.add_argument("--label", default="SEE(10%)", help="SEE method of the SuperNI run whose LoRA experts route")
+    parser.add_argument("--alora-label", default="SEE(10%)-aLoRA", help="the same for the aLoRA rows ('' skips them)")
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
@@ -298,18 +356,21 @@ def main() -> None:
         write_json(out, result)
 
     sample = naive_sample(len(queries), args.naive_queries)
-    for label, directory in (("lora", args.ensemble), ("alora", args.alora_ensemble)):
-        if (Path(directory) / "manifest.json").exists():
-            part(label, lambda: compare(Path(directory), queries, budgets, owners, label, sample))
-            part(f"{label}_batch1", lambda: batch1(Path(directory), queries, budgets, sample, label))
-        else:
-            print(f"{label}: no ensemble at {directory} (run `seecl bench superni` first); skipped")
+    for label, method in (("lora", args.label), ("alora", args.alora_label)):
+        if not method or all(key in result for key in (label, f"{label}_batch1")):
+            continue
+        directory = ensure_ensemble(method, args.n_per_task)
+        part(label, lambda: {"method": method, **compare(directory, queries, budgets, owners, label, sample)})
+        part(f"{label}_batch1", lambda: {"method": method, **batch1(directory, queries, budgets, sample, label)})
     part("memory", memory_in_fresh_process)
     part("latency_vs_experts", lambda: latency_curve(queries[:: max(1, len(queries) // 32)][:32]))
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
     summary = {}
     if "lora" in result:
-        summary.update({k: result["lora"][k] for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8")})
+        summary.update({k: result["lora"][k] for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8")
+                        if k in result["lora"]})
+        if "overhead_eq8_batch" in result["lora"]:
+            summary["overhead_eq8_batch"] = result["lora"]["overhead_eq8_batch"]
     if "lora_batch1" in result:
         summary["overhead_batch1"] = result["lora_batch1"]["overhead_measured"]
     if "alora" in result:

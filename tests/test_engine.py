@@ -86,19 +86,58 @@ def test_prefix_cache_is_used_and_does_not_change_answers(learned):
     _assert_same(second, learned.router().ask(queries, 6))
 
 
+def _kv(length: int, value: float = 0.0):
+    """One layer's (k, v) for `length` positions, position i holding value + i."""
+    k = (value + torch.arange(length, dtype=torch.float32)).view(1, 1, length, 1)
+    return [(k, k.clone())]
+
+
 def test_prefix_cache_evicts_least_recently_used_within_budget():
     cache = PrefixCache(max_tokens=10, block=2)
-    kv = [(torch.zeros(1), torch.zeros(1))]
-    cache.store("a", [1, 2, 3, 4], kv)
-    cache.store("a", [5, 6, 7, 8], kv)
+    cache.store("a", [1, 2, 3, 4], _kv(4))
+    cache.store("a", [5, 6, 7, 8], _kv(4))
     assert cache.lookup("a", [1, 2, 3, 4, 9])[0] == 4  # touch the first: the second is now oldest
-    cache.store("b", [1, 2, 3, 4], kv)
+    cache.store("b", [1, 2, 3, 4], _kv(4))
     assert cache.tokens <= 10
     assert cache.lookup("a", [5, 6, 7, 8])[0] == 0
     assert cache.lookup("a", [1, 2, 3, 4])[0] == 4
-    assert cache.lookup("b", [1, 2, 3])[0] == 0  # only block-aligned heads that were stored
-    cache.store("c", list(range(20)), kv)  # larger than the whole budget: not kept
+    assert cache.lookup("b", [1, 9])[0] == 0  # owners never share entries
+    cache.store("c", list(range(20)), _kv(20))  # larger than the whole budget: not kept
     assert cache.lookup("c", list(range(20)))[0] == 0
+
+
+def test_prefix_cache_serves_every_block_aligned_head_of_an_entry():
+    cache = PrefixCache(max_tokens=100, block=2)
+    cache.store("a", [1, 2, 3, 4, 5, 6, 7], _kv(7))  # kept as its aligned part [1..6]
+    assert cache.tokens == 6
+    length, layers = cache.lookup("a", [1, 2, 3, 9, 9])  # shares one block and a half
+    assert length == 2
+    assert layers[0][0].flatten().tolist() == [0.0, 1.0]
+    assert cache.lookup("a", [1, 2, 3, 4, 5, 6, 8])[0] == 6
+    assert cache.lookup("a", [2, 1])[0] == 0
+
+
+def test_prefix_cache_heads_stay_reachable_after_their_entry_is_evicted():
+    cache = PrefixCache(max_tokens=8, block=2)
+    cache.store("a", [1, 2, 3, 4], _kv(4, 10.0))
+    cache.store("a", [1, 2, 5, 6], _kv(4, 20.0))
+    cache.store("a", [7, 8, 9, 10], _kv(4))  # evicts [1, 2, 3, 4], whose head [1, 2] lives on
+    length, layers = cache.lookup("a", [1, 2, 3, 4])  # served by [1, 2, 5, 6], now the newest
+    assert length == 2 and layers[0][0].flatten().tolist() == [20.0, 21.0]
+    cache.store("a", [11, 12], _kv(2))  # evicts [7, 8, 9, 10]
+    cache.store("a", [13, 14, 15, 16], _kv(4))  # evicts [1, 2, 5, 6]: nothing starts with [1, 2] any more
+    assert cache.lookup("a", [1, 2, 5, 6])[0] == 0
+    assert set(cache.heads.values()) <= set(cache.entries)
+
+
+def test_one_query_at_a_time_reuses_the_shared_definition(learned):
+    definition = "Definition: write the words of the input in capital letters, keeping their order. "
+    queries = [definition + inst.query for inst in make_task("uppercase", "eval", 4).instances]
+    engine = _engine(learned, batch_size=1)
+    fast = engine.ask(queries, 6)
+    # every check after the first query's starts from that query's cached definition
+    assert engine.prefix_cache.hits >= sum(len(answer.route.checks) for answer in fast[1:])
+    _assert_same(fast, learned.router().ask(queries, 6))
 
 
 def test_engine_leaves_indicator_rows_unmerged(learned):

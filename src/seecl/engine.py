@@ -6,8 +6,9 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
   leave, the rest go on (the walk itself is `routing.walk`, shared with the reference);
 - the indicator check computes logits at the decision positions only;
 - a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
-- a prefix cache per owner (an expert, or the base) keyed by block-aligned token prefixes, so
-  prompts that share a task definition or system prompt prefill it once; LRU with a token budget;
+- a prefix cache per owner (an expert, or the base) indexed by block-aligned token heads, so
+  prompts that share a task definition or system prompt prefill it once, in a batch or one query
+  at a time; LRU with a token budget;
 - activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
   prefilled once by the base model and its KV is shared by every expert's check, which then costs
   only the invocation and indicator-prefix positions; unclaimed queries continue on the base KV.
@@ -49,6 +50,16 @@ class _Rows:
                      self.next_pos.index_select(0, index))
 
 
+def _state(layers: list, rows: int, length: int, device) -> _Rows:
+    """`rows` copies of one cached prefix's per-layer (k, v) as a fresh decoding state."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1).contiguous(),
+                                          v.expand(rows, -1, -1, -1).contiguous()) for k, v in layers])
+    return _Rows(cache, torch.ones((rows, length), dtype=torch.long, device=device),
+                 torch.full((rows,), length, dtype=torch.long, device=device))
+
+
 def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     """The order in which prompts are cut into batches.
 
@@ -69,39 +80,72 @@ def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
 
 
 class PrefixCache:
-    """Per-owner KV of shared prompt prefixes, LRU-evicted to stay under `max_tokens` tokens."""
+    """Per-owner KV of prompt prefixes, LRU-evicted to stay under `max_tokens` tokens.
+
+    An entry is the KV of one block-aligned prefix; every block-aligned head of it is indexed too,
+    so a later prompt that shares only its first blocks (a task definition, without the previous
+    query's input) reuses that part of the entry. This is what makes the cache work one query at a
+    time, where the stored prefix is a whole earlier prompt.
+    """
 
     def __init__(self, max_tokens: int = 4096, block: int = 32):
         self.max_tokens, self.block = max_tokens, block
         self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.heads: dict[tuple, tuple] = {}  # (owner, head tokens) -> key of an entry that starts with it
         self.tokens = 0
         self.hits = self.misses = 0
+
+    def _head_keys(self, key: tuple):
+        owner, tokens = key
+        for length in range(self.block, len(tokens) + 1, self.block):
+            yield (owner, tokens[:length])
 
     def lookup(self, owner: str, prefix: Sequence[int]) -> tuple[int, list | None]:
         """Longest cached block-aligned head of `prefix`: (length, per-layer (k, v)) or (0, None)."""
         for length in range(len(prefix) // self.block * self.block, 0, -self.block):
-            key = (owner, tuple(prefix[:length]))
-            if key in self.entries:
-                self.entries.move_to_end(key)
+            entry = self.heads.get((owner, tuple(prefix[:length])))
+            if entry is not None:
+                self.entries.move_to_end(entry)
                 self.hits += 1
-                return length, self.entries[key]
+                layers = self.entries[entry]
+                if length < len(entry[1]):  # keys/values are [batch, heads, positions, dim]
+                    layers = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+                return length, layers
         self.misses += 1
         return 0, None
 
     def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
-        if len(prefix) > self.max_tokens or len(prefix) == 0:
+        """Keep the KV of `prefix` (its length a multiple of the block, so all its heads are aligned)."""
+        if len(prefix) > self.max_tokens or len(prefix) < self.block:
             return
-        key = (owner, tuple(prefix))
+        key = (owner, tuple(prefix[: len(prefix) // self.block * self.block]))
+        if len(key[1]) < len(prefix):
+            layers = [(k[:, :, : len(key[1])], v[:, :, : len(key[1])]) for k, v in layers]
         if key not in self.entries:
-            self.tokens += len(prefix)
+            self.tokens += len(key[1])
         self.entries[key] = layers
         self.entries.move_to_end(key)
+        for head in self._head_keys(key):
+            self.heads[head] = key
         while self.tokens > self.max_tokens:
-            old_key, _ = self.entries.popitem(last=False)
-            self.tokens -= len(old_key[1])
+            self._evict()
+
+    def _evict(self) -> None:
+        old, _ = self.entries.popitem(last=False)
+        self.tokens -= len(old[1])
+        for head in self._head_keys(old):
+            if self.heads.get(head) == old:
+                # another entry may start with the same head: keep it reachable
+                survivor = next((key for key in reversed(self.entries) if key[0] == head[0]
+                                 and key[1][: len(head[1])] == head[1]), None)
+                if survivor is None:
+                    del self.heads[head]
+                else:
+                    self.heads[head] = survivor
 
     def clear(self) -> None:
         self.entries.clear()
+        self.heads.clear()
         self.tokens = 0
 
 
@@ -197,24 +241,20 @@ class RoutingEngine:
 
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
                  tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
-        """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix."""
-        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - keep)
-        block = self.prefix_cache.block
-        state = None
-        length, layers = self.prefix_cache.lookup(owner, prompts[0][:shared]) if shared >= block else (0, None)
-        if layers is None and shared >= block and self.prefix_cache.max_tokens > 0:
-            length = shared // block * block
-            head, _ = self._extend(None, [prompts[0][:length]], 1, 0)
-            layers = [(layer.keys, layer.values) for layer in head.cache.layers]
-            self.prefix_cache.store(owner, prompts[0][:length], layers)
-        if layers is not None:
-            from transformers import DynamicCache
+        """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix.
 
-            n = len(prompts)
-            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(),
-                                                  v.expand(n, -1, -1, -1).contiguous()) for k, v in layers])
-            state = _Rows(cache, torch.ones((n, length), dtype=torch.long, device=self.device),
-                          torch.full((n,), length, dtype=torch.long, device=self.device))
+        The block-aligned part of the prompts' common prefix that the cache lacks is computed once
+        (on top of the cached head, if any) and stored; then every prompt's rest is fed at once.
+        """
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - keep)
+        aligned = shared // self.prefix_cache.block * self.prefix_cache.block
+        length, layers = self.prefix_cache.lookup(owner, prompts[0][:aligned]) if aligned else (0, None)
+        if aligned > length and self.prefix_cache.max_tokens > 0:
+            head = _state(layers, 1, length, self.device) if layers is not None else None
+            head, _ = self._extend(head, [prompts[0][length:aligned]], 1, 0)
+            layers, length = [(layer.keys, layer.values) for layer in head.cache.layers], aligned
+            self.prefix_cache.store(owner, prompts[0][:aligned], layers)
+        state = _state(layers, len(prompts), length, self.device) if layers is not None else None
         return self._extend(state, [p[length:] for p in prompts], keep, tail)
 
     @torch.inference_mode()
