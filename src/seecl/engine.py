@@ -243,19 +243,30 @@ class RoutingEngine:
                  tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
         """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix.
 
-        The block-aligned part of the prompts' common prefix that the cache lacks is computed once
-        (on top of the cached head, if any) and stored; then every prompt's rest is fed at once.
+        The block-aligned part of the prompts' common prefix that the cache lacks is stored for
+        later prompts. Several prompts compute it once, in a pass of its own before their rests; a
+        single prompt computes everything in one pass (a pass streams every weight, which costs as
+        much as a few dozen prompt tokens) and the head is cut from its KV afterwards. The head
+        never reaches into the last `keep` positions or an aLoRA expert's `tail`.
         """
-        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - keep)
-        aligned = shared // self.prefix_cache.block * self.prefix_cache.block
+        reserved = max(keep, tail if isinstance(tail, int) else max(tail, default=0) if tail is not None else 0)
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - reserved)
+        aligned = max(0, shared) // self.prefix_cache.block * self.prefix_cache.block
         length, layers = self.prefix_cache.lookup(owner, prompts[0][:aligned]) if aligned else (0, None)
-        if aligned > length and self.prefix_cache.max_tokens > 0:
+        missing = aligned > length and self.prefix_cache.max_tokens > 0
+        if missing and len(prompts) > 1:
             head = _state(layers, 1, length, self.device) if layers is not None else None
             head, _ = self._extend(head, [prompts[0][length:aligned]], 1, 0)
             layers, length = [(layer.keys, layer.values) for layer in head.cache.layers], aligned
             self.prefix_cache.store(owner, prompts[0][:aligned], layers)
+            missing = False
         state = _state(layers, len(prompts), length, self.device) if layers is not None else None
-        return self._extend(state, [p[length:] for p in prompts], keep, tail)
+        state, logprobs = self._extend(state, [p[length:] for p in prompts], keep, tail)
+        if missing:  # one prompt, no padding: its first `aligned` cached positions are the head
+            self.prefix_cache.store(owner, prompts[0][:aligned], [
+                (layer.keys[:, :, :aligned].clone(), layer.values[:, :, :aligned].clone())
+                for layer in state.cache.layers])
+        return state, logprobs
 
     @torch.inference_mode()
     def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
