@@ -67,6 +67,25 @@ def test_engine_without_prefix_cache_and_other_batch_sizes(learned):
         _assert_same(_engine(learned, batch_size=batch_size, prefix_cache_tokens=0).ask(queries, 7), reference)
 
 
+def test_prefill_in_chunks_decodes_the_batch_together_with_the_same_answers(learned):
+    queries = _queries()
+    budgets = [6 if i % 2 else 9 for i in range(len(queries))]
+    reference = learned.router().ask(queries, budgets)
+    for cache_tokens in (0, 4096):  # chunks on top of a cached shared head, and without one
+        engine = _engine(learned, batch_size=64, prefill_tokens=40, prefix_cache_tokens=cache_tokens)
+        _assert_same(engine.ask(queries, budgets), reference)
+
+
+def test_chunks_keep_rows_times_width_within_the_budget():
+    from seecl.engine import _chunks
+
+    widths = [3, 4, 4, 10, 2, 2, 2, 30]
+    groups = _chunks(widths, 12)
+    assert [r for g in groups for r in g] == list(range(len(widths)))
+    assert all(len(g) == 1 or len(g) * max(widths[r] for r in g) <= 12 for g in groups)
+    assert groups == [[0, 1, 2], [3], [4, 5, 6], [7]]
+
+
 def test_route_only_equals_the_routes_of_ask(learned):
     queries = _queries()
     engine = _engine(learned)

@@ -184,12 +184,16 @@ class GenerateConfig:
         "full prompt pass per expert, then a fresh generation pass (routing.py).", "fast")
     prefix_cache_tokens: int = doc("Token budget of the fast engine's prefix cache (0 disables it).", 4096)
     prefix_block: int = doc("Shared prefixes are cached in multiples of this many tokens.", 32)
+    prefill_tokens: int = doc(
+        "Most tokens (rows x padded width) the fast engine feeds in one prefill forward; a larger "
+        "batch is prefilled in chunks and decoded together (big CPU forwards run slower per token).", 512)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens must be positive")
         _check(self.batch_size > 0, "generate.batch_size must be positive")
         _check(self.prefix_cache_tokens >= 0, "generate.prefix_cache_tokens must be >= 0")
         _check(self.prefix_block > 0, "generate.prefix_block must be positive")
+        _check(self.prefill_tokens > 0, "generate.prefill_tokens must be positive")
 
 
 @dataclass

@@ -60,6 +60,43 @@ def _state(layers: list, rows: int, length: int, device) -> _Rows:
                  torch.full((rows,), length, dtype=torch.long, device=device))
 
 
+def _chunks(widths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive row groups whose rows x longest width stays within `budget` (at least one row)."""
+    groups: list[list[int]] = []
+    widest = 0
+    for row, width in enumerate(widths):
+        if groups and (len(groups[-1]) + 1) * max(widest, width) <= budget:
+            groups[-1].append(row)
+            widest = max(widest, width)
+        else:
+            groups.append([row])
+            widest = width
+    return groups
+
+
+def _merge(states: Sequence[_Rows]) -> _Rows:
+    """One state holding the rows of `states` in order, shorter ones left-padded (masked out)."""
+    if len(states) == 1:
+        return states[0]
+    from transformers import DynamicCache
+
+    width = max(s.mask.shape[1] for s in states)
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - t.shape[dim]
+        if not missing:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    layers = [(torch.cat([pad(s.cache.layers[i].keys, 2) for s in states]),
+               torch.cat([pad(s.cache.layers[i].values, 2) for s in states]))
+              for i in range(len(states[0].cache.layers))]
+    return _Rows(DynamicCache(ddp_cache_data=layers), torch.cat([pad(s.mask, 1) for s in states]),
+                 torch.cat([s.next_pos for s in states]))
+
+
 def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     """The order in which prompts are cut into batches.
 
@@ -154,11 +191,11 @@ class RoutingEngine:
 
     def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
                  threshold: Thresholds = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
-                 prefix_block: int = 32):
+                 prefix_block: int = 32, prefill_tokens: int = 512):
         self.model, self.formatter = model, formatter
         self.indicators = formatter.indicators
         self.experts = list(experts)
-        self.threshold, self.batch_size = threshold, batch_size
+        self.threshold, self.batch_size, self.prefill_tokens = threshold, batch_size, prefill_tokens
         self.pad_id = formatter.tokenizer.pad_token_id
         self.eos_id = formatter.eos_id
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
@@ -260,8 +297,13 @@ class RoutingEngine:
             layers, length = [(layer.keys, layer.values) for layer in head.cache.layers], aligned
             self.prefix_cache.store(owner, prompts[0][:aligned], layers)
             missing = False
-        state = _state(layers, len(prompts), length, self.device) if layers is not None else None
-        state, logprobs = self._extend(state, [p[length:] for p in prompts], keep, tail)
+        parts = []
+        for rows in _chunks([len(p) - length for p in prompts], self.prefill_tokens):
+            state = _state(layers, len(rows), length, self.device) if layers is not None else None
+            part_tail = [tail[r] for r in rows] if isinstance(tail, (list, tuple)) else tail
+            parts.append(self._extend(state, [prompts[r][length:] for r in rows], keep, part_tail))
+        state = _merge([state for state, _ in parts])
+        logprobs = torch.cat([logprobs for _, logprobs in parts])
         if missing:  # one prompt, no padding: its first `aligned` cached positions are the head
             self.prefix_cache.store(owner, prompts[0][:aligned], [
                 (layer.keys[:, :, :aligned].clone(), layer.values[:, :, :aligned].clone())

@@ -267,7 +267,8 @@ class SeeEnsemble:
         experts = self.experts()
         if self._engine is None or self._engine.experts != experts:
             self._engine = RoutingEngine(self.model, self.formatter(), experts, self.thresholds(),
-                                         gen.batch_size, gen.prefix_cache_tokens, gen.prefix_block)
+                                         gen.batch_size, gen.prefix_cache_tokens, gen.prefix_block,
+                                         gen.prefill_tokens)
         return self._engine
 
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
