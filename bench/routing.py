@@ -120,19 +120,26 @@ def timed(fn):
 
 
 def ttft_tpot(engine, owner: str, batches: list[list[list[int]]], steps: int = 16) -> tuple[float, float]:
-    """Median seconds of one prompt pass over a batch and of one decode step of that batch by the
-    single model `owner`, no prefix cache: the TTFT and TPOT of the cost model at that batch size."""
+    """Median seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix
+    cache) and of one decode step of that batch by the single model `owner`: the TTFT and TPOT of
+    the cost model at that batch size."""
     import torch
 
+    from seecl.engine import PrefixCache
+
+    cache, engine.prefix_cache = engine.prefix_cache, PrefixCache(0)
     firsts, steps_s = [], []
-    with torch.inference_mode(), engine._use(owner):
-        for prompts in batches:
-            (state, logprobs), t1 = timed(lambda: engine._extend(None, prompts, 1))
-            firsts.append(t1)
-            for _ in range(steps):
-                tokens = logprobs[:, -1].argmax(-1).tolist()
-                (state, logprobs), dt = timed(lambda: engine._extend(state, [[t] for t in tokens], 1))
-                steps_s.append(dt)
+    try:
+        with torch.inference_mode(), engine._use(owner):
+            for prompts in batches:
+                (state, logprobs), t1 = timed(lambda: engine._prefill(owner, prompts, 1))
+                firsts.append(t1)
+                for _ in range(steps):
+                    tokens = logprobs[:, -1].argmax(-1).tolist()
+                    (state, logprobs), dt = timed(lambda: engine._extend(state, [[t] for t in tokens], 1))
+                    steps_s.append(dt)
+    finally:
+        engine.prefix_cache = cache
     return statistics.median(firsts), statistics.median(steps_s)
 
 
