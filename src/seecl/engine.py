@@ -5,6 +5,8 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
 - batched routing: the still-open queries go through the newest expert together; claimed ones
   leave, the rest go on (the walk itself is `routing.walk`, shared with the reference);
 - the indicator check computes logits at the decision positions only;
+- a batch is prefilled in chunks of at most `prefill_tokens` (rows x padded width), then decoded
+  as one batch (chunk states are merged, shorter ones left-padded);
 - a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
 - a prefix cache per owner (an expert, or the base) indexed by block-aligned token heads, so
   prompts that share a task definition or system prompt prefill it once, in a batch or one query
