@@ -288,8 +288,8 @@ class RoutingEngine:
         much as a few dozen prompt tokens) and the head is cut from its KV afterwards. The head
         never reaches into the last `keep` positions or an aLoRA expert's `tail`.
         """
-        reserved = max(keep, tail if isinstance(tail, int) else max(tail, default=0) if tail is not None else 0)
-        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - reserved)
+        tails = [tail] if isinstance(tail, int) else list(tail or ())
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - max([keep, *tails]))
         aligned = max(0, shared) // self.prefix_cache.block * self.prefix_cache.block
         length, layers = self.prefix_cache.lookup(owner, prompts[0][:aligned]) if aligned else (0, None)
         missing = aligned > length and self.prefix_cache.max_tokens > 0
