@@ -118,6 +118,13 @@ def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
 
 
+def _head(layers: list, length: int) -> list:
+    """Per-layer (k, v) views of the first `length` positions (tensors are [batch, heads, positions, dim])."""
+    if layers[0][0].shape[2] == length:
+        return layers
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+
+
 class PrefixCache:
     """Per-owner KV of prompt prefixes, LRU-evicted to stay under `max_tokens` tokens.
 
@@ -146,20 +153,18 @@ class PrefixCache:
             if entry is not None:
                 self.entries.move_to_end(entry)
                 self.hits += 1
-                layers = self.entries[entry]
-                if length < len(entry[1]):  # keys/values are [batch, heads, positions, dim]
-                    layers = [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
-                return length, layers
+                return length, _head(self.entries[entry], length)
         self.misses += 1
         return 0, None
 
     def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
-        """Keep the KV of `prefix` (its length a multiple of the block, so all its heads are aligned)."""
+        """Keep the KV of `prefix`, cut to its block-aligned part (so all its heads are aligned);
+        `layers` may cover more positions than that (a whole prompt's KV): only the head is copied."""
         if len(prefix) > self.max_tokens or len(prefix) < self.block:
             return
         key = (owner, tuple(prefix[: len(prefix) // self.block * self.block]))
-        if len(key[1]) < len(prefix):
-            layers = [(k[:, :, : len(key[1])], v[:, :, : len(key[1])]) for k, v in layers]
+        if layers[0][0].shape[2] > len(key[1]):
+            layers = [(k.clone(), v.clone()) for k, v in _head(layers, len(key[1]))]
         if key not in self.entries:
             self.tokens += len(key[1])
         self.entries[key] = layers
@@ -307,9 +312,8 @@ class RoutingEngine:
         state = _merge([state for state, _ in parts])
         logprobs = torch.cat([logprobs for _, logprobs in parts])
         if missing:  # one prompt, no padding: its first `aligned` cached positions are the head
-            self.prefix_cache.store(owner, prompts[0][:aligned], [
-                (layer.keys[:, :, :aligned].clone(), layer.values[:, :, :aligned].clone())
-                for layer in state.cache.layers])
+            self.prefix_cache.store(owner, prompts[0][:aligned],
+                                    [(layer.keys, layer.values) for layer in state.cache.layers])
         return state, logprobs
 
     @torch.inference_mode()
