@@ -284,7 +284,7 @@ class RoutingEngine:
         return _Rows(out.past_key_values, mask, state.next_pos + new_mask.sum(-1)), logprobs
 
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
-                 tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
+                 tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
         """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix.
 
         The block-aligned part of the prompts' common prefix that the cache lacks is stored for
@@ -293,8 +293,7 @@ class RoutingEngine:
         much as a few dozen prompt tokens) and the head is cut from its KV afterwards. The head
         never reaches into the last `keep` positions or an aLoRA expert's `tail`.
         """
-        tails = [tail] if isinstance(tail, int) else list(tail or ())
-        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - max([keep, *tails]))
+        shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - max(keep, tail or 0))
         aligned = max(0, shared) // self.prefix_cache.block * self.prefix_cache.block
         length, layers = self.prefix_cache.lookup(owner, prompts[0][:aligned]) if aligned else (0, None)
         missing = aligned > length and self.prefix_cache.max_tokens > 0
@@ -307,8 +306,7 @@ class RoutingEngine:
         parts = []
         for rows in _chunks([len(p) - length for p in prompts], self.prefill_tokens):
             state = _state(layers, len(rows), length, self.device) if layers is not None else None
-            part_tail = [tail[r] for r in rows] if isinstance(tail, (list, tuple)) else tail
-            parts.append(self._extend(state, [prompts[r][length:] for r in rows], keep, part_tail))
+            parts.append(self._extend(state, [prompts[r][length:] for r in rows], keep, tail))
         state = _merge([state for state, _ in parts])
         logprobs = torch.cat([logprobs for _, logprobs in parts])
         if missing:  # one prompt, no padding: its first `aligned` cached positions are the head
