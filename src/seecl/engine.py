@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .data.prompts import PromptFormatter, common_prefix_length
+from .models import cache_keyword, returned_cache
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
@@ -278,10 +279,10 @@ class RoutingEngine:
         mask = torch.cat([state.mask, new_mask], dim=1)
         offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
         kwargs = {"alora_offsets": offsets} if self._active_alora else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=state.cache, use_cache=True, logits_to_keep=keep, **kwargs)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-        return _Rows(out.past_key_values, mask, state.next_pos + new_mask.sum(-1)), logprobs
+        return _Rows(returned_cache(out), mask, state.next_pos + new_mask.sum(-1)), logprobs
 
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
                  tail: int | None = None) -> tuple[_Rows, torch.Tensor]:

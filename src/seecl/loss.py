@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.prompts import IGNORE, common_prefix_length
+from .models import cache_keyword, returned_cache
 
 TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's name for trained embedding rows (the indicators)
 
@@ -210,8 +211,8 @@ class SupervisedLoss(torch.nn.Module):
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(tail_width, device=device)
         with alora_scope(self.model, tail_ids, offsets=[tail_width] * n):
             hidden = backbone(**backbone_inputs(backbone, tail_ids), attention_mask=torch.cat([body_mask, tail_mask], 1),
-                              position_ids=positions, past_key_values=body.past_key_values,
-                              use_cache=True).last_hidden_state
+                              position_ids=positions, use_cache=True,
+                              **{cache_keyword(): returned_cache(body)}).last_hidden_state
         self.computed_tokens += sum(lengths)
         self.attention_pairs += sum(length * (length + 1) // 2 for length in lengths)
         return self._head_loss(head, hidden[:, :-1], tail_labels[:, 1:])
@@ -226,10 +227,10 @@ class SupervisedLoss(torch.nn.Module):
                           use_cache=True)
         n = len(members)
         cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-                                             for layer in prefix.past_key_values.layers])
+                                             for layer in returned_cache(prefix).layers])
         hidden = backbone(**backbone_inputs(backbone, input_ids[index, shared:width]),
-                          attention_mask=attention_mask[index, :width], past_key_values=cache,
-                          use_cache=True).last_hidden_state
+                          attention_mask=attention_mask[index, :width], use_cache=True,
+                          **{cache_keyword(): cache}).last_hidden_state
         suffixes = [lengths[i] - shared for i in members]
         self.computed_tokens += shared + sum(suffixes)
         self.attention_pairs += shared * (shared + 1) // 2 + sum(s * shared + s * (s + 1) // 2 for s in suffixes)

@@ -7,6 +7,8 @@ store.py / experts.py; prompt formatting in prompts.py.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,21 @@ class Base:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The forward argument carrying the KV cache. transformers 5.24 renamed `past_key_values` to
+    `cache` (the old name warns and is scheduled for removal); earlier 5.x releases know only the
+    old one."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward returned, under the field name of the installed transformers."""
+    return output.cache if cache_keyword() == "cache" else output.past_key_values
 
 
 def resolve_device(name: str) -> torch.device:
