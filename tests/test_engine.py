@@ -288,3 +288,18 @@ def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     decoded.clear()
     engine.generate(BASE, queries, budget, ignore_eos=True)
     assert decoded == exact
+
+
+def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_deprecation(tiny_base, recwarn):
+    import inspect
+
+    from seecl.models import cache_keyword, returned_cache
+
+    model = tiny_base.model
+    assert cache_keyword() in inspect.signature(type(model).forward).parameters
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        first = model(input_ids=ids, use_cache=True)
+        again = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(): returned_cache(first)})
+    assert returned_cache(again).get_seq_length() == 4
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
