@@ -21,8 +21,8 @@ In one run:
   process's sample -> `overhead_batch1`, against the cost model from batch-1 TTFT, TPOT and the
   mean answer length (`overhead_eq8`);
 - memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
-- routing latency vs number of experts (1..16, random LoRA or aLoRA experts, nobody claims, so
-  every expert is asked): plotted to results/bench/routing_latency.png.
+- routing latency vs number of experts (1..16, random LoRA or aLoRA experts, every verdict
+  counted as a decline, so every expert is asked): plotted to results/bench/routing_latency.png.
 
     python bench/routing.py                 # writes results/bench/routing.json
 
@@ -286,10 +286,23 @@ def memory_in_fresh_process() -> dict:
 
 
 def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
-    """Routing-only latency per query when every expert is asked (a threshold nobody reaches)."""
+    """Routing-only latency per query when every expert is asked.
+
+    Random experts rarely put an indicator first, and a check without one sends the query to the
+    base model at once; here every verdict is turned into `neg`, which changes no computation but
+    keeps each query walking through all `count` experts (checked on the returned routes).
+    """
+    from unittest import mock
+
+    import seecl.engine
     from seecl.config import ModelConfig
     from seecl.engine import RoutingEngine
     from seecl.models import load_base
+    from seecl.routing import decide
+
+    def always_negative(logprobs, indicators, threshold=None):
+        _, p_pos, p_neg = decide(logprobs, indicators, threshold)
+        return "neg", p_pos, p_neg
 
     curve = {}
     for kind in ("lora", "alora"):
@@ -297,10 +310,14 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
         model, formatter = random_experts(base, max(counts), kind)
         curve[kind] = {}
         for count in counts:
-            engine = RoutingEngine(model, formatter, [f"e{i}" for i in range(count)], threshold=0.999999,
-                                   batch_size=16, prefix_cache_tokens=0)
-            engine.route(queries[:2])
-            _, seconds = timed(lambda: engine.route(queries))
+            engine = RoutingEngine(model, formatter, [f"e{i}" for i in range(count)], batch_size=16,
+                                   prefix_cache_tokens=0)
+            with mock.patch.object(seecl.engine, "decide", always_negative):
+                engine.route(queries[:2])
+                routes, seconds = timed(lambda: engine.route(queries))
+            asked = {len(route.checks) for route in routes}
+            if asked != {count}:
+                raise RuntimeError(f"{kind} x{count}: queries were checked by {sorted(asked)} experts")
             curve[kind][count] = seconds / len(queries)
             print(f"latency {kind} x{count}: {1000 * curve[kind][count]:.1f} ms/query")
         del model, base
