@@ -83,8 +83,9 @@ def workload(formatter, n_per_task: int):
 
 
 def ensure_ensemble(label: str, n_per_task: int) -> Path:
-    """The ensemble of `label` from the SuperNI run; when absent it is learned through the method,
-    copying every expert the run's adapter cache holds and training only the others."""
+    """The ensemble of `label` from the SuperNI run; when absent or incomplete (an interrupted
+    run) it is learned through the method, which keeps the experts already published, copies
+    every expert the run's adapter cache holds and trains only the others."""
     from seecl.cache import AdapterCache
     from seecl.config import RunConfig, from_dict
     from seecl.data.prompts import PromptFormatter
@@ -92,10 +93,12 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     from seecl.methods.base import MethodContext
     from seecl.methods.registry import build_method
     from seecl.models import load_base
+    from seecl.store import EnsembleStore
 
     workdir = RUN / "methods" / method_dirname(label)
-    if (workdir / "ensemble" / "manifest.json").exists():
-        return workdir / "ensemble"
+    store = EnsembleStore(workdir / "ensemble")
+    if store.exists() and store.expert_names() == TASKS:
+        return store.root
     cfg, recorded = bench_config(n_per_task)
     if recorded is None:
         raise SystemExit(f"no {RUN / 'summary.json'}: run `seecl bench superni` first")
