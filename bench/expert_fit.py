@@ -45,14 +45,12 @@ def fit(label: str, n_positives: int) -> dict:
                                ensemble.config.generate.batch_size)
         routes = engine.route([query for _, query in negatives] + positives)
         claimed = [route.answered_by == name for route in routes]
-        by_source: dict[str, list[int]] = {}
+        by_source = {source: 0 for source, _ in negatives}
         for (source, _), was_claimed in zip(negatives, claimed):
-            counts = by_source.setdefault(source, [0, 0])
-            counts[0] += was_claimed
-            counts[1] += 1
+            by_source[source] += was_claimed
         result[name] = {
             "negatives_claimed": sum(claimed[: len(negatives)]), "negatives": len(negatives),
-            "negatives_claimed_by_source": {source: c for source, (c, _) in by_source.items()},
+            "negatives_claimed_by_source": by_source,
             "positives_claimed": sum(claimed[len(negatives):]), "positives": len(positives),
         }
         print(f"{label} {name}: claims {result[name]['negatives_claimed']}/{len(negatives)} of its negatives, "
