@@ -76,6 +76,50 @@ def test_prefill_in_chunks_decodes_the_batch_together_with_the_same_answers(lear
         _assert_same(engine.ask(queries, budgets), reference)
 
 
+def test_a_batch_decodes_its_answers_together_whoever_claimed_them(learned):
+    queries = _queries()
+    threshold = {"reverse_list": 0.999999}  # its queries go on to the base
+    reference = learned.router(threshold).ask(queries, 6)
+    engine = _engine(learned, batch_size=64, threshold=threshold)
+    owners_per_decode = []
+    plain_decode = engine._decode
+
+    def spy(state, first, budgets, ignore_eos=False, owners=None):
+        owners_per_decode.append(list(owners))
+        return plain_decode(state, first, budgets, ignore_eos, owners)
+
+    engine._decode = spy
+    answers = engine.ask(queries, 6)
+    _assert_same(answers, reference)
+    assert len(owners_per_decode) == 1, "one decode for the whole batch"
+    owners = set(owners_per_decode[0])
+    assert owners == {a.route.answered_by for a in reference}
+    assert BASE in owners and len(owners) >= 3, owners
+
+
+@pytest.mark.parametrize("owners", [[NAMES[0], NAMES[1], BASE, NAMES[2], NAMES[0]], [BASE, NAMES[2]]])
+def test_mixed_rows_forward_equals_each_owner_alone(learned, owners):
+    """Rows under different experts and the base in one forward get each owner's own logits,
+    with indicator tokens in the input and the indicator logits of the tied head."""
+    engine = _engine(learned)
+    pos = list(engine.indicators.pos_ids)
+    rows = [engine.formatter.prompt_ids(q) + pos for q in _queries()[-len(owners):]]  # mixed lengths
+    with torch.inference_mode(), engine._use_rows(list(owners)):
+        _, mixed = engine._extend(None, rows, 3)
+    alone = {}
+    for row, owner in enumerate(owners):
+        with torch.inference_mode(), engine._use(owner):
+            _, alone[row] = engine._extend(None, [rows[row]], 3)
+        torch.testing.assert_close(mixed[row], alone[row][0], atol=1e-4, rtol=1e-4)
+    with torch.inference_mode(), engine._use(BASE):
+        _, base = engine._extend(None, [rows[0]], 3)
+    ids = list(engine.indicators.trainable_token_ids)
+    expert_row = next(r for r, o in enumerate(owners) if o != BASE)
+    with torch.inference_mode(), engine._use(BASE):
+        _, base = engine._extend(None, [rows[expert_row]], 3)
+    assert not torch.allclose(alone[expert_row][0][:, ids], base[0][:, ids], atol=1e-3), "experts' rows differ"
+
+
 def test_chunks_keep_rows_times_width_within_the_budget():
     from seecl.engine import _chunks
 

@@ -8,22 +8,23 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
 - a batch is prefilled in chunks of at most `prefill_tokens` (rows x padded width), then decoded
   as one batch (chunk states are merged, shorter ones left-padded);
 - a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
-- a prefix cache per owner (an expert, or the base) indexed by block-aligned token heads, so
-  prompts that share a task definition or system prompt prefill it once, in a batch or one query
-  at a time; LRU with a token budget;
+- after the walk, a batch's answers are decoded together, each row under the expert that claimed
+  it (or the base): PEFT mixed-adapter batches, one stream of the weights per step;
+- a prefix cache per owner (an expert, or the base; `prefix_cache.PrefixCache`), so prompts that
+  share a task definition or system prompt prefill it once, in a batch or one query at a time;
 - activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
   prefilled once by the base model and its KV is shared by every expert's check, which then costs
   only the invocation and indicator-prefix positions; unclaimed queries continue on the base KV.
 
 The expert's indicator rows (PEFT trainable tokens) are merged into the shared embedding for the
-duration of its pass: PEFT would otherwise rebuild the full embedding matrix at every forward.
+duration of its pass, and substituted per row in a mixed decode: PEFT would otherwise rebuild the
+full embedding matrix at every forward.
 Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`) or loading experts.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +32,7 @@ import torch
 
 from .data.prompts import PromptFormatter, common_prefix_length
 from .models import cache_keyword, returned_cache
+from .prefix_cache import PrefixCache
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
@@ -119,81 +121,6 @@ def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
 
 
-def _head(layers: list, length: int) -> list:
-    """Per-layer (k, v) views of the first `length` positions (tensors are [batch, heads, positions, dim])."""
-    if layers[0][0].shape[2] == length:
-        return layers
-    return [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
-
-
-class PrefixCache:
-    """Per-owner KV of prompt prefixes, LRU-evicted to stay under `max_tokens` tokens.
-
-    An entry is the KV of one block-aligned prefix; every block-aligned head of it is indexed too,
-    so a later prompt that shares only its first blocks (a task definition, without the previous
-    query's input) reuses that part of the entry. This is what makes the cache work one query at a
-    time, where the stored prefix is a whole earlier prompt.
-    """
-
-    def __init__(self, max_tokens: int = 4096, block: int = 32):
-        self.max_tokens, self.block = max_tokens, block
-        self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.heads: dict[tuple, tuple] = {}  # (owner, head tokens) -> key of an entry that starts with it
-        self.tokens = 0
-        self.hits = self.misses = 0
-
-    def _head_keys(self, key: tuple):
-        owner, tokens = key
-        for length in range(self.block, len(tokens) + 1, self.block):
-            yield (owner, tokens[:length])
-
-    def lookup(self, owner: str, prefix: Sequence[int]) -> tuple[int, list | None]:
-        """Longest cached block-aligned head of `prefix`: (length, per-layer (k, v)) or (0, None)."""
-        for length in range(len(prefix) // self.block * self.block, 0, -self.block):
-            entry = self.heads.get((owner, tuple(prefix[:length])))
-            if entry is not None:
-                self.entries.move_to_end(entry)
-                self.hits += 1
-                return length, _head(self.entries[entry], length)
-        self.misses += 1
-        return 0, None
-
-    def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
-        """Keep the KV of `prefix`, cut to its block-aligned part (so all its heads are aligned);
-        `layers` may cover more positions than that (a whole prompt's KV): only the head is copied."""
-        if len(prefix) > self.max_tokens or len(prefix) < self.block:
-            return
-        key = (owner, tuple(prefix[: len(prefix) // self.block * self.block]))
-        if layers[0][0].shape[2] > len(key[1]):
-            layers = [(k.clone(), v.clone()) for k, v in _head(layers, len(key[1]))]
-        if key not in self.entries:
-            self.tokens += len(key[1])
-        self.entries[key] = layers
-        self.entries.move_to_end(key)
-        for head in self._head_keys(key):
-            self.heads[head] = key
-        while self.tokens > self.max_tokens:
-            self._evict()
-
-    def _evict(self) -> None:
-        old, _ = self.entries.popitem(last=False)
-        self.tokens -= len(old[1])
-        for head in self._head_keys(old):
-            if self.heads.get(head) == old:
-                # another entry may start with the same head: keep it reachable
-                survivor = next((key for key in reversed(self.entries) if key[0] == head[0]
-                                 and key[1][: len(head[1])] == head[1]), None)
-                if survivor is None:
-                    del self.heads[head]
-                else:
-                    self.heads[head] = survivor
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.heads.clear()
-        self.tokens = 0
-
-
 class RoutingEngine:
     """Batched SEE routing and generation over a PEFT model holding one adapter per expert."""
 
@@ -216,6 +143,12 @@ class RoutingEngine:
         # Shared-body routing needs every expert to be aLoRA with one invocation sequence.
         self.invocation = list(next(iter(invocations))) if len(invocations) == 1 and () not in invocations else None
         self._active_alora = False
+        # The head is given the last `keep` positions of the hidden states as a strided view, which
+        # makes its [vocabulary x hidden] product several times slower on CPU than a dense input.
+        head = model.get_output_embeddings()
+        if head is not None and not getattr(head, "_seecl_dense_input", False):
+            head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
+            head._seecl_dense_input = True
 
     # -- adapters -----------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -253,6 +186,62 @@ class RoutingEngine:
                     weight.data.index_copy_(0, index, rows)
             for layer in layers:
                 layer.merged_adapters.remove(owner)
+
+    @contextlib.contextmanager
+    def _use_rows(self, owners: list[str]):
+        """Each row of a forward under its own owner (an expert or BASE); `owners` is read at every
+        forward, so it may be shortened in place as rows finish.
+
+        The LoRA layers take PEFT's mixed-adapter batches (`adapter_names`). Each expert's indicator
+        rows are substituted at its own rows of the embedding output and of the tied head's logits
+        (PEFT's mixed trainable tokens would build a [vocabulary x hidden] matrix per expert at
+        every forward).
+        """
+        if len(set(owners)) == 1:
+            with self._use(owners[0]):
+                yield
+            return
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        def adapter_names(module, args, kwargs):
+            kwargs["adapter_names"] = ["__base__" if owner == BASE else owner for owner in owners]
+            return args, kwargs
+
+        def substitute(layer, args, output):
+            for owner in dict.fromkeys(owners):
+                if owner not in layer.trainable_tokens_delta:
+                    continue
+                rows = [row for row, o in enumerate(owners) if o == owner]
+                index = torch.tensor(layer.token_indices[owner], device=output.device)
+                delta = layer.trainable_tokens_delta[owner].to(output.dtype)
+                if isinstance(layer.base_layer, torch.nn.Embedding):
+                    scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
+                    delta = delta if scale is None else delta * scale.to(output.dtype)
+                    for row in rows:
+                        match = args[0][row, :, None] == index  # [positions, indicator tokens]
+                        hit = match.any(-1)
+                        if hit.any():
+                            output[row, hit] = match[hit].to(output.dtype) @ delta
+                else:  # the tied head: the indicator logits come from the expert's rows
+                    for row in rows:
+                        output[row, :, index] = args[0][row] @ delta.T
+            return output
+
+        self._active_alora = any(self.alora.get(owner) for owner in owners)
+        token_layers = [m for m in self.model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+        hooks = [m.register_forward_pre_hook(adapter_names, with_kwargs=True)
+                 for m in self.model.modules() if isinstance(m, LoraLayer)]
+        hooks += [layer.register_forward_hook(substitute) for layer in token_layers]
+        for layer in token_layers:  # marked merged with nothing written: their forward is the base's
+            layer.merged_adapters.append(BASE)
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for layer in token_layers:
+                layer.merged_adapters.remove(BASE)
 
     # -- forward passes -----------------------------------------------------------------------------
     def _extend(self, state: _Rows | None, chunks: Sequence[Sequence[int]], keep: int,
@@ -317,9 +306,10 @@ class RoutingEngine:
 
     @torch.inference_mode()
     def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
-                ignore_eos: bool = False) -> list[list[int]]:
+                ignore_eos: bool = False, owners: list[str] | None = None) -> list[list[int]]:
         """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget
-        (exactly that many tokens with `ignore_eos`)."""
+        (exactly that many tokens with `ignore_eos`). `owners` (the rows' owners under `_use_rows`)
+        is kept in step with the rows as they finish."""
         results: list[list[int]] = [[] for _ in budgets]
         live = list(range(len(budgets)))
         state, logprobs = self._extend(state, first, 1)
@@ -337,14 +327,15 @@ class RoutingEngine:
             if len(keep_rows) < len(live):
                 state = state.fork(keep_rows)
                 live = [live[r] for r in keep_rows]
+                if owners is not None:
+                    owners[:] = [owners[r] for r in keep_rows]
                 tokens = [tokens[r] for r in keep_rows]
             state, logprobs = self._extend(state, [[t] for t in tokens], 1)
         return results
 
     # -- routing ------------------------------------------------------------------------------------
-    def _check_and_answer(self, expert: str, batch: list[int], prompts, budgets, texts,
-                          bodies: _Rows | None) -> list[Check]:
-        """One expert's pass over the open queries `batch`; claimed ones are answered right away."""
+    def _check(self, expert: str, batch: list[int], prompts, bodies: _Rows | None) -> tuple[list[Check], _Rows]:
+        """One expert's pass over the open queries `batch`: its verdicts and the rows' state after it."""
         prefix = list(self.indicators.shared_prefix)
         with torch.inference_mode(), self._use(expert):
             if bodies is not None:  # aLoRA: fork the base's body KV, feed invocation + indicator prefix
@@ -353,27 +344,31 @@ class RoutingEngine:
             else:
                 tail = len(self.alora[expert]) + len(prefix)
                 state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1, tail)
-            threshold = threshold_for(self.threshold, expert)
-            checks = [Check(expert, *decide(logprobs[row], self.indicators, threshold))
-                      for row in range(len(batch))]
-            claimed = [row for row, check in enumerate(checks) if check.verdict == "pos"]
-            if claimed and any(budgets[batch[r]] > 0 for r in claimed):
-                continuation = list(self.indicators.pos_ids[len(prefix):])
-                answers = self._decode(state.fork(claimed), [continuation] * len(claimed),
-                                       [budgets[batch[r]] for r in claimed])
-                for row, tokens in zip(claimed, answers):
-                    texts[batch[row]] = self.formatter.decode(tokens)
-        return checks
+        threshold = threshold_for(self.threshold, expert)
+        return [Check(expert, *decide(logprobs[row], self.indicators, threshold)) for row in range(len(batch))], state
 
-    def _base_answers(self, batch: list[int], prompts, budgets, texts, bodies: _Rows | None) -> None:
+    def _base_start(self, batch: list[int], prompts, bodies: _Rows | None) -> tuple[_Rows, list[list[int]]]:
+        """The base's state for answering `batch` and the tokens still to feed before its answer."""
+        if bodies is not None:  # continue on the base's own body KV
+            return bodies.fork([self._rows[i] for i in batch]), [list(self.invocation)] * len(batch)
         with torch.inference_mode(), self._use(BASE):
-            if bodies is not None:  # continue on the base's own body KV
-                state = bodies.fork([self._rows[i] for i in batch])
-                answers = self._decode(state, [self.invocation] * len(batch), [budgets[i] for i in batch])
-            else:
-                state, logprobs = self._prefill(BASE, [prompts[i][:-1] for i in batch], 1)
-                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch])
-        for index, tokens in zip(batch, answers):
+            state, _ = self._prefill(BASE, [prompts[i][:-1] for i in batch], 1)
+        return state, [list(prompts[i][-1:]) for i in batch]
+
+    def _answer(self, groups: list[tuple[str, list[int], _Rows, list[list[int]]]], budgets, texts) -> None:
+        """Greedy answers of one batch's routed queries, decoded together whichever owner each has.
+
+        A group is (owner, query indices, their state, tokens to feed first). One decode of all of
+        them streams the weights once per step, where a decode per expert would stream them once
+        per step per expert.
+        """
+        owners = [owner for owner, queries, _, _ in groups for _ in queries]
+        queries = [index for _, batch, _, _ in groups for index in batch]
+        first = [tokens for _, _, _, firsts in groups for tokens in firsts]
+        state = _merge([state for _, _, state, _ in groups])
+        with torch.inference_mode(), self._use_rows(owners):
+            answers = self._decode(state, first, [budgets[i] for i in queries], owners=owners)
+        for index, tokens in zip(queries, answers):
             texts[index] = self.formatter.decode(tokens)
 
     def _prefill_bodies(self, batch: list[int], prompts) -> _Rows:
@@ -394,17 +389,30 @@ class RoutingEngine:
         routes: list[Route | None] = [None] * len(queries)
         # Each batch walks the experts alone, so memory stays bounded by one batch's KV.
         order = batch_order(prompts, self.prefix_cache.block)
+        continuation = list(self.indicators.pos_ids[len(self.indicators.shared_prefix):])
         for start in range(0, len(order), self.batch_size):
             chunk = order[start: start + self.batch_size]
             bodies = self._prefill_bodies(chunk, prompts) if self.invocation else None
-            chunk_routes = walk(len(chunk), self.experts[::-1], lambda expert, idx: self._check_and_answer(
-                expert, [chunk[i] for i in idx], prompts, budgets, texts, bodies))
+            groups = []  # (owner, queries, state, first tokens): answered together after the walk
+
+            def check(expert: str, idx: list[int]) -> list[Check]:
+                batch = [chunk[i] for i in idx]
+                checks, state = self._check(expert, batch, prompts, bodies)
+                claimed = [row for row, c in enumerate(checks) if c.verdict == "pos" and budgets[batch[row]] > 0]
+                if claimed:
+                    state = state if len(claimed) == len(batch) else state.fork(claimed)
+                    groups.append((expert, [batch[r] for r in claimed], state, [continuation] * len(claimed)))
+                return checks
+
+            chunk_routes = walk(len(chunk), self.experts[::-1], check)
             for index, route in zip(chunk, chunk_routes):
                 routes[index] = route
             unclaimed = [chunk[i] for i, r in enumerate(chunk_routes)
                          if r.answered_by == BASE and budgets[chunk[i]] > 0]
             if unclaimed:
-                self._base_answers(unclaimed, prompts, budgets, texts, bodies)
+                groups.append((BASE, unclaimed, *self._base_start(unclaimed, prompts, bodies)))
+            if groups:
+                self._answer(groups, budgets, texts)
         return texts, routes  # type: ignore[return-value]
 
     def generate(self, owner: str, queries: Sequence[str], max_new_tokens: int | Sequence[int],

@@ -1,0 +1,87 @@
+"""The routing engine's prefix cache: per-owner KV of block-aligned prompt heads, LRU within a token budget.
+
+Owns which prefixes are kept, how a prompt finds the longest cached head of itself, and eviction.
+Does not run the model: the engine computes the KV it stores and continues from what it finds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+
+def _head(layers: list, length: int) -> list:
+    """Per-layer (k, v) views of the first `length` positions (tensors are [batch, heads, positions, dim])."""
+    if layers[0][0].shape[2] == length:
+        return layers
+    return [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
+
+
+class PrefixCache:
+    """Per-owner KV of prompt prefixes, LRU-evicted to stay under `max_tokens` tokens.
+
+    An entry is the KV of one block-aligned prefix; every block-aligned head of it is indexed too,
+    so a later prompt that shares only its first blocks (a task definition, without the previous
+    query's input) reuses that part of the entry. This is what makes the cache work one query at a
+    time, where the stored prefix is a whole earlier prompt.
+    """
+
+    def __init__(self, max_tokens: int = 4096, block: int = 32):
+        self.max_tokens, self.block = max_tokens, block
+        self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.heads: dict[tuple, tuple] = {}  # (owner, head tokens) -> key of an entry that starts with it
+        self.tokens = 0
+        self.hits = self.misses = 0
+
+    def _head_keys(self, key: tuple):
+        owner, tokens = key
+        for length in range(self.block, len(tokens) + 1, self.block):
+            yield (owner, tokens[:length])
+
+    def lookup(self, owner: str, prefix: Sequence[int]) -> tuple[int, list | None]:
+        """Longest cached block-aligned head of `prefix`: (length, per-layer (k, v)) or (0, None)."""
+        for length in range(len(prefix) // self.block * self.block, 0, -self.block):
+            entry = self.heads.get((owner, tuple(prefix[:length])))
+            if entry is not None:
+                self.entries.move_to_end(entry)
+                self.hits += 1
+                return length, _head(self.entries[entry], length)
+        self.misses += 1
+        return 0, None
+
+    def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
+        """Keep the KV of `prefix`, cut to its block-aligned part (so all its heads are aligned);
+        `layers` may cover more positions than that (a whole prompt's KV): only the head is copied."""
+        if len(prefix) > self.max_tokens or len(prefix) < self.block:
+            return
+        key = (owner, tuple(prefix[: len(prefix) // self.block * self.block]))
+        if layers[0][0].shape[2] > len(key[1]):
+            layers = [(k.clone(), v.clone()) for k, v in _head(layers, len(key[1]))]
+        if key not in self.entries:
+            self.tokens += len(key[1])
+        self.entries[key] = layers
+        self.entries.move_to_end(key)
+        for head in self._head_keys(key):
+            self.heads[head] = key
+        while self.tokens > self.max_tokens:
+            self._evict()
+
+    def _evict(self) -> None:
+        old, _ = self.entries.popitem(last=False)
+        self.tokens -= len(old[1])
+        for head in self._head_keys(old):
+            if self.heads.get(head) == old:
+                # another entry may start with the same head: keep it reachable
+                survivor = next((key for key in reversed(self.entries) if key[0] == head[0]
+                                 and key[1][: len(head[1])] == head[1]), None)
+                if survivor is None:
+                    del self.heads[head]
+                else:
+                    self.heads[head] = survivor
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.heads.clear()
+        self.tokens = 0
