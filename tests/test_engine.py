@@ -347,3 +347,23 @@ def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_depre
         again = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(): returned_cache(first)})
     assert returned_cache(again).get_seq_length() == 4
     assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_base):
+    from transformers import DynamicCache
+
+    from seecl.models import cache_keyword, kv_cache, returned_cache
+
+    model = tiny_base.model
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.inference_mode():
+        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
+        before = [(k.clone(), v.clone()) for k, v in layers]
+        shared = kv_cache(layers)
+        assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(shared.layers, layers))
+        step = torch.tensor([[9], [10]])
+        out = model(input_ids=step, use_cache=True, **{cache_keyword(): shared})
+        copied = model(input_ids=step, use_cache=True, **{cache_keyword(): DynamicCache(ddp_cache_data=before)})
+    assert torch.equal(out.logits, copied.logits)
+    assert shared.get_seq_length() == 5
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .data.prompts import PromptFormatter, common_prefix_length
-from .models import cache_keyword, returned_cache
+from .models import cache_keyword, kv_cache, returned_cache
 from .prefix_cache import PrefixCache
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
@@ -45,22 +45,21 @@ class _Rows:
     next_pos: torch.Tensor  # [rows]
 
     def fork(self, rows: Sequence[int]) -> "_Rows":
-        """A new state holding copies of `rows` (the original stays usable)."""
-        from transformers import DynamicCache
-
+        """A new state holding `rows` (the original stays usable: no forward writes a cache's
+        tensors in place, so all rows in order share them and a subset is copied)."""
+        if list(rows) == list(range(self.mask.shape[0])):
+            return _Rows(kv_cache([(layer.keys, layer.values) for layer in self.cache.layers]),
+                         self.mask, self.next_pos)
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
         layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
                   for layer in self.cache.layers]
-        return _Rows(DynamicCache(ddp_cache_data=layers), self.mask.index_select(0, index),
-                     self.next_pos.index_select(0, index))
+        return _Rows(kv_cache(layers), self.mask.index_select(0, index), self.next_pos.index_select(0, index))
 
 
 def _state(layers: list, rows: int, length: int, device) -> _Rows:
     """`rows` copies of one cached prefix's per-layer (k, v) as a fresh decoding state."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(ddp_cache_data=[(k.expand(rows, -1, -1, -1).contiguous(),
-                                          v.expand(rows, -1, -1, -1).contiguous()) for k, v in layers])
+    cache = kv_cache([(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
+                      for k, v in layers])
     return _Rows(cache, torch.ones((rows, length), dtype=torch.long, device=device),
                  torch.full((rows,), length, dtype=torch.long, device=device))
 
@@ -83,8 +82,6 @@ def _merge(states: Sequence[_Rows]) -> _Rows:
     """One state holding the rows of `states` in order, shorter ones left-padded (masked out)."""
     if len(states) == 1:
         return states[0]
-    from transformers import DynamicCache
-
     width = max(s.mask.shape[1] for s in states)
 
     def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,7 +95,7 @@ def _merge(states: Sequence[_Rows]) -> _Rows:
     layers = [(torch.cat([pad(s.cache.layers[i].keys, 2) for s in states]),
                torch.cat([pad(s.cache.layers[i].values, 2) for s in states]))
               for i in range(len(states[0].cache.layers))]
-    return _Rows(DynamicCache(ddp_cache_data=layers), torch.cat([pad(s.mask, 1) for s in states]),
+    return _Rows(kv_cache(layers), torch.cat([pad(s.mask, 1) for s in states]),
                  torch.cat([s.next_pos for s in states]))
 
 
@@ -366,6 +363,7 @@ class RoutingEngine:
         queries = [index for _, batch, _, _ in groups for index in batch]
         first = [tokens for _, _, _, firsts in groups for tokens in firsts]
         state = _merge([state for _, _, state, _ in groups])
+        groups.clear()  # the merged copy is all that decoding needs
         with torch.inference_mode(), self._use_rows(owners):
             answers = self._decode(state, first, [budgets[i] for i in queries], owners=owners)
         for index, tokens in zip(queries, answers):
@@ -411,6 +409,7 @@ class RoutingEngine:
                          if r.answered_by == BASE and budgets[chunk[i]] > 0]
             if unclaimed:
                 groups.append((BASE, unclaimed, *self._base_start(unclaimed, prompts, bodies)))
+            bodies = None  # freed before decoding: less memory live while every step reallocates the KV
             if groups:
                 self._answer(groups, budgets, texts)
         return texts, routes  # type: ignore[return-value]

@@ -52,6 +52,21 @@ def returned_cache(output):
     return output.cache if cache_keyword() == "cache" else output.past_key_values
 
 
+def kv_cache(layers):
+    """A transformers DynamicCache holding these per-layer (k, v) tensors as they are.
+
+    Its `ddp_cache_data` constructor appends every tensor to an empty layer, a full copy. The
+    tensors are shared, not copied: a forward appends to a cache by concatenating into new tensors,
+    so the given ones are never written.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in layers])
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.keys, layer.values = k, v
+    return cache
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' is this process's accelerator device (cuda:LOCAL_RANK under `accelerate launch`)."""
     if name == "auto":
