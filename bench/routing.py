@@ -12,7 +12,8 @@ In one run:
 - engine: `engine.RoutingEngine` over the same queries, batch 16 -> queries/s, `speedup_vs_naive`;
 - single: the newest expert answering every query through the same engine, no routing, decoding
   exactly as many tokens as the routed answer (equal decoding work) ->
-  `overhead_measured` = engine time / single time - 1;
+  `overhead_measured` = engine time / single time - 1 (engine and single run `--repeats` times,
+  alternating; each side's fastest run counts, every run is recorded);
 - the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from TTFT (one prompt pass) and TPOT (one decode
   step) of the single model, measured in the same part: at the engine's batch size with its batches' TTFT, TPOT and
   longest answers (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its
@@ -174,7 +175,20 @@ def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> f
     return seconds
 
 
-def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int]) -> dict:
+def engine_and_single(ens, engine, queries, budgets, repeats: int):
+    """Seconds of the routed engine and of the single model on `queries`, `repeats` times each,
+    alternating, so a slow spell of the shared machine hits both sides (report the minimum); and
+    the engine's answers."""
+    engine_runs, single_runs = [], []
+    for _ in range(repeats):
+        engine.prefix_cache.clear()
+        answers, seconds = timed(lambda: engine.ask(queries, budgets))
+        engine_runs.append(seconds)
+        single_runs.append(single_model_seconds(ens, engine, queries, answer_tokens(ens, answers), budgets))
+    return engine_runs, single_runs, answers
+
+
+def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int], repeats: int) -> dict:
     """naive vs engine vs single model on one trained ensemble."""
     from seecl.engine import batch_order
     from seecl.methods.see import SeeEnsemble
@@ -184,14 +198,13 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     engine = ens.engine()
     router = ens.router()
     engine.ask(queries[:2], 2)  # warm-up (thread pools, allocator)
-    engine.prefix_cache.clear()
-    answers, engine_s = timed(lambda: engine.ask(queries, budgets))
+    engine_runs, single_runs, answers = engine_and_single(ens, engine, queries, budgets, repeats)
+    engine_s, single_s = min(engine_runs), min(single_runs)
     routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
     lengths = answer_tokens(ens, answers)
     # The naive process answers one query at a time; it is timed on an even sample of the queries.
     _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
     naive_qps = len(sample) / naive_s
-    single_s = single_model_seconds(ens, engine, queries, lengths, budgets)
     # The cost model in the regime measured above: batches as the engine cuts them, a batch
     # decoding until its longest answer is done.
     prompts = [ens.formatter().prompt_ids(q) for q in queries]
@@ -204,6 +217,7 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
         "experts": experts, "queries": len(queries), "routing_accuracy": routed,
         "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
         "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
+        "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs,
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
         "overhead_measured": engine_s / single_s - 1, "batch_size": engine.batch_size,
         "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "mean_batch_answer_tokens": n_b,
@@ -214,7 +228,7 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     return row
 
 
-def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str) -> dict:
+def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, repeats: int) -> dict:
     """Per-query latency of the engine and of the single model, one query at a time, and the cost
     model's prediction from TTFT and TPOT measured at batch 1 (the paper's regime)."""
     from seecl.methods.see import SeeEnsemble
@@ -223,14 +237,14 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str) 
     engine = ens.engine()
     chosen, limits = [queries[i] for i in sample], [budgets[i] for i in sample]
     engine.ask(chosen[:1], 2)  # warm-up
-    engine.prefix_cache.clear()
-    answers, engine_s = timed(lambda: engine.ask(chosen, limits))
+    engine_runs, single_runs, answers = engine_and_single(ens, engine, chosen, limits, repeats)
+    engine_s, single_s = min(engine_runs), min(single_runs)
     lengths = answer_tokens(ens, answers)
-    single_s = single_model_seconds(ens, engine, chosen, lengths, limits)
     ttft, tpot = ttft_tpot(engine, ens.experts()[-1], [[ens.formatter().prompt_ids(q)] for q in chosen[:: max(1, len(chosen) // 10)]])
     n = statistics.mean(lengths)
     row = {"queries": len(chosen), "engine_s_per_query": engine_s / len(chosen),
            "single_s_per_query": single_s / len(chosen), "overhead_measured": engine_s / single_s - 1,
+           "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs,
            "ttft_s": ttft, "tpot_s": tpot, "mean_answer_tokens": n,
            "overhead_eq8": cost_model(ttft, tpot, len(ens.experts()), n),
            "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses}}
@@ -354,6 +368,8 @@ def main() -> None:
     parser.add_argument("--alora-label", default="SEE(10%)-aLoRA", help="the same for the aLoRA rows ('' skips them)")
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="alternating runs of engine and single model per comparison (the minimum counts)")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
     parser.add_argument("--redo", nargs="*", metavar="PART", default=None, choices=PARTS,
                         help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}")
@@ -390,8 +406,9 @@ def main() -> None:
         if not method or all(key in result for key in (label, f"{label}_batch1")):
             continue
         directory = ensure_ensemble(method, args.n_per_task)
-        part(label, lambda: {"method": method, **compare(directory, queries, budgets, owners, label, sample)})
-        part(f"{label}_batch1", lambda: {"method": method, **batch1(directory, queries, budgets, sample, label)})
+        part(label, lambda: {"method": method, **compare(directory, queries, budgets, owners, label, sample, args.repeats)})
+        part(f"{label}_batch1", lambda: {"method": method,
+                                         **batch1(directory, queries, budgets, sample, label, args.repeats)})
     part("memory", memory_in_fresh_process)
     part("latency_vs_experts", lambda: latency_curve(queries[:: max(1, len(queries) // 32)][:32]))
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
