@@ -212,6 +212,29 @@ def test_engine_leaves_indicator_rows_unmerged(learned):
     assert torch.equal(weight.detach(), before)
 
 
+def test_grouped_kv_heads_switch_is_scoped_to_the_engines_forwards(learned, monkeypatch):
+    import os
+
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    seen = []
+    plain = sdpa_attention.use_gqa_in_sdpa
+
+    def spy(mask, key, value):
+        seen.append(os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA"))
+        return plain(mask, key, value)
+
+    monkeypatch.setattr(sdpa_attention, "use_gqa_in_sdpa", spy)
+    assert learned.model.config.num_key_value_heads < learned.model.config.num_attention_heads
+    answers = _engine(learned).ask(_queries(), 5)
+    assert seen and set(seen) == {"1"}, "grouped heads read directly in every engine forward"
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    seen.clear()
+    _assert_same(answers, learned.router().ask(_queries(), 5))  # the reference repeats the heads
+    assert seen and set(seen) == {None}
+
+
 def test_ensemble_ask_uses_the_fast_engine_by_default(learned):
     queries = _queries()[:5]
     assert learned.config.generate.engine == "fast"

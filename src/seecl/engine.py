@@ -25,6 +25,7 @@ Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`) o
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,6 +63,27 @@ def _state(layers: list, rows: int, length: int, device) -> _Rows:
                       for k, v in layers])
     return _Rows(cache, torch.ones((rows, length), dtype=torch.long, device=device),
                  torch.full((rows,), length, dtype=torch.long, device=device))
+
+
+@contextlib.contextmanager
+def _grouped_kv_heads(device: torch.device):
+    """On CPU, attention reads a grouped-query model's KV heads as they are.
+
+    For a masked attention over more than one query position (every prefill and check), transformers
+    copies the KV heads up to the number of query heads (3x the KV for SmolLM2) unless
+    TRANSFORMERS_SDPA_FORCE_GQA is set, in which case torch's SDPA takes the grouped heads directly
+    (`enable_gqa`) and gives the same result. Scoped to the engine's forwards.
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    previous = os.environ.get(name)
+    if device.type != "cpu" or previous is not None:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def _chunks(widths: Sequence[int], budget: int) -> list[list[int]]:
@@ -265,8 +287,9 @@ class RoutingEngine:
         mask = torch.cat([state.mask, new_mask], dim=1)
         offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
         kwargs = {"alora_offsets": offsets} if self._active_alora else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
+        with _grouped_kv_heads(self.device):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         return _Rows(returned_cache(out), mask, state.next_pos + new_mask.sum(-1)), logprobs
 
