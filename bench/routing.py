@@ -13,7 +13,8 @@ In one run:
 - single: the newest expert answering every query through the same engine, no routing, decoding
   exactly as many tokens as the routed answer (equal decoding work) ->
   `overhead_measured` = engine time / single time - 1 (engine and single run `--repeats` times,
-  alternating; each side's fastest run counts, every run is recorded);
+  alternating, and the naive process `--repeats` times; each side's fastest run counts, every run
+  is recorded);
 - the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from TTFT (one prompt pass) and TPOT (one decode
   step) of the single model, measured in the same part: at the engine's batch size with its batches' TTFT, TPOT and
   longest answers (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its
@@ -203,8 +204,8 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
     lengths = answer_tokens(ens, answers)
     # The naive process answers one query at a time; it is timed on an even sample of the queries.
-    _, naive_s = timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])
-    naive_qps = len(sample) / naive_s
+    naive_runs = [timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])[1] for _ in range(repeats)]
+    naive_qps = len(sample) / min(naive_runs)
     # The cost model in the regime measured above: batches as the engine cuts them, a batch
     # decoding until its longest answer is done.
     prompts = [ens.formatter().prompt_ids(q) for q in queries]
@@ -217,7 +218,7 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
         "experts": experts, "queries": len(queries), "routing_accuracy": routed,
         "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
         "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
-        "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs,
+        "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs, "naive_seconds_runs": naive_runs,
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
         "overhead_measured": engine_s / single_s - 1, "batch_size": engine.batch_size,
         "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "mean_batch_answer_tokens": n_b,
