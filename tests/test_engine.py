@@ -111,8 +111,6 @@ def test_mixed_rows_forward_equals_each_owner_alone(learned, owners):
         with torch.inference_mode(), engine._use(owner):
             _, alone[row] = engine._extend(None, [rows[row]], 3)
         torch.testing.assert_close(mixed[row], alone[row][0], atol=1e-4, rtol=1e-4)
-    with torch.inference_mode(), engine._use(BASE):
-        _, base = engine._extend(None, [rows[0]], 3)
     ids = list(engine.indicators.trainable_token_ids)
     expert_row = next(r for r, o in enumerate(owners) if o != BASE)
     with torch.inference_mode(), engine._use(BASE):
