@@ -421,8 +421,8 @@ class RoutingEngine:
                 checks, state = self._check(expert, batch, prompts, bodies)
                 claimed = [row for row, c in enumerate(checks) if c.verdict == "pos" and budgets[batch[row]] > 0]
                 if claimed:
-                    state = state if len(claimed) == len(batch) else state.fork(claimed)
-                    groups.append((expert, [batch[r] for r in claimed], state, [continuation] * len(claimed)))
+                    groups.append((expert, [batch[r] for r in claimed], state.fork(claimed),
+                                   [continuation] * len(claimed)))
                 return checks
 
             chunk_routes = walk(len(chunk), self.experts[::-1], check)
