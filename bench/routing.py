@@ -370,11 +370,14 @@ def main() -> None:
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="alternating runs of engine and single model per comparison (the minimum counts)")
+                        help="runs of the naive process, and alternating runs of engine and single model, "
+                             "per comparison (the fastest of each counts)")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
     parser.add_argument("--redo", nargs="*", metavar="PART", default=None, choices=PARTS,
                         help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     from seecl.config import ModelConfig
     from seecl.data.prompts import PromptFormatter
