@@ -191,7 +191,7 @@ def engine_and_single(ens, engine, queries, budgets, repeats: int):
 
 def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int], repeats: int) -> dict:
     """naive vs engine vs single model on one trained ensemble."""
-    from seecl.engine import batch_order
+    from seecl.prefix_cache import batch_order
     from seecl.methods.see import SeeEnsemble
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])

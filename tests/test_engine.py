@@ -317,7 +317,7 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
 
 
 def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
-    from seecl.engine import batch_order
+    from seecl.prefix_cache import batch_order
 
     shared_a, shared_b = list(range(100, 140)), list(range(200, 240))
     prompts = [shared_a + [1] * 9, [7, 3], shared_b + [2] * 3, shared_a + [5] * 2, [9] * 5,
@@ -387,4 +387,33 @@ def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_ba
         copied = model(input_ids=step, use_cache=True, **{cache_keyword(): DynamicCache(ddp_cache_data=before)})
     assert torch.equal(out.logits, copied.logits)
     assert shared.get_seq_length() == 5
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))
+
+
+def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(tiny_base):
+    from transformers import DynamicCache
+
+    from seecl.models import cache_keyword, kv_buffer, returned_cache
+
+    model = tiny_base.model
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
+        before = [(k.clone(), v.clone()) for k, v in layers]
+        buffered = kv_buffer(layers, capacity=6)  # room for 2 more positions, then it must grow
+        growing = DynamicCache(ddp_cache_data=before)
+        for step, token in enumerate([13, 14, 15, 16, 17]):
+            if step == 2:  # drop the middle row from both
+                index = torch.tensor([0, 2])
+                buffered.batch_select_indices(index)
+                growing.batch_select_indices(index)
+            rows = buffered.layers[0].keys.shape[0]
+            feed = torch.full((rows, 1), token)
+            out = model(input_ids=feed, use_cache=True, **{cache_keyword(): buffered})
+            ref = model(input_ids=feed, use_cache=True, **{cache_keyword(): growing})
+            buffered, growing = returned_cache(out), returned_cache(ref)
+            assert torch.allclose(out.logits, ref.logits, atol=1e-6)
+    assert buffered.get_seq_length() == 9
+    for mine, theirs in zip(buffered.layers, growing.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))

@@ -8,6 +8,8 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
 - a batch is prefilled in chunks of at most `prefill_tokens` (rows x padded width), then decoded
   as one batch (chunk states are merged, shorter ones left-padded);
 - a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
+- decoding writes each step's KV in place, into buffers sized for the answer budgets
+  (`models.kv_buffer`), where a growing cache would copy the whole KV at every token;
 - after the walk, a batch's answers are decoded together, each row under the expert that claimed
   it (or the base): PEFT mixed-adapter batches, one stream of the weights per step;
 - a prefix cache per owner (an expert, or the base; `prefix_cache.PrefixCache`), so prompts that
@@ -32,8 +34,8 @@ from typing import Sequence
 import torch
 
 from .data.prompts import PromptFormatter, common_prefix_length
-from .models import cache_keyword, kv_cache, returned_cache
-from .prefix_cache import PrefixCache
+from .models import cache_keyword, kv_buffer, kv_cache, returned_cache
+from .prefix_cache import PrefixCache, batch_order
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
@@ -55,6 +57,13 @@ class _Rows:
         layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
                   for layer in self.cache.layers]
         return _Rows(kv_cache(layers), self.mask.index_select(0, index), self.next_pos.index_select(0, index))
+
+
+    def narrow(self, rows: Sequence[int]) -> None:
+        """Keep only `rows`, in place (for a state whose cache no one else holds)."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.next_pos = self.mask.index_select(0, index), self.next_pos.index_select(0, index)
 
 
 def _state(layers: list, rows: int, length: int, device) -> _Rows:
@@ -119,25 +128,6 @@ def _merge(states: Sequence[_Rows]) -> _Rows:
               for i in range(len(states[0].cache.layers))]
     return _Rows(kv_cache(layers), torch.cat([pad(s.mask, 1) for s in states]),
                  torch.cat([s.next_pos for s in states]))
-
-
-def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
-    """The order in which prompts are cut into batches.
-
-    Prompts that share at least one prefix block stay together, so the prefix cache prefills their
-    shared part once; inside each such group, and among the prompts that share nothing, shorter
-    prompts come first, so a batch pads little (padding is computed at every expert's check).
-    """
-    by_text = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
-    groups: list[list[int]] = []
-    for previous, index in zip([None] + by_text, by_text):
-        if previous is not None and common_prefix_length([prompts[previous], prompts[index]]) >= block:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    loners = [g[0] for g in groups if len(g) == 1]
-    groups = [g for g in groups if len(g) > 1] + [loners]
-    return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
 
 
 class RoutingEngine:
@@ -332,6 +322,10 @@ class RoutingEngine:
         is kept in step with the rows as they finish."""
         results: list[list[int]] = [[] for _ in budgets]
         live = list(range(len(budgets)))
+        # The decode's own copy of the KV, in buffers that each step fills in place
+        capacity = state.mask.shape[1] + max(len(f) for f in first) + max(budgets, default=0)
+        state = _Rows(kv_buffer([(layer.keys, layer.values) for layer in state.cache.layers], capacity),
+                      state.mask, state.next_pos)
         state, logprobs = self._extend(state, first, 1)
         while live:
             tokens = logprobs[:, -1].argmax(-1).tolist()
@@ -345,7 +339,7 @@ class RoutingEngine:
             if not keep_rows:
                 break
             if len(keep_rows) < len(live):
-                state = state.fork(keep_rows)
+                state.narrow(keep_rows)
                 live = [live[r] for r in keep_rows]
                 if owners is not None:
                     owners[:] = [owners[r] for r in keep_rows]

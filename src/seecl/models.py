@@ -1,7 +1,8 @@
 """Load a base model and tokenizer (never from a model hub) and install the indicator tokens.
 
 Owns model resolution (offline default, tiny test model, local directory, GGUF file, hub id already
-in the local cache), device and dtype choice, and the frozen-base invariant. Adapters live in
+in the local cache), device and dtype choice, the frozen-base invariant, and the KV cache objects
+handed to the model's forward (shared tensors, in-place buffers). Adapters live in
 store.py / experts.py; prompt formatting in prompts.py.
 """
 
@@ -64,6 +65,65 @@ def kv_cache(layers):
     cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in layers])
     for layer, (k, v) in zip(cache.layers, layers):
         layer.keys, layer.values = k, v
+    return cache
+
+
+@functools.cache
+def _buffer_layer():
+    """The cache layer class of `kv_buffer` (built on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class BufferLayer(DynamicLayer):
+        """`keys`/`values` are views of the first positions of preallocated buffers; an update
+        writes the new positions in place (reallocating, doubled, only past the capacity)."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self.key_buffer = self._allocate(keys, max(capacity, keys.shape[2]))
+            self.value_buffer = self._allocate(values, max(capacity, values.shape[2]))
+            self._view(keys.shape[2])
+
+        @staticmethod
+        def _allocate(states: torch.Tensor, positions: int) -> torch.Tensor:
+            buffer = states.new_empty((*states.shape[:2], positions, states.shape[3]))
+            buffer[:, :, : states.shape[2]] = states
+            return buffer
+
+        def _view(self, length: int) -> None:
+            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            start = self.keys.shape[2]
+            end = start + key_states.shape[2]
+            if end > self.key_buffer.shape[2]:
+                self.key_buffer, self.value_buffer = self._allocate(self.keys, 2 * end), self._allocate(self.values, 2 * end)
+            self.key_buffer[:, :, start:end] = key_states
+            self.value_buffer[:, :, start:end] = value_states
+            self._view(end)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            length = self.keys.shape[2]
+            self.key_buffer = self.key_buffer.index_select(0, indices)
+            self.value_buffer = self.value_buffer.index_select(0, indices)
+            self._view(length)
+
+    return BufferLayer
+
+
+def kv_buffer(layers, capacity: int):
+    """A transformers cache holding copies of these per-layer (k, v) tensors in buffers of
+    `capacity` positions, which later forwards fill in place.
+
+    A DynamicCache concatenates every layer's whole KV into new tensors at each forward: a copy of
+    the cache per decoded token. A buffer is written in place, so it has one owner: the given
+    tensors are copied, and nothing else may hold the returned cache's tensors.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in layers])
+    cache.layers = [_buffer_layer()(k, v, capacity) for k, v in layers]
     return cache
 
 

@@ -1,6 +1,7 @@
 """The routing engine's prefix cache: per-owner KV of block-aligned prompt heads, LRU within a token budget.
 
-Owns which prefixes are kept, how a prompt finds the longest cached head of itself, and eviction.
+Owns which prefixes are kept, how a prompt finds the longest cached head of itself, eviction, and
+the batch order that lets prompts sharing a head meet in one batch.
 Does not run the model: the engine computes the KV it stores and continues from what it finds.
 """
 
@@ -10,6 +11,8 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
+
+from .data.prompts import common_prefix_length
 
 
 def _head(layers: list, length: int) -> list:
@@ -85,3 +88,22 @@ class PrefixCache:
         self.entries.clear()
         self.heads.clear()
         self.tokens = 0
+
+
+def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
+    """The order in which prompts are cut into batches.
+
+    Prompts that share at least one prefix block stay together, so the prefix cache prefills their
+    shared part once; inside each such group, and among the prompts that share nothing, shorter
+    prompts come first, so a batch pads little (padding is computed at every expert's check).
+    """
+    by_text = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
+    groups: list[list[int]] = []
+    for previous, index in zip([None] + by_text, by_text):
+        if previous is not None and common_prefix_length([prompts[previous], prompts[index]]) >= block:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    loners = [g[0] for g in groups if len(g) == 1]
+    groups = [g for g in groups if len(g) > 1] + [loners]
+    return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
