@@ -58,7 +58,6 @@ class _Rows:
                   for layer in self.cache.layers]
         return _Rows(kv_cache(layers), self.mask.index_select(0, index), self.next_pos.index_select(0, index))
 
-
     def narrow(self, rows: Sequence[int]) -> None:
         """Keep only `rows`, in place (for a state whose cache no one else holds)."""
         index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
