@@ -24,7 +24,10 @@ In one run:
   mean answer length (`overhead_eq8`);
 - memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
 - routing latency vs number of experts (1..16, random LoRA or aLoRA experts, every verdict
-  counted as a decline, so every expert is asked): plotted to results/bench/routing_latency.png.
+  counted as a decline, so every expert is asked): plotted to results/bench/routing_latency.png;
+- quality: AR of `--alora-label` against its LoRA counterpart in results/superni-mini and every
+  results/superni-mini-seed* run holding both (`alora_ar`, read from their summaries, not measured
+  here), and every target with its bound (`targets`).
 
     python bench/routing.py                 # writes results/bench/routing.json
 
@@ -363,6 +366,40 @@ def plot(curve: dict, path: Path) -> None:
     print(f"wrote {path.relative_to(ROOT)}")
 
 
+def ar_by_seed(alora_label: str) -> dict:
+    """AR of the aLoRA method and of its LoRA counterpart in every SuperNI run that holds both
+    (results/superni-mini and its results/superni-mini-seed* repetitions), with their mean gap."""
+    lora_label = alora_label.replace("-aLoRA", "")
+    runs = {}
+    for run in [RUN, *sorted(RUN.parent.glob(RUN.name + "-seed*"))]:
+        summary = run / "summary.json"
+        methods = json.loads(summary.read_text())["methods"] if summary.exists() else {}
+        if lora_label in methods and alora_label in methods:
+            runs[run.name] = {lora_label: methods[lora_label]["AR"], alora_label: methods[alora_label]["AR"]}
+    if not runs:
+        return {}
+    gaps = [ar[lora_label] - ar[alora_label] for ar in runs.values()]
+    return {"lora": lora_label, "alora": alora_label, "runs": runs, "gap_per_run": gaps,
+            "mean_gap": statistics.mean(gaps)}
+
+
+def targets(summary: dict, quality: dict) -> list[list]:
+    """The issue's targets as rows: metric, value, bound, met."""
+    bounds = [("speedup_vs_naive", ">=", 3.0), ("overhead_measured", "<=", summary.get("overhead_eq8_batch")),
+              ("overhead_batch1", "<=", summary.get("overhead_eq8")), ("overhead_alora", "<=", 0.1),
+              ("mb_per_expert", "<=", 2.5), ("rss_added_100_experts_mb", "<=", 300.0)]
+    if quality:
+        summary = {**summary, "alora_ar_gap_mean": quality["mean_gap"]}
+        bounds.append(("alora_ar_gap_mean", "<=", 1.0))
+    rows = []
+    for key, op, bound in bounds:
+        if key in summary and bound is not None:
+            value = summary[key]
+            met = value >= bound if op == ">=" else value <= bound
+            rows.append([key, f"{value:.3f}", f"{op} {bound:.3f}", "yes" if met else "no"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--label", default="SEE(10%)", help="SEE method of the SuperNI run whose LoRA experts route")
@@ -433,6 +470,15 @@ def main() -> None:
     result.update(summary)
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]
     print_table("Routing cost (SmolLM2-135M, CPU)", ["metric", "value"], rows)
+    quality = ar_by_seed(args.alora_label) if args.alora_label else {}
+    if quality:
+        result["alora_ar"] = quality
+        print_table(f"AR, {quality['lora']} against {quality['alora']}", ["run", quality["lora"], quality["alora"], "gap"],
+                    [[name, f"{ar[quality['lora']]:.2f}", f"{ar[quality['alora']]:.2f}", f"{gap:.2f}"]
+                     for (name, ar), gap in zip(quality["runs"].items(), quality["gap_per_run"])])
+    result["targets"] = {row[0]: {"value": float(row[1]), "bound": row[2], "met": row[3] == "yes"}
+                         for row in targets(summary, quality)}
+    print_table("Targets", ["metric", "value", "bound", "met"], targets(summary, quality))
     write_json(out, result)
 
 
