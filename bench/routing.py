@@ -12,12 +12,12 @@ In one run:
 - engine: `engine.RoutingEngine` over the same queries, batch 16 -> queries/s, `speedup_vs_naive`;
 - single: the newest expert answering every query through the same engine, no routing, decoding
   exactly as many tokens as the routed answer (equal decoding work) ->
-  `overhead_measured` = engine time / single time - 1 (engine and single run `--repeats` times,
-  alternating, and the naive process `--repeats` times; each side's fastest run counts, every run
-  is recorded);
+  `overhead_measured` = engine time / single time - 1 (engine, single model, naive process and the
+  TTFT/TPOT probe below each run once per round, `--repeats` rounds, so the machine's slow spells
+  hit every side alike; each side's fastest run counts, every run is recorded);
 - the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from TTFT (one prompt pass) and TPOT (one decode
-  step) of the single model, measured in the same part: at the engine's batch size with its batches' TTFT, TPOT and
-  longest answers (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its
+  step) of the single model, each the mean over every batch of the workload, measured in the same
+  part: at the engine's batch size with its batches' TTFT, TPOT and longest answers (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its
   decoding steps while every LoRA check stays a compute-bound prompt pass);
 - one query at a time, the paper's regime: engine and single model at batch 1 on the naive
   process's sample -> `overhead_batch1`, against the cost model from batch-1 TTFT, TPOT and the
@@ -128,9 +128,10 @@ def timed(fn):
 
 
 def ttft_tpot(engine, owner: str, batches: list[list[list[int]]], steps: int = 16) -> tuple[float, float]:
-    """Median seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix
-    cache) and of one decode step of that batch by the single model `owner`: the TTFT and TPOT of
-    the cost model at that batch size."""
+    """Mean seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix
+    cache) and of one decode step of that batch by the single model `owner`, over every batch of
+    the workload (prompt lengths differ by task, so a sample of batches would misstate the total):
+    the TTFT and TPOT of the cost model at that batch size."""
     import torch
 
     from seecl.engine import PrefixCache
@@ -148,7 +149,7 @@ def ttft_tpot(engine, owner: str, batches: list[list[list[int]]], steps: int = 1
                     steps_s.append(dt)
     finally:
         engine.prefix_cache = cache
-    return statistics.median(firsts), statistics.median(steps_s)
+    return statistics.mean(firsts), statistics.mean(steps_s)
 
 
 def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
@@ -179,17 +180,25 @@ def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> f
     return seconds
 
 
-def engine_and_single(ens, engine, queries, budgets, repeats: int):
-    """Seconds of the routed engine and of the single model on `queries`, `repeats` times each,
-    alternating, so a slow spell of the shared machine hits both sides (report the minimum); and
-    the engine's answers."""
-    engine_runs, single_runs = [], []
+def engine_and_single(ens, engine, queries, budgets, repeats: int, also: dict | None = None):
+    """Seconds of the routed engine and of the single model on `queries`, and the results of every
+    measurement in `also` (the naive process, the cost model's TTFT and TPOT), each taken once per
+    round for `repeats` rounds, so a slow spell of the shared machine hits every side alike (report
+    each side's fastest); and the engine's answers."""
+    also = also or {}
+    runs: dict[str, list] = {"engine": [], "single": [], **{name: [] for name in also}}
     for _ in range(repeats):
         engine.prefix_cache.clear()
         answers, seconds = timed(lambda: engine.ask(queries, budgets))
-        engine_runs.append(seconds)
-        single_runs.append(single_model_seconds(ens, engine, queries, answer_tokens(ens, answers), budgets))
-    return engine_runs, single_runs, answers
+        runs["engine"].append(seconds)
+        runs["single"].append(single_model_seconds(ens, engine, queries, answer_tokens(ens, answers), budgets))
+        for name, measure in also.items():
+            runs[name].append(measure())
+    return runs, answers
+
+
+def fastest_ttft_tpot(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(ttft for ttft, _ in runs), min(tpot for _, tpot in runs)
 
 
 def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int], repeats: int) -> dict:
@@ -202,19 +211,22 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     engine = ens.engine()
     router = ens.router()
     engine.ask(queries[:2], 2)  # warm-up (thread pools, allocator)
-    engine_runs, single_runs, answers = engine_and_single(ens, engine, queries, budgets, repeats)
-    engine_s, single_s = min(engine_runs), min(single_runs)
-    routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
-    lengths = answer_tokens(ens, answers)
-    # The naive process answers one query at a time; it is timed on an even sample of the queries.
-    naive_runs = [timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])[1] for _ in range(repeats)]
-    naive_qps = len(sample) / min(naive_runs)
-    # The cost model in the regime measured above: batches as the engine cuts them, a batch
-    # decoding until its longest answer is done.
+    # The cost model in the regime measured: batches as the engine cuts them, a batch decoding
+    # until its longest answer is done. The naive process answers one query at a time and is
+    # timed on an even sample of the queries.
     prompts = [ens.formatter().prompt_ids(q) for q in queries]
     order = batch_order(prompts, engine.prefix_cache.block)
     batches = [order[i: i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
-    ttft_b, tpot_b = ttft_tpot(engine, experts[-1], [[prompts[i] for i in b] for b in batches[:: max(1, len(batches) // 5)][:5]])
+    probe = [[prompts[i] for i in b] for b in batches]
+    runs, answers = engine_and_single(ens, engine, queries, budgets, repeats, also={
+        "naive": lambda: timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])[1],
+        "ttft_tpot": lambda: ttft_tpot(engine, experts[-1], probe)})
+    engine_runs, single_runs, naive_runs = runs["engine"], runs["single"], runs["naive"]
+    engine_s, single_s = min(engine_runs), min(single_runs)
+    routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
+    lengths = answer_tokens(ens, answers)
+    naive_qps = len(sample) / min(naive_runs)
+    ttft_b, tpot_b = fastest_ttft_tpot(runs["ttft_tpot"])
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     m = len(experts)
     row = {
@@ -224,7 +236,8 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
         "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs, "naive_seconds_runs": naive_runs,
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
         "overhead_measured": engine_s / single_s - 1, "batch_size": engine.batch_size,
-        "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "mean_batch_answer_tokens": n_b,
+        "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "ttft_tpot_batch_runs": runs["ttft_tpot"],
+        "mean_batch_answer_tokens": n_b,
         "overhead_eq8_batch": cost_model(ttft_b, tpot_b, m, n_b),
         "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses},
     }
@@ -241,15 +254,18 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     engine = ens.engine()
     chosen, limits = [queries[i] for i in sample], [budgets[i] for i in sample]
     engine.ask(chosen[:1], 2)  # warm-up
-    engine_runs, single_runs, answers = engine_and_single(ens, engine, chosen, limits, repeats)
+    probe = [[ens.formatter().prompt_ids(q)] for q in chosen]
+    runs, answers = engine_and_single(ens, engine, chosen, limits, repeats,
+                                      also={"ttft_tpot": lambda: ttft_tpot(engine, ens.experts()[-1], probe)})
+    engine_runs, single_runs = runs["engine"], runs["single"]
     engine_s, single_s = min(engine_runs), min(single_runs)
     lengths = answer_tokens(ens, answers)
-    ttft, tpot = ttft_tpot(engine, ens.experts()[-1], [[ens.formatter().prompt_ids(q)] for q in chosen[:: max(1, len(chosen) // 10)]])
+    ttft, tpot = fastest_ttft_tpot(runs["ttft_tpot"])
     n = statistics.mean(lengths)
     row = {"queries": len(chosen), "engine_s_per_query": engine_s / len(chosen),
            "single_s_per_query": single_s / len(chosen), "overhead_measured": engine_s / single_s - 1,
            "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs,
-           "ttft_s": ttft, "tpot_s": tpot, "mean_answer_tokens": n,
+           "ttft_s": ttft, "tpot_s": tpot, "ttft_tpot_runs": runs["ttft_tpot"], "mean_answer_tokens": n,
            "overhead_eq8": cost_model(ttft, tpot, len(ens.experts()), n),
            "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses}}
     print(f"{label} batch 1: {row}")
@@ -476,9 +492,10 @@ def main() -> None:
         print_table(f"AR, {quality['lora']} against {quality['alora']}", ["run", quality["lora"], quality["alora"], "gap"],
                     [[name, f"{ar[quality['lora']]:.2f}", f"{ar[quality['alora']]:.2f}", f"{gap:.2f}"]
                      for (name, ar), gap in zip(quality["runs"].items(), quality["gap_per_run"])])
+    target_rows = targets(summary, quality)
     result["targets"] = {row[0]: {"value": float(row[1]), "bound": row[2], "met": row[3] == "yes"}
-                         for row in targets(summary, quality)}
-    print_table("Targets", ["metric", "value", "bound", "met"], targets(summary, quality))
+                         for row in target_rows}
+    print_table("Targets", ["metric", "value", "bound", "met"], target_rows)
     write_json(out, result)
 
 
