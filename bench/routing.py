@@ -17,8 +17,9 @@ In one run:
   hit every side alike; each side's fastest run counts, every run is recorded);
 - the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from TTFT (one prompt pass) and TPOT (one decode
   step) of the single model, each the mean over every batch of the workload, measured in the same
-  part: at the engine's batch size with its batches' TTFT, TPOT and longest answers (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its
-  decoding steps while every LoRA check stays a compute-bound prompt pass);
+  part: at the engine's batch size with its batches' TTFT, TPOT and longest answers
+  (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its decoding steps
+  while every LoRA check stays a compute-bound prompt pass);
 - one query at a time, the paper's regime: engine and single model at batch 1 on the naive
   process's sample -> `overhead_batch1`, against the cost model from batch-1 TTFT, TPOT and the
   mean answer length (`overhead_eq8`);
