@@ -181,7 +181,7 @@ def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> f
     return seconds
 
 
-def engine_and_single(ens, engine, queries, budgets, repeats: int, also: dict | None = None):
+def timed_rounds(ens, engine, queries, budgets, repeats: int, also: dict | None = None):
     """Seconds of the routed engine and of the single model on `queries`, and the results of every
     measurement in `also` (the naive process, the cost model's TTFT and TPOT), each taken once per
     round for `repeats` rounds, so a slow spell of the shared machine hits every side alike (report
@@ -219,7 +219,7 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     order = batch_order(prompts, engine.prefix_cache.block)
     batches = [order[i: i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
     probe = [[prompts[i] for i in b] for b in batches]
-    runs, answers = engine_and_single(ens, engine, queries, budgets, repeats, also={
+    runs, answers = timed_rounds(ens, engine, queries, budgets, repeats, also={
         "naive": lambda: timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])[1],
         "ttft_tpot": lambda: ttft_tpot(engine, experts[-1], probe)})
     engine_runs, single_runs, naive_runs = runs["engine"], runs["single"], runs["naive"]
@@ -256,7 +256,7 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     chosen, limits = [queries[i] for i in sample], [budgets[i] for i in sample]
     engine.ask(chosen[:1], 2)  # warm-up
     probe = [[ens.formatter().prompt_ids(q)] for q in chosen]
-    runs, answers = engine_and_single(ens, engine, chosen, limits, repeats,
+    runs, answers = timed_rounds(ens, engine, chosen, limits, repeats,
                                       also={"ttft_tpot": lambda: ttft_tpot(engine, ens.experts()[-1], probe)})
     engine_runs, single_runs = runs["engine"], runs["single"]
     engine_s, single_s = min(engine_runs), min(single_runs)
@@ -400,21 +400,17 @@ def ar_by_seed(alora_label: str) -> dict:
             "mean_gap": statistics.mean(gaps)}
 
 
-def targets(summary: dict, quality: dict) -> list[list]:
-    """The issue's targets as rows: metric, value, bound, met."""
+def targets(summary: dict, quality: dict) -> dict:
+    """The issue's targets that this run can judge: metric -> value, bound and whether it is met."""
     bounds = [("speedup_vs_naive", ">=", 3.0), ("overhead_measured", "<=", summary.get("overhead_eq8_batch")),
               ("overhead_batch1", "<=", summary.get("overhead_eq8")), ("overhead_alora", "<=", 0.1),
               ("mb_per_expert", "<=", 2.5), ("rss_added_100_experts_mb", "<=", 300.0)]
     if quality:
         summary = {**summary, "alora_ar_gap_mean": quality["mean_gap"]}
         bounds.append(("alora_ar_gap_mean", "<=", 1.0))
-    rows = []
-    for key, op, bound in bounds:
-        if key in summary and bound is not None:
-            value = summary[key]
-            met = value >= bound if op == ">=" else value <= bound
-            rows.append([key, f"{value:.3f}", f"{op} {bound:.3f}", "yes" if met else "no"])
-    return rows
+    return {key: {"value": summary[key], "bound": f"{op} {bound:.3f}",
+                  "met": summary[key] >= bound if op == ">=" else summary[key] <= bound}
+            for key, op, bound in bounds if key in summary and bound is not None}
 
 
 def main() -> None:
@@ -493,10 +489,9 @@ def main() -> None:
         print_table(f"AR, {quality['lora']} against {quality['alora']}", ["run", quality["lora"], quality["alora"], "gap"],
                     [[name, f"{ar[quality['lora']]:.2f}", f"{ar[quality['alora']]:.2f}", f"{gap:.2f}"]
                      for (name, ar), gap in zip(quality["runs"].items(), quality["gap_per_run"])])
-    target_rows = targets(summary, quality)
-    result["targets"] = {row[0]: {"value": float(row[1]), "bound": row[2], "met": row[3] == "yes"}
-                         for row in target_rows}
-    print_table("Targets", ["metric", "value", "bound", "met"], target_rows)
+    result["targets"] = targets(summary, quality)
+    print_table("Targets", ["metric", "value", "bound", "met"],
+                [[key, f"{t['value']:.3f}", t["bound"], "yes" if t["met"] else "no"] for key, t in result["targets"].items()])
     write_json(out, result)
 
 
