@@ -201,6 +201,36 @@ def test_one_query_at_a_time_reuses_the_shared_definition(learned):
     _assert_same(fast, learned.router().ask(queries, 6))
 
 
+def test_a_batch_spanning_two_definitions_prefills_each_on_its_own_head(learned):
+    from seecl.data.prompts import common_prefix_length
+
+    definitions = {"uppercase": "Definition: write the words of the input in capital letters, in order. ",
+                   "reverse_list": "Definition: list the items of the input from the last to the first. "}
+    families = [[definition + inst.query for inst in make_task(name, "eval", 3).instances]
+                for name, definition in definitions.items()]
+    queries = families[0] + families[1]
+    engine = _engine(learned, batch_size=len(queries))
+    _assert_same(engine.ask(queries, 6), learned.router().ask(queries, 6))
+    block = engine.prefix_cache.block
+    prompts = [[engine.formatter.prompt_ids(q) for q in family] for family in families]
+    batch_head = common_prefix_length(prompts[0] + prompts[1]) // block * block
+    newest = learned.experts()[-1]  # every query's first check
+    for family in prompts:
+        head = common_prefix_length(family) // block * block
+        assert head > batch_head
+        assert engine.prefix_cache.lookup(newest, family[0])[0] >= head, "the family's own head is cached"
+
+
+def test_shared_runs_split_a_batch_where_its_rows_stop_sharing_more_than_all():
+    from seecl.prefix_cache import shared_runs
+
+    prompts = [[1, 2, 3, 4, 9], [1, 2, 3, 4, 8], [1, 2, 5, 6, 7], [1, 2, 5, 6, 0], [1, 2, 7]]
+    assert shared_runs(prompts, 2) == [[0, 1], [2, 3], [4]]
+    assert shared_runs(prompts[:2], 2) == [[0, 1]]
+    assert shared_runs([[1, 2, 3], [4, 5, 6], [7]], 2) == [[0, 1, 2]]  # nothing shared: one pass
+    assert shared_runs([[9], [8]] + prompts[:2] + [[7]], 2) == [[0, 1], [2, 3], [4]]
+
+
 def test_engine_leaves_indicator_rows_unmerged(learned):
     """After a pass the shared embedding holds the base rows again (the base answers stay base)."""
     embedding = learned.model.get_base_model().get_input_embeddings()
@@ -326,6 +356,9 @@ def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
     assert sorted(order) == list(range(len(prompts))), "a permutation"
     assert order == [3, 6, 0, 2, 5, 7, 1, 4], "groups by shared block, then loners; shortest first in each"
     assert batch_order(prompts, block=32) == order, "deterministic"
+    header = list(range(300, 340))  # a system prompt every prompt starts with: groups form behind it
+    assert batch_order([header + p for p in prompts], block=32) == order
+    assert batch_order([header + p for p in prompts], block=8) == order
 
 
 def test_generate_ignore_eos_decodes_exactly_the_budget(learned):

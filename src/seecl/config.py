@@ -183,7 +183,7 @@ class GenerateConfig:
         "'fast': batched routing with KV reuse and a prefix cache (engine.py); 'reference': one "
         "full prompt pass per expert, then a fresh generation pass (routing.py).", "fast")
     prefix_cache_tokens: int = doc("Token budget of the fast engine's prefix cache (0 disables it).", 4096)
-    prefix_block: int = doc("Shared prefixes are cached in multiples of this many tokens.", 32)
+    prefix_block: int = doc("Shared prefixes are cached in multiples of this many tokens.", 8)
     prefill_tokens: int = doc(
         "Most tokens (rows x padded width) the fast engine feeds in one prefill forward; a larger "
         "batch is prefilled in chunks and decoded together (big CPU forwards run slower per token).", 512)

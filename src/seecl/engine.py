@@ -35,7 +35,7 @@ import torch
 
 from .data.prompts import PromptFormatter, common_prefix_length
 from .models import cache_keyword, kv_buffer, kv_cache, returned_cache
-from .prefix_cache import PrefixCache, batch_order
+from .prefix_cache import PrefixCache, batch_order, shared_runs
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
 
 
@@ -134,7 +134,7 @@ class RoutingEngine:
 
     def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
                  threshold: Thresholds = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
-                 prefix_block: int = 32, prefill_tokens: int = 512):
+                 prefix_block: int = 8, prefill_tokens: int = 512):
         self.model, self.formatter = model, formatter
         self.indicators = formatter.indicators
         self.experts = list(experts)
@@ -284,7 +284,18 @@ class RoutingEngine:
 
     def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
                  tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
-        """Fresh prefill of `prompts` by `owner` (already active), reusing a cached shared prefix.
+        """Fresh prefill of `prompts` by `owner` (already active): returns the rows' state and
+        log-probs at the last `keep` positions. Runs of prompts that share more than all of them
+        do (`prefix_cache.shared_runs`) are prefilled apart, each on its own cached head."""
+        if self.prefix_cache.max_tokens == 0 or len(prompts) == 1:
+            return self._prefill_shared(owner, prompts, keep, tail)
+        parts = [self._prefill_shared(owner, [prompts[r] for r in run], keep, tail)
+                 for run in shared_runs(prompts, self.prefix_cache.block)]
+        return _merge([state for state, _ in parts]), torch.cat([logprobs for _, logprobs in parts])
+
+    def _prefill_shared(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
+                        tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
+        """`_prefill` of prompts prefilled together, reusing a cached shared prefix.
 
         The block-aligned part of the prompts' common prefix that the cache lacks is stored for
         later prompts. Several prompts compute it once, in a pass of its own before their rests; a

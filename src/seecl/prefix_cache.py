@@ -1,7 +1,8 @@
 """The routing engine's prefix cache: per-owner KV of block-aligned prompt heads, LRU within a token budget.
 
-Owns which prefixes are kept, how a prompt finds the longest cached head of itself, eviction, and
-the batch order that lets prompts sharing a head meet in one batch.
+Owns which prefixes are kept, how a prompt finds the longest cached head of itself, eviction, the
+batch order that lets prompts sharing a head meet in one batch, and the runs of a batch that share
+more than the whole batch does.
 Does not run the model: the engine computes the KV it stores and continues from what it finds.
 """
 
@@ -31,7 +32,7 @@ class PrefixCache:
     time, where the stored prefix is a whole earlier prompt.
     """
 
-    def __init__(self, max_tokens: int = 4096, block: int = 32):
+    def __init__(self, max_tokens: int = 4096, block: int = 8):
         self.max_tokens, self.block = max_tokens, block
         self.entries: OrderedDict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self.heads: dict[tuple, tuple] = {}  # (owner, head tokens) -> key of an entry that starts with it
@@ -93,17 +94,48 @@ class PrefixCache:
 def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     """The order in which prompts are cut into batches.
 
-    Prompts that share at least one prefix block stay together, so the prefix cache prefills their
-    shared part once; inside each such group, and among the prompts that share nothing, shorter
-    prompts come first, so a batch pads little (padding is computed at every expert's check).
+    Prompts that share at least one prefix block more than all prompts do (a task definition
+    behind a common system prompt) stay together, so the prefix cache prefills their shared part
+    once; inside each such group, and among the prompts that share nothing more, shorter prompts
+    come first, so a batch pads little (padding is computed at every expert's check).
     """
+    if not prompts:
+        return []
+    floor = common_prefix_length(prompts) // block * block
     by_text = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
     groups: list[list[int]] = []
     for previous, index in zip([None] + by_text, by_text):
-        if previous is not None and common_prefix_length([prompts[previous], prompts[index]]) >= block:
+        if previous is not None and common_prefix_length([prompts[previous], prompts[index]]) >= floor + block:
             groups[-1].append(index)
         else:
             groups.append([index])
     loners = [g[0] for g in groups if len(g) == 1]
     groups = [g for g in groups if len(g) > 1] + [loners]
     return [i for group in groups for i in sorted(group, key=lambda i: (len(prompts[i]), i))]
+
+
+def shared_runs(prompts: Sequence[Sequence[int]], block: int) -> list[list[int]]:
+    """Consecutive runs of `prompts` that share more block-aligned prefix than all of them do.
+
+    A batch cut from `batch_order` may span the end of one group and the start of the next (two
+    task definitions behind a common system prompt); prefilled as one, its rows could share only
+    the system prompt, while each run shares its own definition. Neighbouring rows that share no
+    more than all do with anyone stay one run (a pass per row would gain nothing).
+    """
+    def aligned(n: int) -> int:
+        return n // block * block
+
+    floor = aligned(common_prefix_length(prompts))
+    runs = [[0]]
+    for row in range(1, len(prompts)):
+        if aligned(common_prefix_length([prompts[row - 1], prompts[row]])) > floor:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    coalesced: list[list[int]] = []
+    for run, previous in zip(runs, [None] + runs):
+        if len(run) == 1 and previous is not None and len(previous) == 1:
+            coalesced[-1].append(run[0])
+        else:
+            coalesced.append(list(run))
+    return coalesced
