@@ -15,11 +15,23 @@ DATA = Path(os.environ.get("SEECL_DATA", ROOT.parent / "shared" / "data"))
 RESULTS = ROOT / "results" / "bench"
 
 
+def cpu_model() -> str:
+    """The processor's name (timings from different processors of the shared pool do not compare)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine()}
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_model()}
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -32,8 +32,8 @@ In one run:
 
     python bench/routing.py                 # writes results/bench/routing.json
 
-Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once and
-kept by the next run with the same workload; `--redo` measures everything again, `--redo lora
+Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once, with
+the processor it ran on (`cpu`), and kept by the next run with the same workload; `--redo` measures everything again, `--redo lora
 lora_batch1` only the parts named.
 """
 
@@ -47,7 +47,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import DATA, RESULTS, ROOT, machine, print_table, write_json
+from common import DATA, RESULTS, ROOT, cpu_model, machine, print_table, write_json
 
 TASKS = ["qa", "qg", "sa", "sum", "trans"]
 RUN = ROOT / "results" / "superni-mini"  # the `seecl bench superni` run whose experts are timed
@@ -370,7 +370,7 @@ def plot(curve: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, points in curve.items():
+    for kind, points in ((k, curve[k]) for k in ("lora", "alora") if k in curve):
         xs = sorted(int(k) for k in points)
         ax.plot(xs, [1000 * points[k] if k in points else 1000 * points[str(k)] for k in xs], marker="o",
                 label={"lora": "LoRA experts", "alora": "aLoRA experts"}[kind])
@@ -452,7 +452,7 @@ def main() -> None:
         if key in result:
             print(f"{key}: kept from {out.name} (--redo to measure again)")
             return
-        result[key] = measure()
+        result[key] = {**measure(), "cpu": cpu_model()}  # the shared pool mixes processors
         write_json(out, result)
 
     sample = naive_sample(len(queries), args.naive_queries)

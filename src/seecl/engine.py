@@ -13,7 +13,8 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
 - after the walk, a batch's answers are decoded together, each row under the expert that claimed
   it (or the base): PEFT mixed-adapter batches, one stream of the weights per step;
 - a prefix cache per owner (an expert, or the base; `prefix_cache.PrefixCache`), so prompts that
-  share a task definition or system prompt prefill it once, in a batch or one query at a time;
+  share a task definition or system prompt prefill it once, in a batch or one query at a time; a
+  batch that spans two definitions prefills each run of rows on its own head;
 - activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
   prefilled once by the base model and its KV is shared by every expert's check, which then costs
   only the invocation and indicator-prefix positions; unclaimed queries continue on the base KV.
