@@ -16,7 +16,7 @@ RESULTS = ROOT / "results" / "bench"
 
 
 def cpu_model() -> str:
-    """The processor's name (timings from different processors of the shared pool do not compare)."""
+    """The processor's name (timings taken on different processors do not compare)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:

@@ -33,8 +33,8 @@ In one run:
     python bench/routing.py                 # writes results/bench/routing.json
 
 Resumable: every finished part (lora, alora, memory, latency_vs_experts) is written at once, with
-the processor it ran on (`cpu`), and kept by the next run with the same workload; `--redo` measures everything again, `--redo lora
-lora_batch1` only the parts named.
+the processor it ran on (`cpu`), and kept by the next run with the same workload; `--redo`
+measures everything again, `--redo lora lora_batch1` only the parts named.
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def main() -> None:
         if key in result:
             print(f"{key}: kept from {out.name} (--redo to measure again)")
             return
-        result[key] = {**measure(), "cpu": cpu_model()}  # the shared pool mixes processors
+        result[key] = {**measure(), "cpu": cpu_model()}  # kept parts may come from another host
         write_json(out, result)
 
     sample = naive_sample(len(queries), args.naive_queries)

@@ -91,6 +91,12 @@ class PrefixCache:
         self.tokens = 0
 
 
+def _floor(prompts: Sequence[Sequence[int]], block: int) -> int:
+    """The block-aligned length of the head every prompt shares (a system prompt): rows group by
+    what they share beyond it."""
+    return common_prefix_length(prompts) // block * block
+
+
 def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     """The order in which prompts are cut into batches.
 
@@ -101,7 +107,7 @@ def batch_order(prompts: Sequence[Sequence[int]], block: int) -> list[int]:
     """
     if not prompts:
         return []
-    floor = common_prefix_length(prompts) // block * block
+    floor = _floor(prompts, block)
     by_text = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
     groups: list[list[int]] = []
     for previous, index in zip([None] + by_text, by_text):
@@ -122,13 +128,10 @@ def shared_runs(prompts: Sequence[Sequence[int]], block: int) -> list[list[int]]
     the system prompt, while each run shares its own definition. Neighbouring rows that share no
     more than all do with anyone stay one run (a pass per row would gain nothing).
     """
-    def aligned(n: int) -> int:
-        return n // block * block
-
-    floor = aligned(common_prefix_length(prompts))
+    floor = _floor(prompts, block)
     runs = [[0]]
     for row in range(1, len(prompts)):
-        if aligned(common_prefix_length([prompts[row - 1], prompts[row]])) > floor:
+        if common_prefix_length([prompts[row - 1], prompts[row]]) >= floor + block:
             runs[-1].append(row)
         else:
             runs.append([row])
@@ -137,5 +140,5 @@ def shared_runs(prompts: Sequence[Sequence[int]], block: int) -> list[list[int]]
         if len(run) == 1 and previous is not None and len(previous) == 1:
             coalesced[-1].append(run[0])
         else:
-            coalesced.append(list(run))
+            coalesced.append(run)
     return coalesced
