@@ -8,18 +8,24 @@ learned through the method: experts held by the run's adapter cache are copied, 
 In one run:
 
 - naive: `routing.SequentialRouter` one query at a time (a full prompt pass per expert, then a
-  fresh generation pass) -> queries/s;
+  fresh generation pass) on an even sample of `--naive-queries` -> queries/s;
 - engine: `engine.RoutingEngine` over the same queries, batch 16 -> queries/s, `speedup_vs_naive`;
 - single: the newest expert answering every query through the same engine, no routing, decoding
   exactly as many tokens as the routed answer (equal decoding work) ->
-  `overhead_measured` = engine time / single time - 1 (engine, single model, naive process and the
-  TTFT/TPOT probe below each run once per round, `--repeats` rounds, so the machine's slow spells
-  hit every side alike; each side's fastest run counts, every run is recorded);
+  `overhead_measured` = engine time / single time - 1;
 - the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) from TTFT (one prompt pass) and TPOT (one decode
-  step) of the single model, each the mean over every batch of the workload, measured in the same
-  part: at the engine's batch size with its batches' TTFT, TPOT and longest answers
-  (`overhead_eq8_batch`, to compare with `overhead_measured`: a batch shares its decoding steps
-  while every LoRA check stays a compute-bound prompt pass);
+  step) of the single model, each the mean over every batch of the workload: at the engine's
+  batch size with its batches' TTFT, TPOT and longest answers (`overhead_eq8_batch`, to compare
+  with `overhead_measured`: a batch shares its decoding steps while every LoRA check stays a
+  compute-bound prompt pass).
+
+All of them are measured batch by batch: the engine routes and answers a batch, the single model
+answers it, the naive process answers its share of the sample, the TTFT/TPOT probe runs on it, then
+the next batch; `--repeats` rounds of that. A slow spell of the shared machine (the same batch has
+taken anywhere from 13 to 21 s on it) so falls on every side of the batches it spans instead of on
+one side's whole run, and each side's fastest round per batch counts (every round's total is
+recorded too). Further parts:
+
 - one query at a time, the paper's regime: engine and single model at batch 1 on the naive
   process's sample -> `overhead_batch1`, against the cost model from batch-1 TTFT, TPOT and the
   mean answer length (`overhead_eq8`);
@@ -128,29 +134,26 @@ def timed(fn):
     return value, time.perf_counter() - started
 
 
-def ttft_tpot(engine, owner: str, batches: list[list[list[int]]], steps: int = 16) -> tuple[float, float]:
-    """Mean seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix
-    cache) and of one decode step of that batch by the single model `owner`, over every batch of
-    the workload (prompt lengths differ by task, so a sample of batches would misstate the total):
-    the TTFT and TPOT of the cost model at that batch size."""
+def ttft_tpot(engine, owner: str, prompts: list[list[int]], steps: int = 16) -> tuple[float, float]:
+    """Seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix cache) and
+    of one decode step of that batch (the mean of `steps`) by the single model `owner`: the TTFT
+    and TPOT of the cost model at that batch size."""
     import torch
 
     from seecl.engine import PrefixCache
 
     cache, engine.prefix_cache = engine.prefix_cache, PrefixCache(0)
-    firsts, steps_s = [], []
     try:
         with torch.inference_mode(), engine._use(owner):
-            for prompts in batches:
-                (state, logprobs), t1 = timed(lambda: engine._prefill(owner, prompts, 1))
-                firsts.append(t1)
-                for _ in range(steps):
-                    tokens = logprobs[:, -1].argmax(-1).tolist()
-                    (state, logprobs), dt = timed(lambda: engine._extend(state, [[t] for t in tokens], 1))
-                    steps_s.append(dt)
+            (state, logprobs), first = timed(lambda: engine._prefill(owner, prompts, 1, room=steps))
+            step_seconds = []
+            for _ in range(steps):
+                tokens = logprobs[:, -1].argmax(-1).tolist()
+                (state, logprobs), dt = timed(lambda: engine._extend(state, [[t] for t in tokens], 1))
+                step_seconds.append(dt)
     finally:
         engine.prefix_cache = cache
-    return statistics.mean(firsts), statistics.mean(steps_s)
+    return first, statistics.mean(step_seconds)
 
 
 def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
@@ -171,76 +174,98 @@ def answer_tokens(ens, answers) -> list[int]:
     return [len(formatter.text_ids(a.text)) for a in answers]
 
 
-def single_model_seconds(ens, engine, queries, lengths: list[int], budgets) -> float:
-    """Time of the newest expert answering every query directly, decoding exactly as many tokens
-    as the routed answer took (`lengths`, plus the end token), so both sides do the same decoding."""
-    steps = [min(n + 1, b) for n, b in zip(lengths, budgets)]
-    pos = list(ens.base.indicators.pos_ids)
-    engine.prefix_cache.clear()
-    _, seconds = timed(lambda: engine.generate(ens.experts()[-1], queries, steps, forced=pos, ignore_eos=True))
-    return seconds
-
-
-def timed_rounds(ens, engine, queries, budgets, repeats: int, also: dict | None = None):
-    """Seconds of the routed engine and of the single model on `queries`, and the results of every
-    measurement in `also` (the naive process, the cost model's TTFT and TPOT), each taken once per
-    round for `repeats` rounds, so a slow spell of the shared machine hits every side alike (report
-    each side's fastest); and the engine's answers."""
-    also = also or {}
-    runs: dict[str, list] = {"engine": [], "single": [], **{name: [] for name in also}}
+def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None) -> dict[str, list[list]]:
+    """Every measure (name -> function of an item index) on item 0, then every measure on item 1,
+    and so on, for `repeats` rounds (`new_round` runs before each). A slow spell of the shared
+    machine then falls on all sides of the items it spans, not on one side's whole run; each
+    side's fastest round per item is what counts. Returns name -> [item][round] results."""
+    results = {name: [[] for _ in range(items)] for name in measures}
     for _ in range(repeats):
-        engine.prefix_cache.clear()
-        answers, seconds = timed(lambda: engine.ask(queries, budgets))
-        runs["engine"].append(seconds)
-        runs["single"].append(single_model_seconds(ens, engine, queries, answer_tokens(ens, answers), budgets))
-        for name, measure in also.items():
-            runs[name].append(measure())
-    return runs, answers
+        new_round()
+        for item in range(items):
+            for name, measure in measures.items():
+                results[name][item].append(measure(item))
+    return results
 
 
-def fastest_ttft_tpot(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    return min(ttft for ttft, _ in runs), min(tpot for _, tpot in runs)
+def fastest(per_item: list[list[float]]) -> float:
+    """Sum over the items of each item's fastest round."""
+    return sum(min(rounds) for rounds in per_item)
+
+
+def per_round(per_item: list[list[float]]) -> list[float]:
+    """Total of each round (every round's items added up), as recorded for inspection."""
+    return [sum(rounds[r] for rounds in per_item) for r in range(len(per_item[0]))]
+
+
+def routed_and_single(ens, engine, queries, budgets, batches: list[list[int]], caches: dict, answers: dict):
+    """The two measures every comparison pairs on a batch of query indices: the routed engine, and
+    the newest expert answering the same queries directly through the same engine, decoding
+    exactly as many tokens as each routed answer took (its length plus the end token), so both
+    sides do the same decoding. Each side keeps its own prefix cache (`caches`)."""
+    pos = list(ens.base.indicators.pos_ids)
+
+    def engine_side(item: int) -> float:
+        engine.prefix_cache = caches["engine"]
+        chosen = batches[item]
+        routed, seconds = timed(lambda: engine.ask([queries[i] for i in chosen], [budgets[i] for i in chosen]))
+        answers.update(zip(chosen, routed))
+        return seconds
+
+    def single_side(item: int) -> float:
+        engine.prefix_cache = caches["single"]
+        chosen = batches[item]
+        lengths = answer_tokens(ens, [answers[i] for i in chosen])
+        steps = [min(n + 1, budgets[i]) for n, i in zip(lengths, chosen)]
+        return timed(lambda: engine.generate(ens.experts()[-1], [queries[i] for i in chosen], steps,
+                                             forced=pos, ignore_eos=True))[1]
+
+    return {"engine": engine_side, "single": single_side}
 
 
 def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int], repeats: int) -> dict:
-    """naive vs engine vs single model on one trained ensemble."""
-    from seecl.prefix_cache import batch_order
+    """naive vs engine vs single model on one trained ensemble, batch by batch."""
     from seecl.methods.see import SeeEnsemble
+    from seecl.prefix_cache import PrefixCache, batch_order
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
     experts = ens.experts()
     engine = ens.engine()
     router = ens.router()
     engine.ask(queries[:2], 2)  # warm-up (thread pools, allocator)
-    # The cost model in the regime measured: batches as the engine cuts them, a batch decoding
-    # until its longest answer is done. The naive process answers one query at a time and is
-    # timed on an even sample of the queries.
+    # Batches as the engine cuts them (the cost model in that regime: a batch decodes until its
+    # longest answer is done). The naive process answers one query at a time, timed on an even
+    # sample of the queries, spread over the batches so that it runs beside them.
     prompts = [ens.formatter().prompt_ids(q) for q in queries]
     order = batch_order(prompts, engine.prefix_cache.block)
     batches = [order[i: i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
-    probe = [[prompts[i] for i in b] for b in batches]
-    runs, answers = timed_rounds(ens, engine, queries, budgets, repeats, also={
-        "naive": lambda: timed(lambda: [router.ask([queries[i]], budgets[i]) for i in sample])[1],
-        "ttft_tpot": lambda: ttft_tpot(engine, experts[-1], probe)})
-    engine_runs, single_runs, naive_runs = runs["engine"], runs["single"], runs["naive"]
-    engine_s, single_s = min(engine_runs), min(single_runs)
-    routed = sum(a.route.answered_by == o for a, o in zip(answers, owners)) / len(owners)
-    lengths = answer_tokens(ens, answers)
-    naive_qps = len(sample) / min(naive_runs)
-    ttft_b, tpot_b = fastest_ttft_tpot(runs["ttft_tpot"])
+    naive_parts = [sample[len(sample) * b // len(batches): len(sample) * (b + 1) // len(batches)]
+                   for b in range(len(batches))]
+    caches = {"engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+              "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block)}
+    answers: dict = {}
+    measures = routed_and_single(ens, engine, queries, budgets, batches, caches, answers)
+    measures["naive"] = lambda item: timed(lambda: [router.ask([queries[i]], budgets[i]) for i in naive_parts[item]])[1]
+    measures["ttft_tpot"] = lambda item: ttft_tpot(engine, experts[-1], [prompts[i] for i in batches[item]])
+    runs = interleaved(len(batches), measures, repeats, lambda: [cache.clear() for cache in caches.values()])
+    engine_s, single_s, naive_s = fastest(runs["engine"]), fastest(runs["single"]), fastest(runs["naive"])
+    routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
+    lengths = answer_tokens(ens, [answers[i] for i in range(len(queries))])
+    ttft_b = statistics.mean(min(t for t, _ in rounds) for rounds in runs["ttft_tpot"])
+    tpot_b = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
-    m = len(experts)
+    naive_qps = len(sample) / naive_s
     row = {
         "experts": experts, "queries": len(queries), "routing_accuracy": routed,
         "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
         "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
-        "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs, "naive_seconds_runs": naive_runs,
+        "naive_seconds": naive_s, "rounds": repeats, "engine_seconds_runs": per_round(runs["engine"]),
+        "single_seconds_runs": per_round(runs["single"]), "naive_seconds_runs": per_round(runs["naive"]),
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
         "overhead_measured": engine_s / single_s - 1, "batch_size": engine.batch_size,
-        "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "ttft_tpot_batch_runs": runs["ttft_tpot"],
-        "mean_batch_answer_tokens": n_b,
-        "overhead_eq8_batch": cost_model(ttft_b, tpot_b, m, n_b),
-        "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses},
+        "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "mean_batch_answer_tokens": n_b,
+        "overhead_eq8_batch": cost_model(ttft_b, tpot_b, len(experts), n_b),
+        "prefix_cache": {"hits": caches["engine"].hits, "misses": caches["engine"].misses},
     }
     print(f"{label}: {row}")
     return row
@@ -250,25 +275,30 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     """Per-query latency of the engine and of the single model, one query at a time, and the cost
     model's prediction from TTFT and TPOT measured at batch 1 (the paper's regime)."""
     from seecl.methods.see import SeeEnsemble
+    from seecl.prefix_cache import PrefixCache
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=1"])
     engine = ens.engine()
-    chosen, limits = [queries[i] for i in sample], [budgets[i] for i in sample]
-    engine.ask(chosen[:1], 2)  # warm-up
-    probe = [[ens.formatter().prompt_ids(q)] for q in chosen]
-    runs, answers = timed_rounds(ens, engine, chosen, limits, repeats,
-                                      also={"ttft_tpot": lambda: ttft_tpot(engine, ens.experts()[-1], probe)})
-    engine_runs, single_runs = runs["engine"], runs["single"]
-    engine_s, single_s = min(engine_runs), min(single_runs)
-    lengths = answer_tokens(ens, answers)
-    ttft, tpot = fastest_ttft_tpot(runs["ttft_tpot"])
+    engine.ask([queries[sample[0]]], 2)  # warm-up
+    caches = {"engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+              "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block)}
+    answers: dict = {}
+    singles = [[i] for i in sample]
+    measures = routed_and_single(ens, engine, queries, budgets, singles, caches, answers)
+    measures["ttft_tpot"] = lambda item: ttft_tpot(engine, ens.experts()[-1], [ens.formatter().prompt_ids(queries[sample[item]])])
+    runs = interleaved(len(sample), measures, repeats, lambda: [cache.clear() for cache in caches.values()])
+    engine_s, single_s = fastest(runs["engine"]), fastest(runs["single"])
+    lengths = answer_tokens(ens, [answers[i] for i in sample])
+    ttft = statistics.mean(min(t for t, _ in rounds) for rounds in runs["ttft_tpot"])
+    tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
     n = statistics.mean(lengths)
-    row = {"queries": len(chosen), "engine_s_per_query": engine_s / len(chosen),
-           "single_s_per_query": single_s / len(chosen), "overhead_measured": engine_s / single_s - 1,
-           "engine_seconds_runs": engine_runs, "single_seconds_runs": single_runs,
-           "ttft_s": ttft, "tpot_s": tpot, "ttft_tpot_runs": runs["ttft_tpot"], "mean_answer_tokens": n,
+    row = {"queries": len(sample), "engine_s_per_query": engine_s / len(sample),
+           "single_s_per_query": single_s / len(sample), "overhead_measured": engine_s / single_s - 1,
+           "rounds": repeats, "engine_seconds_runs": per_round(runs["engine"]),
+           "single_seconds_runs": per_round(runs["single"]),
+           "ttft_s": ttft, "tpot_s": tpot, "mean_answer_tokens": n,
            "overhead_eq8": cost_model(ttft, tpot, len(ens.experts()), n),
-           "prefix_cache": {"hits": engine.prefix_cache.hits, "misses": engine.prefix_cache.misses}}
+           "prefix_cache": {"hits": caches["engine"].hits, "misses": caches["engine"].misses}}
     print(f"{label} batch 1: {row}")
     return row
 
@@ -419,9 +449,8 @@ def main() -> None:
     parser.add_argument("--alora-label", default="SEE(10%)-aLoRA", help="the same for the aLoRA rows ('' skips them)")
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of the naive process, and alternating runs of engine and single model, "
-                             "per comparison (the fastest of each counts)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds over the batches (each side's fastest round per batch counts)")
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
     parser.add_argument("--redo", nargs="*", metavar="PART", default=None, choices=PARTS,
                         help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}")

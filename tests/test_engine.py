@@ -119,14 +119,46 @@ def test_mixed_rows_forward_equals_each_owner_alone(learned, owners):
 
 
 def test_chunks_keep_rows_times_width_within_the_budget():
-    from seecl.engine import _chunks
+    from seecl.batch_kv import row_chunks
 
     widths = [3, 4, 4, 10, 2, 2, 2, 30]
-    groups = _chunks(widths, 12)
+    groups = row_chunks(widths, 12)
     assert [r for g in groups for r in g] == list(range(len(widths)))
     assert all(len(g) == 1 or len(g) * max(widths[r] for r in g) <= 12 for g in groups)
     assert groups == [[0, 1, 2], [3], [4, 5, 6], [7]]
 
+
+
+@pytest.mark.parametrize("fixture", ["learned", "learned_alora"])
+def test_a_batch_one_expert_claims_decodes_in_its_checks_buffers(fixture, request, monkeypatch):
+    """No copy of the batch's KV between its checks and its answers when one expert claims every
+    query (LoRA: that check's buffers; aLoRA: the bodies' buffers, extended in place by each check)."""
+    import seecl.batch_kv
+    import seecl.engine
+
+    ens = request.getfixturevalue(fixture)
+    # queries of a task whose every query one expert claims, preferably after the longest walk
+    candidates = []
+    for name in NAMES:
+        queries = [inst.query for inst in make_task(name, "eval", 4).instances]
+        reference = ens.router().ask(queries, 6)
+        owners = {a.route.answered_by for a in reference}
+        if len(owners) == 1 and BASE not in owners:
+            candidates.append((len(reference[0].route.checks), queries, reference))
+    assert candidates, "the fixture must have a task one expert claims whole"
+    walked, queries, reference = max(candidates, key=lambda c: c[0])
+    assert walked >= 2, "the batch must pass at least one expert before its claim"
+    copies = []
+
+    def counting_gather(parts, room):
+        copies.append([len(rows) for _, rows in parts])
+        return plain_gather(parts, room)
+
+    plain_gather = seecl.batch_kv.gather
+    monkeypatch.setattr(seecl.batch_kv, "gather", counting_gather)
+    monkeypatch.setattr(seecl.engine, "gather", counting_gather)
+    _assert_same(_engine(ens, batch_size=4).ask(queries, 6), reference)
+    assert copies == []
 
 def test_route_only_equals_the_routes_of_ask(learned):
     queries = _queries()

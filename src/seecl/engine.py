@@ -5,19 +5,22 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
 - batched routing: the still-open queries go through the newest expert together; claimed ones
   leave, the rest go on (the walk itself is `routing.walk`, shared with the reference);
 - the indicator check computes logits at the decision positions only;
-- a batch is prefilled in chunks of at most `prefill_tokens` (rows x padded width), then decoded
-  as one batch (chunk states are merged, shorter ones left-padded);
+- a batch is prefilled in chunks of at most `prefill_tokens` (rows x padded width), each chunk
+  writing into the batch's own buffers, then decoded as one batch;
 - a claimed query continues decoding from the KV cache of its own routing pass (no second prefill);
-- decoding writes each step's KV in place, into buffers sized for the answer budgets
-  (`models.kv_buffer`), where a growing cache would copy the whole KV at every token;
+- every forward writes its new KV in place, into buffers sized once for the prompts, the checks
+  and the answer budgets (`batch_kv`), where a growing cache would copy the whole KV at every
+  forward; a batch whose queries one expert claimed decodes in the buffers of that expert's check;
 - after the walk, a batch's answers are decoded together, each row under the expert that claimed
   it (or the base): PEFT mixed-adapter batches, one stream of the weights per step;
 - a prefix cache per owner (an expert, or the base; `prefix_cache.PrefixCache`), so prompts that
   share a task definition or system prompt prefill it once, in a batch or one query at a time; a
   batch that spans two definitions prefills each run of rows on its own head;
 - activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
-  prefilled once by the base model and its KV is shared by every expert's check, which then costs
-  only the invocation and indicator-prefix positions; unclaimed queries continue on the base KV.
+  prefilled once, in the newest expert's check (an aLoRA adapter leaves the body to the base),
+  into buffers that every later check extends in place at the cost of the invocation and
+  indicator-prefix positions only; the claiming checks' positions are written back and the whole
+  batch decodes in those same buffers.
 
 The expert's indicator rows (PEFT trainable tokens) are merged into the shared embedding for the
 duration of its pass, and substituted per row in a mixed decode: PEFT would otherwise rebuild the
@@ -29,49 +32,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from .batch_kv import Rows, allocate, gather, row_chunks
 from .data.prompts import PromptFormatter, common_prefix_length
-from .models import cache_keyword, kv_buffer, kv_cache, returned_cache
+from .models import cache_keyword, kv_cache, kv_over, kv_shape, returned_cache
 from .prefix_cache import PrefixCache, batch_order, shared_runs
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
-
-
-@dataclass
-class _Rows:
-    """Decoding state of a batch of rows: KV cache, attention mask over it, next position ids."""
-
-    cache: object  # transformers DynamicCache
-    mask: torch.Tensor  # [rows, cached tokens], 1 = real token
-    next_pos: torch.Tensor  # [rows]
-
-    def fork(self, rows: Sequence[int]) -> "_Rows":
-        """A new state holding `rows` (the original stays usable: no forward writes a cache's
-        tensors in place, so all rows in order share them and a subset is copied)."""
-        if list(rows) == list(range(self.mask.shape[0])):
-            return _Rows(kv_cache([(layer.keys, layer.values) for layer in self.cache.layers]),
-                         self.mask, self.next_pos)
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index))
-                  for layer in self.cache.layers]
-        return _Rows(kv_cache(layers), self.mask.index_select(0, index), self.next_pos.index_select(0, index))
-
-    def narrow(self, rows: Sequence[int]) -> None:
-        """Keep only `rows`, in place (for a state whose cache no one else holds)."""
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
-        self.cache.batch_select_indices(index)
-        self.mask, self.next_pos = self.mask.index_select(0, index), self.next_pos.index_select(0, index)
-
-
-def _state(layers: list, rows: int, length: int, device) -> _Rows:
-    """`rows` copies of one cached prefix's per-layer (k, v) as a fresh decoding state."""
-    cache = kv_cache([(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous())
-                      for k, v in layers])
-    return _Rows(cache, torch.ones((rows, length), dtype=torch.long, device=device),
-                 torch.full((rows,), length, dtype=torch.long, device=device))
 
 
 @contextlib.contextmanager
@@ -95,41 +64,6 @@ def _grouped_kv_heads(device: torch.device):
         del os.environ[name]
 
 
-def _chunks(widths: Sequence[int], budget: int) -> list[list[int]]:
-    """Consecutive row groups whose rows x longest width stays within `budget` (at least one row)."""
-    groups: list[list[int]] = []
-    widest = 0
-    for row, width in enumerate(widths):
-        if groups and (len(groups[-1]) + 1) * max(widest, width) <= budget:
-            groups[-1].append(row)
-            widest = max(widest, width)
-        else:
-            groups.append([row])
-            widest = width
-    return groups
-
-
-def _merge(states: Sequence[_Rows]) -> _Rows:
-    """One state holding the rows of `states` in order, shorter ones left-padded (masked out)."""
-    if len(states) == 1:
-        return states[0]
-    width = max(s.mask.shape[1] for s in states)
-
-    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-        missing = width - t.shape[dim]
-        if not missing:
-            return t
-        shape = list(t.shape)
-        shape[dim] = missing
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    layers = [(torch.cat([pad(s.cache.layers[i].keys, 2) for s in states]),
-               torch.cat([pad(s.cache.layers[i].values, 2) for s in states]))
-              for i in range(len(states[0].cache.layers))]
-    return _Rows(kv_cache(layers), torch.cat([pad(s.mask, 1) for s in states]),
-                 torch.cat([s.next_pos for s in states]))
-
-
 class RoutingEngine:
     """Batched SEE routing and generation over a PEFT model holding one adapter per expert."""
 
@@ -144,6 +78,8 @@ class RoutingEngine:
         self.eos_id = formatter.eos_id
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
         self.device = next(model.parameters()).device
+        self.kv_shape = kv_shape(model)
+        self._kv_like = model.get_input_embeddings().weight  # dtype and device of the KV buffers
         # aLoRA experts act only from their invocation tokens (the assistant-turn header) on
         configs = getattr(model, "peft_config", {})
         self.alora = {name: list(getattr(configs[name], "alora_invocation_tokens", None) or [])
@@ -253,8 +189,8 @@ class RoutingEngine:
                 layer.merged_adapters.remove(BASE)
 
     # -- forward passes -----------------------------------------------------------------------------
-    def _extend(self, state: _Rows | None, chunks: Sequence[Sequence[int]], keep: int,
-                tail: int | Sequence[int] | None = None) -> tuple[_Rows, torch.Tensor]:
+    def _extend(self, state: Rows | None, chunks: Sequence[Sequence[int]], keep: int,
+                tail: int | Sequence[int] | None = None) -> tuple[Rows, torch.Tensor]:
         """Feed one chunk of new tokens per row (left-padded among themselves) on top of `state`.
 
         Returns the new state and log-probs [rows, keep, vocab] at the last `keep` positions. For an
@@ -271,8 +207,8 @@ class RoutingEngine:
             new_mask[row, width - len(chunk):] = 1
         ids, new_mask = ids.to(self.device), new_mask.to(self.device)
         if state is None:
-            state = _Rows(DynamicCache(), new_mask[:, :0], torch.zeros(len(chunks), dtype=torch.long,
-                                                                       device=self.device))
+            state = Rows(DynamicCache(), new_mask[:, :0], torch.zeros(len(chunks), dtype=torch.long,
+                                                                      device=self.device))
         positions = state.next_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([state.mask, new_mask], dim=1)
         offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
@@ -281,22 +217,12 @@ class RoutingEngine:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-        return _Rows(returned_cache(out), mask, state.next_pos + new_mask.sum(-1)), logprobs
+        return Rows(returned_cache(out), mask, state.next_pos + new_mask.sum(-1)), logprobs
 
-    def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
-                 tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
-        """Fresh prefill of `prompts` by `owner` (already active): returns the rows' state and
-        log-probs at the last `keep` positions. Runs of prompts that share more than all of them
-        do (`prefix_cache.shared_runs`) are prefilled apart, each on its own cached head."""
-        if self.prefix_cache.max_tokens == 0 or len(prompts) == 1:
-            return self._prefill_shared(owner, prompts, keep, tail)
-        parts = [self._prefill_shared(owner, [prompts[r] for r in run], keep, tail)
-                 for run in shared_runs(prompts, self.prefix_cache.block)]
-        return _merge([state for state, _ in parts]), torch.cat([logprobs for _, logprobs in parts])
-
-    def _prefill_shared(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
-                        tail: int | None = None) -> tuple[_Rows, torch.Tensor]:
-        """`_prefill` of prompts prefilled together, reusing a cached shared prefix.
+    def _head(self, owner: str, prompts: Sequence[Sequence[int]], keep: int, tail: int | None
+              ) -> tuple[int, list | None, int]:
+        """The cached head of prompts prefilled together: (its length, per-layer KV or None, and
+        how much of the prompt to store once its own pass has computed it, or 0).
 
         The block-aligned part of the prompts' common prefix that the cache lacks is stored for
         later prompts. Several prompts compute it once, in a pass of its own before their rests; a
@@ -307,36 +233,70 @@ class RoutingEngine:
         shared = min(common_prefix_length(prompts), min(len(p) for p in prompts) - max(keep, tail or 0))
         aligned = max(0, shared) // self.prefix_cache.block * self.prefix_cache.block
         length, layers = self.prefix_cache.lookup(owner, prompts[0][:aligned]) if aligned else (0, None)
-        missing = aligned > length and self.prefix_cache.max_tokens > 0
-        if missing and len(prompts) > 1:
-            head = _state(layers, 1, length, self.device) if layers is not None else None
-            head, _ = self._extend(head, [prompts[0][length:aligned]], 1, 0)
-            layers, length = [(layer.keys, layer.values) for layer in head.cache.layers], aligned
-            self.prefix_cache.store(owner, prompts[0][:aligned], layers)
-            missing = False
-        parts = []
-        for rows in _chunks([len(p) - length for p in prompts], self.prefill_tokens):
-            state = _state(layers, len(rows), length, self.device) if layers is not None else None
-            parts.append(self._extend(state, [prompts[r][length:] for r in rows], keep, tail))
-        state = _merge([state for state, _ in parts])
-        logprobs = torch.cat([logprobs for _, logprobs in parts])
-        if missing:  # one prompt, no padding: its first `aligned` cached positions are the head
-            self.prefix_cache.store(owner, prompts[0][:aligned],
-                                    [(layer.keys, layer.values) for layer in state.cache.layers])
-        return state, logprobs
+        if aligned <= length or self.prefix_cache.max_tokens == 0:
+            return length, layers, 0
+        if len(prompts) == 1:
+            return length, layers, aligned
+        head = None if layers is None else Rows(kv_cache(layers), torch.ones((1, length), dtype=torch.long,
+                                                                               device=self.device),
+                                                torch.full((1,), length, dtype=torch.long, device=self.device))
+        head, _ = self._extend(head, [prompts[0][length:aligned]], 1, 0)
+        layers = [(layer.keys, layer.values) for layer in head.cache.layers]
+        self.prefix_cache.store(owner, prompts[0][:aligned], layers)
+        return aligned, layers, 0
+
+    def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
+                 tail: int | None = None, room: int = 0) -> tuple[Rows, torch.Tensor]:
+        """Fresh prefill of `prompts` by `owner` (already active): returns the rows' state, with
+        `room` free positions for what will follow, and log-probs at the last `keep` positions.
+
+        Runs of prompts that share more than all of them do (`prefix_cache.shared_runs`) each start
+        from their own cached head; each run is fed in chunks of at most `prefill_tokens`, every
+        chunk writing into its rows of the batch's buffers (left-padded to the longest row).
+        """
+        runs = (shared_runs(prompts, self.prefix_cache.block) if self.prefix_cache.max_tokens and len(prompts) > 1
+                else [list(range(len(prompts)))])
+        heads = [self._head(owner, [prompts[r] for r in run], keep, tail) for run in runs]
+        total = max(len(p) for p in prompts)
+        state = allocate(self._kv_like, self.kv_shape, len(prompts), total + room)
+        buffers = state.buffers()
+        mask = torch.zeros((len(prompts), total), dtype=torch.long, device=self.device)
+        next_pos = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        logprobs = []
+        for run, (length, layers, store) in zip(runs, heads):
+            widths = [len(prompts[r]) - length for r in run]
+            for chunk in row_chunks(widths, self.prefill_tokens):
+                first, stop = run[chunk[0]], run[chunk[-1]] + 1
+                # the chunk's head sits right before its tokens, so its forward attends over no
+                # column of the longer rows' padding
+                at = total - max(widths[i] for i in chunk) - length
+                for k, v in buffers:  # masked columns hold zeros, the head its cached KV
+                    k[first:stop, :, :at] = 0
+                    v[first:stop, :, :at] = 0
+                if layers is not None:
+                    for (k, v), (head_k, head_v) in zip(buffers, layers):
+                        k[first:stop, :, at: at + length] = head_k
+                        v[first:stop, :, at: at + length] = head_v
+                    mask[first:stop, at: at + length] = 1
+                rows = state.view(first, stop, at, length, mask[first:stop, at: at + length],
+                                  torch.full((stop - first,), length, dtype=torch.long, device=self.device))
+                rows, chunk_logprobs = self._extend(rows, [prompts[r][length:] for r in range(first, stop)], keep, tail)
+                mask[first:stop, at:], next_pos[first:stop] = rows.mask, rows.next_pos
+                logprobs.append(chunk_logprobs)
+                if store:  # a run of one prompt, unpadded: its first `store` positions are the head
+                    self.prefix_cache.store(owner, prompts[first][:store],
+                                            [(k[first:stop, :, at: at + store], v[first:stop, :, at: at + store])
+                                             for k, v in buffers])
+        return Rows(kv_over(buffers, total), mask, next_pos), torch.cat(logprobs)
 
     @torch.inference_mode()
-    def _decode(self, state: _Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
+    def _decode(self, state: Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
                 ignore_eos: bool = False, owners: list[str] | None = None) -> list[list[int]]:
         """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget
-        (exactly that many tokens with `ignore_eos`). `owners` (the rows' owners under `_use_rows`)
-        is kept in step with the rows as they finish."""
+        (exactly that many tokens with `ignore_eos`), in the state's own buffers. `owners` (the
+        rows' owners under `_use_rows`) is kept in step with the rows as they finish."""
         results: list[list[int]] = [[] for _ in budgets]
         live = list(range(len(budgets)))
-        # The decode's own copy of the KV, in buffers that each step fills in place
-        capacity = state.mask.shape[1] + max(len(f) for f in first) + max(budgets, default=0)
-        state = _Rows(kv_buffer([(layer.keys, layer.values) for layer in state.cache.layers], capacity),
-                      state.mask, state.next_pos)
         state, logprobs = self._extend(state, first, 1)
         while live:
             tokens = logprobs[:, -1].argmax(-1).tolist()
@@ -358,55 +318,124 @@ class RoutingEngine:
             state, logprobs = self._extend(state, [[t] for t in tokens], 1)
         return results
 
-    # -- routing ------------------------------------------------------------------------------------
-    def _check(self, expert: str, batch: list[int], prompts, bodies: _Rows | None) -> tuple[list[Check], _Rows]:
-        """One expert's pass over the open queries `batch`: its verdicts and the rows' state after it."""
-        prefix = list(self.indicators.shared_prefix)
-        with torch.inference_mode(), self._use(expert):
-            if bodies is not None:  # aLoRA: fork the base's body KV, feed invocation + indicator prefix
-                state = bodies.fork([self._rows[i] for i in batch])
-                state, logprobs = self._extend(state, [self.invocation + prefix] * len(batch), len(prefix) + 1)
-            else:
-                tail = len(self.alora[expert]) + len(prefix)
-                state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1, tail)
-        threshold = threshold_for(self.threshold, expert)
-        return [Check(expert, *decide(logprobs[row], self.indicators, threshold)) for row in range(len(batch))], state
-
-    def _base_start(self, batch: list[int], prompts, bodies: _Rows | None) -> tuple[_Rows, list[list[int]]]:
-        """The base's state for answering `batch` and the tokens still to feed before its answer."""
-        if bodies is not None:  # continue on the base's own body KV
-            return bodies.fork([self._rows[i] for i in batch]), [list(self.invocation)] * len(batch)
-        with torch.inference_mode(), self._use(BASE):
-            state, _ = self._prefill(BASE, [prompts[i][:-1] for i in batch], 1)
-        return state, [list(prompts[i][-1:]) for i in batch]
-
-    def _answer(self, groups: list[tuple[str, list[int], _Rows, list[list[int]]]], budgets, texts) -> None:
+    def _answer(self, owners: list[str], queries: list[int], state: Rows, first: list[list[int]],
+                budgets, texts) -> None:
         """Greedy answers of one batch's routed queries, decoded together whichever owner each has.
 
-        A group is (owner, query indices, their state, tokens to feed first). One decode of all of
-        them streams the weights once per step, where a decode per expert would stream them once
-        per step per expert.
+        One decode of all of them streams the weights once per step, where a decode per expert
+        would stream them once per step per expert.
         """
-        owners = [owner for owner, queries, _, _ in groups for _ in queries]
-        queries = [index for _, batch, _, _ in groups for index in batch]
-        first = [tokens for _, _, _, firsts in groups for tokens in firsts]
-        state = _merge([state for _, _, state, _ in groups])
-        groups.clear()  # the merged copy is all that decoding needs
         with torch.inference_mode(), self._use_rows(owners):
             answers = self._decode(state, first, [budgets[i] for i in queries], owners=owners)
         for index, tokens in zip(queries, answers):
             texts[index] = self.formatter.decode(tokens)
 
-    def _prefill_bodies(self, batch: list[int], prompts) -> _Rows:
-        """aLoRA: the base prefills the prompt bodies (everything before the invocation) once."""
+    # -- routing ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _route_prompts(self, chunk: list[int], prompts, budgets, texts) -> list[Route]:
+        """LoRA experts: every check is a prefill of the open prompts by that expert. The claimed
+        rows keep their check's KV; the batch's answers are then decoded together."""
+        prefix = list(self.indicators.shared_prefix)
+        continuation = list(self.indicators.pos_ids[len(prefix):])
+        budget = max(budgets[i] for i in chunk)
+        groups: list[tuple[str, list[int], Rows, list[list[int]]]] = []  # owner, queries, state, first tokens
+
+        def check(expert: str, idx: list[int]) -> list[Check]:
+            batch = [chunk[i] for i in idx]
+            with self._use(expert):
+                state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1,
+                                                len(self.alora[expert]) + len(prefix), len(continuation) + budget)
+            checks = self._verdicts(expert, logprobs)
+            claimed = [row for row, c in enumerate(checks) if c.verdict == "pos" and budgets[batch[row]] > 0]
+            if claimed:
+                groups.append((expert, [batch[r] for r in claimed], state.take(claimed), [continuation] * len(claimed)))
+            return checks
+
+        routes = walk(len(chunk), self.experts[::-1], check)
+        unclaimed = [i for i, r in zip(chunk, routes) if r.answered_by == BASE and budgets[i] > 0]
+        if unclaimed:
+            with self._use(BASE):
+                state, _ = self._prefill(BASE, [prompts[i][:-1] for i in unclaimed], 1, room=1 + budget)
+            groups.append((BASE, unclaimed, state, [list(prompts[i][-1:]) for i in unclaimed]))
+        if groups:
+            room = max(len(f) for *_, firsts in groups for f in firsts) + budget
+            state = (groups[0][2].take(range(len(groups[0][1])), room) if len(groups) == 1
+                     else gather([(s, range(len(q))) for _, q, s, _ in groups], room))
+            owners = [owner for owner, queries, _, _ in groups for _ in queries]
+            queries = [index for _, batch, _, _ in groups for index in batch]
+            first = [tokens for *_, firsts in groups for tokens in firsts]
+            groups.clear()  # the decoding state is all that is needed now
+            self._answer(owners, queries, state, first, budgets, texts)
+        return routes
+
+    @torch.inference_mode()
+    def _route_shared_body(self, chunk: list[int], prompts, budgets, texts) -> list[Route]:
+        """aLoRA experts: the prompt bodies (everything before the invocation) are prefilled once,
+        in the newest expert's check; each later check extends them in place with the invocation
+        and indicator prefix, overwriting the previous check's positions. The claiming checks' positions are kept, written
+        back for their rows, and the batch decodes in the bodies' buffers (unclaimed rows leave
+        those positions masked and feed the invocation to the base)."""
         n = len(self.invocation)
-        for i in batch:
+        for i in chunk:
             if len(prompts[i]) <= n or list(prompts[i][-n:]) != self.invocation:
                 raise ValueError("aLoRA routing needs every prompt to end with the invocation tokens")
-        self._rows = {index: row for row, index in enumerate(batch)}
-        with torch.inference_mode(), self._use(BASE):
-            state, _ = self._prefill(BASE, [prompts[i][:-n] for i in batch], 1)
-        return state
+        prefix = list(self.indicators.shared_prefix)
+        continuation = list(self.indicators.pos_ids[len(prefix):])
+        tail = n + len(prefix)
+        budget = max(budgets[i] for i in chunk)
+        # The newest expert's check is the bodies' own pass: an aLoRA adapter leaves every position
+        # before its invocation to the base, so the bodies' KV is the base's.
+        newest = self.experts[-1]
+        with self._use(newest):
+            first_check = list(self._prefill(newest, [prompts[i] + prefix for i in chunk], len(prefix) + 1, tail,
+                                             room=max(n, len(continuation)) + budget))
+        body = first_check[0].length - tail
+        bodies = Rows(first_check[0].cache, first_check[0].mask[:, :body], first_check[0].next_pos - tail)
+        claims = []  # (rows of the chunk, per-layer KV of their check's tail)
+
+        def check(expert: str, idx: list[int]) -> list[Check]:
+            if first_check:
+                state, logprobs = first_check
+                first_check.clear()
+            else:
+                with self._use(expert):
+                    state = bodies.rewind() if len(idx) == len(chunk) else bodies.take(idx, tail)
+                    state, logprobs = self._extend(state, [self.invocation + prefix] * len(idx), len(prefix) + 1)
+            checks = self._verdicts(expert, logprobs)
+            claimed = [row for row, c in enumerate(checks) if c.verdict == "pos"]
+            if claimed:
+                index = torch.tensor(claimed, device=self.device)
+                claims.append(([idx[r] for r in claimed],
+                               [(layer.keys[:, :, body:].index_select(0, index),
+                                 layer.values[:, :, body:].index_select(0, index)) for layer in state.cache.layers]))
+            return checks
+
+        routes = walk(len(chunk), self.experts[::-1], check)
+        answering = [row for row, i in enumerate(chunk) if budgets[i] > 0]
+        if not answering:
+            return routes
+        bodies.rewind()
+        claimed = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
+        for rows, layers in claims:
+            index = torch.tensor(rows, device=self.device)
+            claimed[index] = 1
+            for (k, v), (tail_k, tail_v) in zip(bodies.buffers(), layers):
+                k[:, :, body: body + tail].index_copy_(0, index, tail_k)
+                v[:, :, body: body + tail].index_copy_(0, index, tail_v)
+        unclaimed = (claimed == 0).nonzero().flatten()
+        bodies.zero(unclaimed, body, body + tail)
+        state = Rows(kv_over(bodies.buffers(), body + tail),
+                     torch.cat([bodies.mask, claimed[:, None].expand(-1, tail)], dim=1),
+                     bodies.next_pos + tail * claimed)
+        state = state.take(answering)
+        owners = [routes[row].answered_by for row in answering]
+        first = [continuation if owner != BASE else list(self.invocation) for owner in owners]
+        self._answer(owners, [chunk[row] for row in answering], state, first, budgets, texts)
+        return routes
+
+    def _verdicts(self, expert: str, logprobs: torch.Tensor) -> list[Check]:
+        threshold = threshold_for(self.threshold, expert)
+        return [Check(expert, *decide(logprobs[row], self.indicators, threshold)) for row in range(len(logprobs))]
 
     def run(self, queries: Sequence[str], budgets: Sequence[int]) -> tuple[list[str], list[Route]]:
         """Texts and routes; a budget of 0 only routes the query (no answer is generated)."""
@@ -415,31 +444,11 @@ class RoutingEngine:
         routes: list[Route | None] = [None] * len(queries)
         # Each batch walks the experts alone, so memory stays bounded by one batch's KV.
         order = batch_order(prompts, self.prefix_cache.block)
-        continuation = list(self.indicators.pos_ids[len(self.indicators.shared_prefix):])
+        route = self._route_shared_body if self.invocation else self._route_prompts
         for start in range(0, len(order), self.batch_size):
             chunk = order[start: start + self.batch_size]
-            bodies = self._prefill_bodies(chunk, prompts) if self.invocation else None
-            groups = []  # (owner, queries, state, first tokens): answered together after the walk
-
-            def check(expert: str, idx: list[int]) -> list[Check]:
-                batch = [chunk[i] for i in idx]
-                checks, state = self._check(expert, batch, prompts, bodies)
-                claimed = [row for row, c in enumerate(checks) if c.verdict == "pos" and budgets[batch[row]] > 0]
-                if claimed:
-                    groups.append((expert, [batch[r] for r in claimed], state.fork(claimed),
-                                   [continuation] * len(claimed)))
-                return checks
-
-            chunk_routes = walk(len(chunk), self.experts[::-1], check)
-            for index, route in zip(chunk, chunk_routes):
-                routes[index] = route
-            unclaimed = [chunk[i] for i, r in enumerate(chunk_routes)
-                         if r.answered_by == BASE and budgets[chunk[i]] > 0]
-            if unclaimed:
-                groups.append((BASE, unclaimed, *self._base_start(unclaimed, prompts, bodies)))
-            bodies = None  # freed before decoding: less memory live while every step reallocates the KV
-            if groups:
-                self._answer(groups, budgets, texts)
+            for index, chunk_route in zip(chunk, route(chunk, prompts, budgets, texts)):
+                routes[index] = chunk_route
         return texts, routes  # type: ignore[return-value]
 
     def generate(self, owner: str, queries: Sequence[str], max_new_tokens: int | Sequence[int],
@@ -453,10 +462,13 @@ class RoutingEngine:
         prompts = [self.formatter.prompt_ids(q) + list(forced) for q in queries]
         texts = [""] * len(queries)
         order = batch_order(prompts, self.prefix_cache.block)
+        # an aLoRA adapter acts from its invocation on (the prompt's end), whose last token is fed below
+        tail = len(self.alora[owner]) + len(forced) - 1 if self.alora.get(owner) else None
         with torch.inference_mode(), self._use(owner):
             for start in range(0, len(order), self.batch_size):
                 batch = order[start: start + self.batch_size]
-                state, _ = self._prefill(owner, [prompts[i][:-1] for i in batch], 1)
+                budget = max(budgets[i] for i in batch)
+                state, _ = self._prefill(owner, [prompts[i][:-1] for i in batch], 1, tail, room=1 + budget)
                 answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch],
                                        ignore_eos)
                 for index, tokens in zip(batch, answers):

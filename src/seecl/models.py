@@ -77,39 +77,52 @@ def _buffer_layer():
         """`keys`/`values` are views of the first positions of preallocated buffers; an update
         writes the new positions in place (reallocating, doubled, only past the capacity)."""
 
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        def __init__(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int):
             super().__init__()
-            self.device, self.is_initialized = keys.device, True
-            self.key_buffer = self._allocate(keys, max(capacity, keys.shape[2]))
-            self.value_buffer = self._allocate(values, max(capacity, values.shape[2]))
-            self._view(keys.shape[2])
+            self.device, self.is_initialized = key_buffer.device, True
+            self.key_buffer, self.value_buffer = key_buffer, value_buffer
+            self.rewind(length)
+
+        def rewind(self, length: int) -> None:
+            """Only the first `length` positions count; later ones are overwritten by the next update."""
+            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
         @staticmethod
-        def _allocate(states: torch.Tensor, positions: int) -> torch.Tensor:
+        def _grown(states: torch.Tensor, positions: int) -> torch.Tensor:
             buffer = states.new_empty((*states.shape[:2], positions, states.shape[3]))
             buffer[:, :, : states.shape[2]] = states
             return buffer
-
-        def _view(self, length: int) -> None:
-            self.keys, self.values = self.key_buffer[:, :, :length], self.value_buffer[:, :, :length]
 
         def update(self, key_states, value_states, *args, **kwargs):
             start = self.keys.shape[2]
             end = start + key_states.shape[2]
             if end > self.key_buffer.shape[2]:
-                self.key_buffer, self.value_buffer = self._allocate(self.keys, 2 * end), self._allocate(self.values, 2 * end)
+                self.key_buffer, self.value_buffer = self._grown(self.keys, 2 * end), self._grown(self.values, 2 * end)
             self.key_buffer[:, :, start:end] = key_states
             self.value_buffer[:, :, start:end] = value_states
-            self._view(end)
+            self.rewind(end)
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             length = self.keys.shape[2]
             self.key_buffer = self.key_buffer.index_select(0, indices)
             self.value_buffer = self.value_buffer.index_select(0, indices)
-            self._view(length)
+            self.rewind(length)
 
     return BufferLayer
+
+
+def kv_over(buffers, length: int):
+    """A transformers cache over these per-layer (key, value) buffers [batch, heads, capacity, dim]
+    whose first `length` positions are filled: forwards write their new positions in place.
+
+    The buffers are used, not copied: whoever else holds them sees the writes.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in buffers])
+    cache.layers = [_buffer_layer()(k, v, length) for k, v in buffers]
+    return cache
 
 
 def kv_buffer(layers, capacity: int):
@@ -120,11 +133,25 @@ def kv_buffer(layers, capacity: int):
     the cache per decoded token. A buffer is written in place, so it has one owner: the given
     tensors are copied, and nothing else may hold the returned cache's tensors.
     """
-    from transformers import DynamicCache
+    length = layers[0][0].shape[2]
+    buffers = []
+    for k, v in layers:
+        pair = []
+        for states in (k, v):
+            buffer = states.new_empty((*states.shape[:2], max(capacity, length), states.shape[3]))
+            buffer[:, :, :length] = states
+            pair.append(buffer)
+        buffers.append(tuple(pair))
+    return kv_over(buffers, length)
 
-    cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in layers])
-    cache.layers = [_buffer_layer()(k, v, capacity) for k, v in layers]
-    return cache
+
+def kv_shape(model) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dimension) of a decoder's KV cache, from its config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,6 +23,11 @@ def _head(layers: list, length: int) -> list:
     return [(k[:, :, :length], v[:, :, :length]) for k, v in layers]
 
 
+def _owned(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is all of its storage (not a view into something larger)."""
+    return tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+
+
 class PrefixCache:
     """Per-owner KV of prompt prefixes, LRU-evicted to stay under `max_tokens` tokens.
 
@@ -57,12 +62,12 @@ class PrefixCache:
 
     def store(self, owner: str, prefix: Sequence[int], layers: list) -> None:
         """Keep the KV of `prefix`, cut to its block-aligned part (so all its heads are aligned);
-        `layers` may cover more positions than that (a whole prompt's KV): only the head is copied."""
+        `layers` may cover more positions than that, or be views of a batch's buffers: only the
+        head is copied (an entry never keeps a larger buffer alive)."""
         if len(prefix) > self.max_tokens or len(prefix) < self.block:
             return
         key = (owner, tuple(prefix[: len(prefix) // self.block * self.block]))
-        if layers[0][0].shape[2] > len(key[1]):
-            layers = [(k.clone(), v.clone()) for k, v in _head(layers, len(key[1]))]
+        layers = [tuple(t if _owned(t) else t.clone() for t in pair) for pair in _head(layers, len(key[1]))]
         if key not in self.entries:
             self.tokens += len(key[1])
         self.entries[key] = layers

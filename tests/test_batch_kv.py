@@ -1,0 +1,67 @@
+"""Batch states in in-place buffers: gathering, taking rows, rewinding, and forwards writing in place."""
+
+import torch
+
+from seecl.batch_kv import Rows, allocate, gather
+from seecl.models import cache_keyword, kv_over, returned_cache
+
+
+def _state(rows: int, length: int, room: int, seed: int) -> Rows:
+    """A state whose KV is random, its mask all ones but a left pad of one column on row 0."""
+    generator = torch.Generator().manual_seed(seed)
+    state = allocate(torch.zeros(()), (2, 3, 4), rows, length + room)
+    for k, v in state.buffers():
+        k[:, :, :length] = torch.randn(rows, 3, length, 4, generator=generator)
+        v[:, :, :length] = torch.randn(rows, 3, length, 4, generator=generator)
+    mask = torch.ones((rows, length), dtype=torch.long)
+    mask[0, 0] = 0
+    return Rows(kv_over(state.buffers(), length), mask, torch.arange(rows) + length)
+
+
+def test_gather_left_pads_with_zeros_and_keeps_the_chosen_rows_in_order():
+    short, long = _state(3, 5, 2, seed=0), _state(2, 8, 0, seed=1)
+    merged = gather([(short, [2, 0]), (long, [1])], room=6)
+    assert merged.length == 8 and merged.room == 6 and merged.mask.shape == (3, 8)
+    for (k, _), (sk, _), (lk, _) in zip(merged.buffers(), short.buffers(), long.buffers()):
+        assert torch.equal(k[0, :, :3], torch.zeros(3, 3, 4)), "pad columns are zeros, not leftover memory"
+        assert torch.equal(k[0, :, 3:8], sk[2, :, :5])
+        assert torch.equal(k[1, :, 3:8], sk[0, :, :5])
+        assert torch.equal(k[2, :, :8], lk[1, :, :8])
+    assert merged.mask[:2, :3].sum() == 0 and merged.mask[1, 3] == 0  # row 0 of `short` kept its own pad
+    assert merged.mask[2].tolist() == long.mask[1].tolist()
+    assert merged.next_pos.tolist() == [short.next_pos[2], short.next_pos[0], long.next_pos[1]]
+
+
+def test_take_hands_over_all_rows_without_a_copy_and_copies_a_subset():
+    state = _state(3, 5, 4, seed=2)
+    assert state.take([0, 1, 2]) is state
+    same_buffers = state.take([0, 1, 2]).buffers()[0][0]
+    assert same_buffers.data_ptr() == state.buffers()[0][0].data_ptr()
+    subset = state.take([2])
+    assert subset.buffers()[0][0].data_ptr() != state.buffers()[0][0].data_ptr()
+    assert torch.equal(subset.cache.layers[0].keys[0], state.cache.layers[0].keys[2])
+    assert subset.room == state.room
+    assert state.take([0, 1, 2], room=10).room == 10, "too little room: a copy with enough of it"
+
+
+def test_a_forward_writes_into_the_buffers_and_rewinding_lets_the_next_one_overwrite(tiny_base):
+    model = tiny_base.model
+    from seecl.models import kv_shape
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=True)
+        state = allocate(model.get_input_embeddings().weight, kv_shape(model), 2, 8)
+        pointer = state.buffers()[0][0].data_ptr()
+        out = model(input_ids=ids[:, :3], use_cache=True, **{cache_keyword(): state.cache})
+        body = Rows(returned_cache(out), torch.ones((2, 3), dtype=torch.long), torch.full((2,), 3))
+        assert body.buffers()[0][0].data_ptr() == pointer, "no reallocation within the capacity"
+        tails = []
+        for token in (8, 12):  # two "checks" on the same body, the second overwriting the first
+            body.rewind()
+            step = model(input_ids=torch.full((2, 1), token), use_cache=True, position_ids=torch.full((2, 1), 3),
+                         **{cache_keyword(): body.cache})
+            tails.append(step.logits[:, -1])
+    assert torch.allclose(tails[0][0], full.logits[0, -1], atol=1e-5)  # row 0 continued with its own token
+    assert torch.allclose(tails[1][1], full.logits[1, -1], atol=1e-5), "the rewound body, not the first tail"
+    assert body.cache.get_seq_length() == 4
