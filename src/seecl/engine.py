@@ -372,9 +372,9 @@ class RoutingEngine:
     def _route_shared_body(self, chunk: list[int], prompts, budgets, texts) -> list[Route]:
         """aLoRA experts: the prompt bodies (everything before the invocation) are prefilled once,
         in the newest expert's check; each later check extends them in place with the invocation
-        and indicator prefix, overwriting the previous check's positions. The claiming checks' positions are kept, written
-        back for their rows, and the batch decodes in the bodies' buffers (unclaimed rows leave
-        those positions masked and feed the invocation to the base)."""
+        and indicator prefix, overwriting the previous check's positions. The claiming checks'
+        positions are kept, written back for their rows, and the batch decodes in the bodies'
+        buffers (unclaimed rows leave those positions masked and feed the invocation to the base)."""
         n = len(self.invocation)
         for i in chunk:
             if len(prompts[i]) <= n or list(prompts[i][-n:]) != self.invocation:
