@@ -180,11 +180,14 @@ def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None
     machine then falls on all sides of the items it spans, not on one side's whole run; each
     side's fastest round per item is what counts. Returns name -> [item][round] results."""
     results = {name: [[] for _ in range(items)] for name in measures}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         new_round()
         for item in range(items):
             for name, measure in measures.items():
                 results[name][item].append(measure(item))
+        totals = {name: sum(rounds[-1] for rounds in per_item) for name, per_item in results.items()
+                  if isinstance(per_item[0][-1], float)}
+        print(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True)
     return results
 
 
