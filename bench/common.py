@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: paths, tables, JSON results, a GEMM ceiling."""
+"""Helpers shared by the benchmark scripts: paths, tables, JSON results, a GEMM ceiling, and timing
+on a shared, noisy machine (interleaved rounds, fastest round per item)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,36 @@ def gemm_ceiling(shapes: list[tuple[int, int, int]], seconds: float = 2.0) -> fl
         elapsed = time.perf_counter() - started
         best = max(best, 2 * m * k * n * count / elapsed / 1e9)
     return best
+
+
+def timed(fn):
+    started = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - started
+
+
+def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None) -> dict[str, list[list]]:
+    """Every measure (name -> function of an item index) on item 0, then every measure on item 1,
+    and so on, for `repeats` rounds (`new_round` runs before each). A slow spell of the shared
+    machine then falls on all sides of the items it spans, not on one side's whole run; each
+    side's fastest round per item is what counts. Returns name -> [item][round] results."""
+    results = {name: [[] for _ in range(items)] for name in measures}
+    for round_ in range(repeats):
+        new_round()
+        for item in range(items):
+            for name, measure in measures.items():
+                results[name][item].append(measure(item))
+        totals = {name: sum(rounds[-1] for rounds in per_item) for name, per_item in results.items()
+                  if isinstance(per_item[0][-1], float)}
+        print(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True)
+    return results
+
+
+def fastest(per_item: list[list[float]]) -> float:
+    """Sum over the items of each item's fastest round."""
+    return sum(min(rounds) for rounds in per_item)
+
+
+def per_round(per_item: list[list[float]]) -> list[float]:
+    """Total of each round (every round's items added up), as recorded for inspection."""
+    return [sum(rounds[r] for rounds in per_item) for r in range(len(per_item[0]))]

@@ -50,10 +50,9 @@ import gc
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
-from common import DATA, RESULTS, ROOT, cpu_model, machine, print_table, write_json
+from common import DATA, RESULTS, ROOT, cpu_model, fastest, interleaved, machine, per_round, print_table, timed, write_json
 
 TASKS = ["qa", "qg", "sa", "sum", "trans"]
 RUN = ROOT / "results" / "superni-mini"  # the `seecl bench superni` run whose experts are timed
@@ -128,12 +127,6 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     return workdir / "ensemble"
 
 
-def timed(fn):
-    started = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - started
-
-
 def ttft_tpot(engine, owner: str, prompts: list[list[int]], steps: int = 16) -> tuple[float, float]:
     """Seconds of one prompt pass over a batch (the engine's chunked prefill, no prefix cache) and
     of one decode step of that batch (the mean of `steps`) by the single model `owner`: the TTFT
@@ -172,33 +165,6 @@ def naive_sample(total: int, limit: int) -> list[int]:
 def answer_tokens(ens, answers) -> list[int]:
     formatter = ens.formatter()
     return [len(formatter.text_ids(a.text)) for a in answers]
-
-
-def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None) -> dict[str, list[list]]:
-    """Every measure (name -> function of an item index) on item 0, then every measure on item 1,
-    and so on, for `repeats` rounds (`new_round` runs before each). A slow spell of the shared
-    machine then falls on all sides of the items it spans, not on one side's whole run; each
-    side's fastest round per item is what counts. Returns name -> [item][round] results."""
-    results = {name: [[] for _ in range(items)] for name in measures}
-    for round_ in range(repeats):
-        new_round()
-        for item in range(items):
-            for name, measure in measures.items():
-                results[name][item].append(measure(item))
-        totals = {name: sum(rounds[-1] for rounds in per_item) for name, per_item in results.items()
-                  if isinstance(per_item[0][-1], float)}
-        print(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True)
-    return results
-
-
-def fastest(per_item: list[list[float]]) -> float:
-    """Sum over the items of each item's fastest round."""
-    return sum(min(rounds) for rounds in per_item)
-
-
-def per_round(per_item: list[list[float]]) -> list[float]:
-    """Total of each round (every round's items added up), as recorded for inspection."""
-    return [sum(rounds[r] for rounds in per_item) for r in range(len(per_item[0]))]
 
 
 def routed_and_single(ens, engine, queries, budgets, batches: list[list[int]], caches: dict, answers: dict):
