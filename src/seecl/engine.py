@@ -22,16 +22,13 @@ Owns how a batch of queries is pushed through the experts of a PEFT model:
   indicator-prefix positions only; the claiming checks' positions are written back and the whole
   batch decodes in those same buffers.
 
-The expert's indicator rows (PEFT trainable tokens) are merged into the shared embedding for the
-duration of its pass, and substituted per row in a mixed decode: PEFT would otherwise rebuild the
-full embedding matrix at every forward.
-Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`) or loading experts.
+Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`), loading experts, or
+how a forward runs under one expert or a per-row mix of them (`owners`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Sequence
 
 import torch
@@ -39,29 +36,9 @@ import torch
 from .batch_kv import Rows, allocate, gather, row_chunks
 from .data.prompts import PromptFormatter, common_prefix_length
 from .models import cache_keyword, kv_cache, kv_over, kv_shape, returned_cache
+from .owners import dense_head_input, grouped_kv_heads, use_owner, use_row_owners
 from .prefix_cache import PrefixCache, batch_order, shared_runs
 from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
-
-
-@contextlib.contextmanager
-def _grouped_kv_heads(device: torch.device):
-    """On CPU, attention reads a grouped-query model's KV heads as they are.
-
-    For a masked attention over more than one query position (every prefill and check), transformers
-    copies the KV heads up to the number of query heads (3x the KV for SmolLM2) unless
-    TRANSFORMERS_SDPA_FORCE_GQA is set, in which case torch's SDPA takes the grouped heads directly
-    (`enable_gqa`) and gives the same result. Scoped to the engine's forwards.
-    """
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
-    previous = os.environ.get(name)
-    if device.type != "cpu" or previous is not None:
-        yield
-        return
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        del os.environ[name]
 
 
 class RoutingEngine:
@@ -88,105 +65,22 @@ class RoutingEngine:
         # Shared-body routing needs every expert to be aLoRA with one invocation sequence.
         self.invocation = list(next(iter(invocations))) if len(invocations) == 1 and () not in invocations else None
         self._active_alora = False
-        # The head is given the last `keep` positions of the hidden states as a strided view, which
-        # makes its [vocabulary x hidden] product several times slower on CPU than a dense input.
-        head = model.get_output_embeddings()
-        if head is not None and not getattr(head, "_seecl_dense_input", False):
-            head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
-            head._seecl_dense_input = True
+        dense_head_input(model)
 
     # -- adapters -----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _use(self, owner: str):
         """`owner`'s adapter active (its indicator rows merged), or the bare base for BASE."""
         self._active_alora = bool(self.alora.get(owner))
-        if owner == BASE:
-            with (self.model.disable_adapter() if hasattr(self.model, "disable_adapter")
-                  else contextlib.nullcontext()):
-                yield
-            return
-        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-        self.model.set_adapter(owner)
-        # The owner's indicator rows are written into the shared embedding (and tied head) weight in
-        # place and the layers marked merged, so their forward uses the plain weight. PEFT's own
-        # merge would allocate a new [vocab x hidden] matrix per switch, and allocated inside
-        # inference mode it could not take part in a later training step.
-        layers = [m for m in self.model.modules()
-                  if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta and not m.merged]
-        saved = {}
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.base_layer.weight
-                if id(weight) not in saved:
-                    index = torch.tensor(layer.token_indices[owner], device=weight.device)
-                    saved[id(weight)] = (weight, index, weight.data[index].clone())
-                    weight.data.index_copy_(0, index, layer.trainable_tokens_delta[owner].to(weight))
-                layer.merged_adapters.append(owner)
-        try:
+        with use_owner(self.model, owner):
             yield
-        finally:
-            with torch.no_grad():
-                for weight, index, rows in saved.values():
-                    weight.data.index_copy_(0, index, rows)
-            for layer in layers:
-                layer.merged_adapters.remove(owner)
 
     @contextlib.contextmanager
     def _use_rows(self, owners: list[str]):
-        """Each row of a forward under its own owner (an expert or BASE); `owners` is read at every
-        forward, so it may be shortened in place as rows finish.
-
-        The LoRA layers take PEFT's mixed-adapter batches (`adapter_names`). Each expert's indicator
-        rows are substituted at its own rows of the embedding output and of the tied head's logits
-        (PEFT's mixed trainable tokens would build a [vocabulary x hidden] matrix per expert at
-        every forward).
-        """
-        if len(set(owners)) == 1:
-            with self._use(owners[0]):
-                yield
-            return
-        from peft.tuners.lora.layer import LoraLayer
-        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-        def adapter_names(module, args, kwargs):
-            kwargs["adapter_names"] = ["__base__" if owner == BASE else owner for owner in owners]
-            return args, kwargs
-
-        def substitute(layer, args, output):
-            for owner in dict.fromkeys(owners):
-                if owner not in layer.trainable_tokens_delta:
-                    continue
-                rows = [row for row, o in enumerate(owners) if o == owner]
-                index = torch.tensor(layer.token_indices[owner], device=output.device)
-                delta = layer.trainable_tokens_delta[owner].to(output.dtype)
-                if isinstance(layer.base_layer, torch.nn.Embedding):
-                    scale = layer._get_embed_scale() if hasattr(layer, "_get_embed_scale") else None
-                    delta = delta if scale is None else delta * scale.to(output.dtype)
-                    for row in rows:
-                        match = args[0][row, :, None] == index  # [positions, indicator tokens]
-                        hit = match.any(-1)
-                        if hit.any():
-                            output[row, hit] = match[hit].to(output.dtype) @ delta
-                else:  # the tied head: the indicator logits come from the expert's rows
-                    for row in rows:
-                        output[row, :, index] = args[0][row] @ delta.T
-            return output
-
+        """Each row of a forward under its own owner; `owners` may be shortened in place as rows finish."""
         self._active_alora = any(self.alora.get(owner) for owner in owners)
-        token_layers = [m for m in self.model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
-        hooks = [m.register_forward_pre_hook(adapter_names, with_kwargs=True)
-                 for m in self.model.modules() if isinstance(m, LoraLayer)]
-        hooks += [layer.register_forward_hook(substitute) for layer in token_layers]
-        for layer in token_layers:  # marked merged with nothing written: their forward is the base's
-            layer.merged_adapters.append(BASE)
-        try:
+        with use_row_owners(self.model, owners):
             yield
-        finally:
-            for hook in hooks:
-                hook.remove()
-            for layer in token_layers:
-                layer.merged_adapters.remove(BASE)
 
     # -- forward passes -----------------------------------------------------------------------------
     def _extend(self, state: Rows | None, chunks: Sequence[Sequence[int]], keep: int,
@@ -213,7 +107,7 @@ class RoutingEngine:
         mask = torch.cat([state.mask, new_mask], dim=1)
         offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
         kwargs = {"alora_offsets": offsets} if self._active_alora else {}
-        with _grouped_kv_heads(self.device):
+        with grouped_kv_heads(self.device):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
