@@ -87,7 +87,7 @@ def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None
         for item in range(items):
             for name, measure in measures.items():
                 results[name][item].append(measure(item))
-        totals = {name: sum(rounds[-1] for rounds in per_item) for name, per_item in results.items()
+        totals = {name: per_round(per_item)[-1] for name, per_item in results.items()
                   if isinstance(per_item[0][-1], float)}
         print(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True)
     return results

@@ -36,9 +36,8 @@ import argparse
 import copy
 import dataclasses
 import tempfile
-import time
 
-from common import DATA, RESULTS, gemm_ceiling, machine, print_table, write_json
+from common import DATA, RESULTS, gemm_ceiling, machine, print_table, timed, write_json
 
 
 def build_examples(formatter, n_positives: int, tau: float):
@@ -110,9 +109,7 @@ def run_hf_trainer(model, examples, cfg, tokenizer) -> dict:
         trainer = Trainer(model=model, args=args, train_dataset=rows,
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
                           optimizers=optimizer_and_schedule(model, cfg, steps))
-        started = time.perf_counter()
-        output = trainer.train()
-        seconds = time.perf_counter() - started
+        output, seconds = timed(trainer.train)
     return {"seconds": seconds, "train_loss": output.training_loss}
 
 
