@@ -83,3 +83,19 @@ def test_bench_rejects_an_oversized_ood_test_set(benchmark_data, tmp_path, capsy
                  "--order", ",".join(TASKS), "--methods", "SEE(25%)", "--n-ood", "5", "--out", str(tmp_path / "x"),
                  *TINY])
     assert code == 2 and "n_ood=5 exceeds the first half" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_one_label_classification_subset(tmp_path, capsys):
+    """A label-sorted sentiment file gave SuperNI-mini a one-label task; the benchmark refuses it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": f"sa-{i}", "full_prompt": f"Review {i}: good or bad?", "output": "positive" if i < 20 else "negative"}
+            for i in range(40)]
+    (data / "sa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "sa.dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(data / "ood.jsonl", general_task().instances[:8])
+    code = main(["bench", "superni", "--data-dir", str(data), "--ood-file", str(data / "ood.jsonl"), "--order", "sa",
+                 "--methods", "MTL", "--n-train", "10", "--n-eval", "10", "--n-ood", "4", "--out", str(tmp_path / "x"),
+                 *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "sa.train.jsonl: classification task 'sa'" in err and "{'positive': 10}" in err

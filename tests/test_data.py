@@ -97,3 +97,76 @@ def test_synthetic_answers_are_correct():
 def test_synthetic_spec_in_load_task():
     task = load_task("synthetic:uppercase", limit=5)
     assert task.name == "uppercase" and len(task) == 5
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "q", "response": "r"}\n{"prompt": "caf\xe9", "response": "r"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
+        load_task(path)
+    superni = tmp_path / "task.json"
+    superni.write_bytes(b'{"Definition": ["d"],\n "Instances": [{"input": "\xff", "output": ["o"]}]}')
+    with pytest.raises(DataError, match=r"task\.json:2: not UTF-8"):
+        load_task(superni)
+
+
+def test_a_byte_order_mark_is_not_an_error(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "q", "response": "r"}\n')
+    assert load_task(path).instances[0].query == "q"
+
+
+def test_unpaired_surrogate_escape_is_a_data_error(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "ok", "response": "r"}\n{"prompt": "bad \\ud800", "response": "r"}\n')
+    with pytest.raises(DataError, match=r"s\.jsonl:2: field 'prompt' holds an unpaired surrogate"):
+        load_task(path)
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_limit_must_be_positive(tmp_path, limit):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "response": "r"} for i in range(3)])
+    for source in (path, "synthetic:add"):
+        with pytest.raises(DataError, match="limit must be a positive number"):
+            load_task(source, limit=limit)
+
+
+def _sorted_labels(tmp_path, n=40):
+    records = [{"prompt": f"review {i}", "response": "positive" if i < n // 2 else "negative"} for i in range(n)]
+    return write_jsonl(tmp_path / "sa.train.jsonl", records)
+
+
+def test_limit_on_a_label_sorted_file_warns_and_sample_keeps_the_balance(tmp_path):
+    from seecl.data.formats import LabelOrderWarning
+
+    path = _sorted_labels(tmp_path)
+    with pytest.warns(LabelOrderWarning, match="looks sorted by label"):
+        head = load_task(path, limit=10)
+    assert set(head.labels()) == {"positive"}
+    sample = load_task(path, sample=10, seed=3)
+    assert sample.labels() == {"positive": 5, "negative": 5}
+    assert sample.instances == load_task(path, sample=10, seed=3).instances, "seeded"
+    assert sample.instances != load_task(path, sample=10, seed=4).instances
+    ids = [i.id for i in sample.instances]
+    assert ids == sorted(ids, key=lambda x: int(x.rsplit("-", 1)[1])), "file order kept"
+
+
+def test_limit_on_a_balanced_file_does_not_warn(tmp_path):
+    import warnings
+
+    records = [{"prompt": f"r{i}", "response": ["positive", "negative"][i % 2]} for i in range(40)]
+    path = write_jsonl(tmp_path / "sa.jsonl", records)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_task(path, limit=10).labels() == {"positive": 5, "negative": 5}
+
+
+def test_one_label_classification_subset_is_refused(tmp_path):
+    from seecl.data.formats import require_labels
+
+    path = _sorted_labels(tmp_path)
+    with pytest.warns(UserWarning):
+        head = load_task(path, limit=10)
+    with pytest.raises(DataError, match=r"sa\.train\.jsonl: classification task 'sa'.*1 label\(s\) \{'positive': 10\}"):
+        require_labels(head, path)
+    require_labels(load_task(path), path)

@@ -482,3 +482,31 @@ def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(
     for mine, theirs in zip(buffered.layers, growing.layers):
         assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))
+
+
+def test_answers_never_hold_an_indicator_token(tmp_path):
+    """A model that would emit `<<pos>>` over and over (an expert claiming a story request did)
+    must still answer with text: indicator tokens are masked after the decision, in both routers."""
+    from conftest import TINY
+    from seecl.config import load_config
+
+    ens = SeeEnsemble(tmp_path / "ens", load_config(overrides=TINY))
+    model, indicators = ens.model, ens.base.indicators
+    head = model.get_output_embeddings()
+    (letter,) = ens.formatter().text_ids("a")
+
+    def favour_indicators(module, inputs, output):
+        output[..., indicators.pos_id] += 100.0
+        output[..., indicators.neg_id] += 90.0
+        output[..., letter] += 80.0
+        return output
+
+    handle = head.register_forward_hook(favour_indicators)
+    try:
+        queries = ["Write a long story about a cat.", "Hi"]
+        fast = RoutingEngine(model, ens.formatter(), [], None).ask(queries, 6)
+        reference = ens.router().ask(queries, 6)
+    finally:
+        handle.remove()
+    assert [a.text for a in fast] == ["aaaaaa", "aaaaaa"], "without the mask every token would be <<pos>>"
+    _assert_same(fast, reference)

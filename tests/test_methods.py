@@ -152,3 +152,76 @@ def test_combined_variants_apply_every_switch(tmp_path):
                         extra={"general_negatives": 3})
     see = build_method("SEE(10%)-general-calibrated", ctx).ensemble.config.see
     assert see.calibrate and see.general_negatives == 3 and see.tau == 0.1
+
+
+def test_randsel_replays_the_sample_drawn_when_the_task_was_learned():
+    """SSR's selection (which the SEE paper follows) draws each task's sample once: by the last
+    stage task 1 has exposed tau*|D_1| instances, not a fresh draw at every stage."""
+    from seecl.methods.replay import Replay
+
+    cfg = load_config(overrides=TINY)
+    tasks = [make_task(n, "train", 40) for n in ["reverse_list", "uppercase", "add", "km_to_m"]]
+    replay = Replay(MethodContext(cfg, __import__("pathlib").Path("/nonexistent"), None), "RandSel(10%)", 0.1, "random")
+    first = {t.name: [] for t in tasks}
+    for stage in range(1, len(tasks)):
+        for inst in replay.rehearsal(tasks[:stage], tasks[stage], None):
+            first[next(t.name for t in tasks if inst in t.instances)].append(inst.id)
+    assert first["reverse_list"][:4] == first["reverse_list"][4:8] == first["reverse_list"][8:], "same 4 each stage"
+    assert len(set(first["reverse_list"])) == 4 and len(set(first["uppercase"])) == 4
+    fresh = Replay(MethodContext(cfg, __import__("pathlib").Path("/nonexistent"), None), "RandSel(10%)", 0.1, "random")
+    assert fresh.rehearsal(tasks[:3], tasks[3], None) == replay.rehearsal(tasks[:3], tasks[3], None), \
+        "a resumed run draws the same samples"
+
+
+def _changed(task, suffix="!"):
+    """The task with every response edited: other training data under the same name."""
+    from seecl.data.task import Instance, Task
+
+    return Task(task.name, tuple(Instance(i.id, i.query, (i.response + suffix,)) for i in task.instances), task.source)
+
+
+def test_results_computed_on_other_data_are_computed_again(tmp_path):
+    """Edited data (a label-sorted file fixed in place) must never leave its old scores in a rerun:
+    cells whose stage or eval set changed are scored again, the others are kept."""
+    cfg = load_config(overrides=TINY + ["train.epochs=2", "generate.max_new_tokens=4"])
+    ctx = MethodContext(cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"))
+    train = [make_task(n, "train", 12) for n in TASKS]
+    evals = {n: EvalSet(make_task(n, "eval", 3), budget=4) for n in TASKS}
+    logs = []
+    Protocol(build_method("Non-rehearsal", ctx), train, evals, ctx.workdir, log=logs.append).run()
+    first = json.loads((ctx.workdir / "protocol.json").read_text())
+
+    edited = [train[0], _changed(train[1])]
+    method = build_method("Non-rehearsal", ctx)
+    scored = []
+    real = method.answer
+    method.answer = lambda queries, budgets: scored.append(len(queries)) or real(queries, budgets)
+    Protocol(method, edited, evals, ctx.workdir, log=logs.append).run()
+    state = json.loads((ctx.workdir / "protocol.json").read_text())
+    assert scored == [3, 3], "stage 2's cells only: stage 1 learned the same data"
+    assert state["cells"]["0:uppercase"] == first["cells"]["0:uppercase"]
+    assert state["stages"]["1"]["fingerprint"] != first["stages"]["1"]["fingerprint"]
+    assert any("data changed" in line and "stage 2 add" in line for line in logs)
+
+    # a legacy state without fingerprints is scored again rather than trusted
+    for cell in state["cells"].values():
+        del cell["fingerprint"]
+    (ctx.workdir / "protocol.json").write_text(json.dumps(state))
+    method = build_method("Non-rehearsal", ctx)
+    scored.clear()
+    method.answer = lambda queries, budgets: scored.append(len(queries)) or real(queries, budgets)
+    Protocol(method, edited, evals, ctx.workdir, log=logs.append).run()
+    assert scored == [3, 3, 3]
+
+
+def test_a_see_run_rebuilds_its_ensemble_when_a_task_changed(tmp_path):
+    cfg = load_config(overrides=TINY + ["train.epochs=2", "see.memory_tau=0.25", "generate.max_new_tokens=4"])
+    ctx = MethodContext(cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"))
+    train = [make_task(n, "train", 12) for n in TASKS]
+    evals = {n: EvalSet(make_task(n, "eval", 3), budget=4) for n in TASKS}
+    Protocol(build_method("SEE(25%)", ctx), train, evals, ctx.workdir, log=lambda _: None).run()
+    edited = [_changed(train[0]), train[1]]
+    method = build_method("SEE(25%)", ctx)
+    Protocol(method, edited, evals, ctx.workdir, log=lambda _: None).run()
+    experts = method.ensemble.store.experts()
+    assert [e["data_fingerprint"] for e in experts] == [t.fingerprint() for t in edited]

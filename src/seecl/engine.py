@@ -53,6 +53,7 @@ class RoutingEngine:
         self.threshold, self.batch_size, self.prefill_tokens = threshold, batch_size, prefill_tokens
         self.pad_id = formatter.tokenizer.pad_token_id
         self.eos_id = formatter.eos_id
+        self.blocked = torch.tensor(self.indicators.blocked_in_answers if self.indicators else [], dtype=torch.long)
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
         self.device = next(model.parameters()).device
         self.kv_shape = kv_shape(model)
@@ -193,7 +194,10 @@ class RoutingEngine:
         live = list(range(len(budgets)))
         state, logprobs = self._extend(state, first, 1)
         while live:
-            tokens = logprobs[:, -1].argmax(-1).tolist()
+            scores = logprobs[:, -1]
+            if len(self.blocked):  # an answer never holds an indicator token
+                scores = scores.index_fill(-1, self.blocked.to(scores.device), float("-inf"))
+            tokens = scores.argmax(-1).tolist()
             keep_rows = []
             for row, (index, token) in enumerate(zip(live, tokens)):
                 if budgets[index] <= 0 or (token == self.eos_id and not ignore_eos):

@@ -53,10 +53,12 @@ def last_logprobs(model, prompts: Sequence[Sequence[int]], positions: int, pad_i
 
 @torch.inference_mode()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                    eos_id: int, pad_id: int, batch_size: int = 16) -> list[list[int]]:
+                    eos_id: int, pad_id: int, batch_size: int = 16,
+                    suppress: Sequence[int] = ()) -> list[list[int]]:
     """Greedy continuation of each prompt, cut after the first end-of-turn token (excluded).
 
     `max_new_tokens` may differ per prompt; prompts are batched by budget and then by length.
+    `suppress` are token ids never generated (the routing indicators, in an answer).
     """
     from transformers import GenerationConfig
 
@@ -66,7 +68,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     for budget in sorted(set(budgets)):
         members = [i for i, b in enumerate(budgets) if b == budget]
         config = GenerationConfig(do_sample=False, max_new_tokens=budget, eos_token_id=eos_id,
-                                  pad_token_id=pad_id)
+                                  pad_token_id=pad_id, suppress_tokens=list(suppress) or None)
         for batch in _batches([prompts[i] for i in members], batch_size):
             indices = [members[i] for i in batch]
             inputs = left_pad([prompts[i] for i in indices], pad_id, device)

@@ -58,6 +58,12 @@ class Indicators:
             return []
         return sorted(set(self.pos_ids) | set(self.neg_ids))
 
+    @property
+    def blocked_in_answers(self) -> list[int]:
+        """Tokens an answer never contains: the added indicator tokens (in-vocabulary indicators
+        such as `Yes` / `No` are ordinary words there). Decoding after the decision masks them."""
+        return self.trainable_token_ids
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "pos": self.pos_text, "neg": self.neg_text,
                 "pos_ids": list(self.pos_ids), "neg_ids": list(self.neg_ids)}

@@ -165,7 +165,7 @@ class SequentialRouter:
             with self._use(None if responder == BASE else responder):
                 outputs = greedy_generate(self.model, [prompts[i] + pos for i in members],
                                           [budgets[i] for i in members], self.formatter.eos_id,
-                                          self.pad_id, self.batch_size)
+                                          self.pad_id, self.batch_size, self.indicators.blocked_in_answers)
             for index, tokens in zip(members, outputs):
                 texts[index] = self.formatter.decode(tokens)
         return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]

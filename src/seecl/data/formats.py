@@ -11,6 +11,7 @@ The format is detected from the path and the first record; `load_task` returns a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,14 +22,18 @@ TRACE_SPLITS = ("train", "eval", "test")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not UTF-8 (byte {exc.start + 1} of the line)", path, number) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, number) from None
+                raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, number) from None
             if not isinstance(record, dict):
                 raise DataError("each line must be a JSON object", path, number)
             yield number, record
@@ -42,6 +47,10 @@ def _text(record: dict[str, Any], key: str, path: Path, line: int | None) -> str
         raise DataError(f"field {key!r} must be a string, got {type(value).__name__}", path, line)
     if not value.strip():
         raise DataError(f"field {key!r} is empty", path, line)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"field {key!r} holds an unpaired surrogate escape (\\ud800-\\udfff)", path, line) from None
     return value
 
 
@@ -52,6 +61,11 @@ def _references(record: dict[str, Any], key: str, path: Path, line: int | None) 
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise DataError(f"field {key!r} must be a string or a non-empty list of strings", path, line)
+    for text in values:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"field {key!r} holds an unpaired surrogate escape", path, line) from None
     return tuple(values)
 
 
@@ -87,10 +101,16 @@ def read_plain_jsonl(path: Path) -> list[Instance]:
 
 
 def _load_json(path: Path) -> Any:
+    raw = path.read_bytes()
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError("not UTF-8", path, line) from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno})", path, exc.lineno) from None
+        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
 
 
 def read_superni_json(path: Path) -> list[Instance]:
@@ -165,17 +185,29 @@ def load_instances(path: str | Path, split: str = "train") -> list[Instance]:
     return {"ssr": read_ssr_jsonl, "plain": read_plain_jsonl, "superni": read_superni_json}[kind](path)
 
 
+class LabelOrderWarning(UserWarning):
+    """The first N instances of a classification-looking file have another label balance than the file."""
+
+
 def load_task(path: str | Path, name: str | None = None, split: str = "train",
-              limit: int | None = None) -> Task:
+              limit: int | None = None, sample: int | None = None, seed: int = 0) -> Task:
     """Load a task; the name defaults to the file stem's first part (`qa.train.jsonl` -> `qa`).
 
+    `limit` keeps the first N instances (warning when that changes a classification task's label
+    balance: a label-sorted file); `sample` keeps a seeded, label-stratified sample of N instead.
     `synthetic:<task>` gives a built-in synthetic task (64 instances unless `limit` says otherwise).
     """
+    for what, value in (("limit", limit), ("sample", sample)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DataError(f"{what} must be a positive number of instances, got {value!r}")
+    if limit is not None and sample is not None:
+        raise DataError("give either limit (the first N instances) or sample (a stratified sample), not both")
     if str(path).startswith("synthetic:"):
         from .synthetic import make_task
 
         task_name = str(path).split(":", 1)[1]
-        task = make_task(task_name, "train" if split == "train" else "eval", limit or 64)
+        size = limit or sample or 64
+        task = make_task(task_name, "train" if split == "train" else "eval", size)
         return Task(name or task.name, task.instances, task.source)
     path = Path(path).expanduser()
     instances = load_instances(path, split)
@@ -183,6 +215,31 @@ def load_task(path: str | Path, name: str | None = None, split: str = "train",
         raise DataError("task has no instances", path)
     if name is None:
         name = path.name.split(".")[0]
-    if limit is not None:
-        instances = instances[:limit]
-    return Task(name, tuple(instances), source=str(path))
+    task = Task(name, tuple(instances), source=str(path))
+    if sample is not None:
+        return task.sample(sample, seed)
+    if limit is not None and limit < len(task):
+        head = task.head(limit)
+        if task.looks_like_classification() and _unbalanced(head.labels(), task.labels()):
+            warnings.warn(LabelOrderWarning(
+                f"{path}: the first {limit} instances hold labels {dict(head.labels().most_common())} "
+                f"while the file holds {dict(task.labels().most_common())}; the file looks sorted by "
+                "label (a stratified sample keeps the balance: --sample N)"), stacklevel=2)
+        return head
+    return task
+
+
+def _unbalanced(head, whole) -> bool:
+    """A label missing from the head, or a label share off by more than half its share in the file."""
+    n_head, n_whole = sum(head.values()), sum(whole.values())
+    return any(abs(head.get(label, 0) / n_head - count / n_whole) > 0.5 * count / n_whole
+               for label, count in whole.items() if count / n_whole * n_head >= 1)
+
+
+def require_labels(task: Task, path: object, minimum: int = 2) -> None:
+    """A classification task whose instances carry fewer than `minimum` labels is refused."""
+    labels = task.labels()
+    if len(labels) < minimum:
+        raise DataError(f"classification task {task.name!r}: its {len(task)} instances carry "
+                        f"{len(labels)} label(s) {dict(labels.most_common())}; a one-label subset "
+                        "scores nothing but that label (is the file sorted by label?)", path)

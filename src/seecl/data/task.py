@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import DataError
@@ -52,6 +54,35 @@ class Task:
         if n is None or n >= len(self.instances):
             return self
         return Task(self.name, self.instances[:n], self.source)
+
+    def labels(self) -> Counter:
+        """How often each first reference occurs: the label counts of a classification task."""
+        return Counter(inst.response.strip() for inst in self.instances)
+
+    def looks_like_classification(self) -> bool:
+        """A few responses, each repeated: at most 20 distinct, every one used at least twice on average."""
+        labels = self.labels()
+        return 1 < len(labels) <= 20 and len(self.instances) >= 2 * len(labels)
+
+    def sample(self, n: int, seed: int = 0) -> "Task":
+        """A seeded sample of n instances, in file order; a classification-looking task is sampled
+        per label in proportion to the label counts (largest remainders), so a label-sorted file
+        gives the same label balance as the whole file."""
+        if n >= len(self.instances):
+            return self
+        rng = random.Random(f"sample:{seed}:{self.name}")
+        if not self.looks_like_classification():
+            chosen = set(rng.sample(range(len(self.instances)), n))
+        else:
+            by_label: dict[str, list[int]] = {}
+            for index, inst in enumerate(self.instances):
+                by_label.setdefault(inst.response.strip(), []).append(index)
+            shares = {label: n * len(rows) / len(self.instances) for label, rows in by_label.items()}
+            take = {label: int(share) for label, share in shares.items()}
+            for label in sorted(shares, key=lambda x: (take[x] - shares[x], x))[: n - sum(take.values())]:
+                take[label] += 1
+            chosen = {i for label, rows in by_label.items() for i in rng.sample(rows, take[label])}
+        return Task(self.name, tuple(self.instances[i] for i in sorted(chosen)), self.source)
 
     def fingerprint(self) -> str:
         """sha256 over ids, queries and references: identifies the exact training data."""

@@ -7,10 +7,16 @@ independent ones (AvgSTL) only the diagonal. Every scored cell is written to dis
 (`protocol.json` plus the answers with their routes), so an interrupted run recomputes nothing
 it finished: training is resumed by the methods themselves (cache, ensembles).
 Routed methods also get routing metrics at the final stage and RB-Acc on OOD queries.
+
+Every stored result carries a fingerprint of the data it was computed from (the training data of
+the stage's tasks, the scored task's eval set and budget, the OOD queries); a result whose data has
+changed since is dropped when the state is loaded and computed again, so a rerun on edited data
+never reports a stale score.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -41,6 +47,48 @@ class Protocol:
         self.path = self.workdir / "protocol.json"
         self.state = json.loads(self.path.read_text()) if self.path.exists() else {
             "label": method.label, "stages": {}, "cells": {}, "seconds": {"train": 0.0, "eval": 0.0}}
+        self._drop_stale()
+
+    # -- data fingerprints -----------------------------------------------------------------------
+    def stage_fingerprint(self, stage: int) -> str:
+        """The training data a stage's model was built from (every task it learned, in order)."""
+        tasks = dict(self.stages())[stage]
+        return _digest(self.method.schedule, [[t.name, t.fingerprint()] for t in tasks])
+
+    def cell_fingerprint(self, stage: int, task: str) -> str:
+        eval_set = self.eval_sets[task]
+        return _digest(self.stage_fingerprint(stage), task, eval_set.task.fingerprint(), eval_set.budget,
+                       eval_set.language, eval_set.classification)
+
+    def routing_fingerprint(self) -> str:
+        final = self.stages()[-1][0]
+        return _digest([self.cell_fingerprint(final, t) for t in self.cells_for(final)], self.ood)
+
+    def perplexity_fingerprint(self) -> str:
+        final = self.stages()[-1][0]
+        return _digest(self.stage_fingerprint(final),
+                       [[n, e.task.fingerprint()] for n, e in sorted(self.eval_sets.items())])
+
+    def _drop_stale(self) -> None:
+        """Forget every stored result whose data fingerprint is missing or differs from this run's."""
+        dropped = []
+        for key, cell in list(self.state["cells"].items()):
+            stage, task = key.split(":", 1)
+            if (task not in self.eval_sets or int(stage) >= len(self.tasks)
+                    or cell.get("fingerprint") != self.cell_fingerprint(int(stage), task)):
+                dropped.append(f"stage {int(stage) + 1} {task}")
+                del self.state["cells"][key]
+        for stage, metrics in list(self.state["stages"].items()):
+            if int(stage) not in dict(self.stages()) or metrics.get("fingerprint") != self.stage_fingerprint(int(stage)):
+                del self.state["stages"][stage]
+        stored = self.state.setdefault("fingerprints", {})
+        for part, fingerprint in (("routing", self.routing_fingerprint), ("perplexity", self.perplexity_fingerprint)):
+            if part in self.state and stored.get(part) != fingerprint():
+                dropped.append(part)
+                del self.state[part]
+        if dropped:
+            self.log(f"  {self.method.label}: the data changed since {', '.join(dropped)} "
+                     "were computed; computing them again")
 
     # -- persistence -----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -91,7 +139,7 @@ class Protocol:
             metrics = self.method.learn(tasks)
             metrics["trainable_parameters"] = self.method.trainable_parameters()
             if str(stage) not in self.state["stages"] or not metrics.get("cached"):
-                self.state["stages"][str(stage)] = metrics
+                self.state["stages"][str(stage)] = {**metrics, "fingerprint": self.stage_fingerprint(stage)}
                 self.state["seconds"]["train"] += time.perf_counter() - started
                 self._save()
             for task in todo:
@@ -104,6 +152,7 @@ class Protocol:
                 name: self.method.perplexity([i.query for i in self.eval_sets[name].task.instances],
                                              [i.references[0] for i in self.eval_sets[name].task.instances])
                 for name in (t.name for t in self.tasks)}
+            self.state["fingerprints"]["perplexity"] = self.perplexity_fingerprint()
             self.state["seconds"]["eval"] += time.perf_counter() - started
             self._save()
         return self.summary()
@@ -123,7 +172,8 @@ class Protocol:
         path = self._predictions(stage, task)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        cell = {"rouge_l": mean([r["rouge_l"] for r in rows]), "n": len(rows)}
+        cell = {"rouge_l": mean([r["rouge_l"] for r in rows]), "n": len(rows),
+                "fingerprint": self.cell_fingerprint(stage, task)}
         if eval_set.classification:
             cell["exact_match"] = mean([r["exact_match"] for r in rows])
         self.state["cells"][f"{stage}:{task}"] = cell
@@ -151,6 +201,7 @@ class Protocol:
             "rb_acc": rb_acc(ood_routes) if ood_routes else None,
             "n_ood": len(ood_routes),
         }
+        self.state["fingerprints"]["routing"] = self.routing_fingerprint()
         self.state["seconds"]["eval"] += time.perf_counter() - started
         self._save()
 
@@ -199,3 +250,7 @@ class Protocol:
             "seconds": {k: round(v, 1) for k, v in self.state["seconds"].items()},
         }
 
+
+
+def _digest(*material) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

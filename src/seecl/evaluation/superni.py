@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..cache import AdapterCache
 from ..config import RunConfig, doc, from_dict, merge_overrides, to_dict
-from ..data.formats import load_instances, load_task
+from ..data.formats import load_instances, load_task, require_labels
 from ..data.prompts import PromptFormatter
 from ..data.task import Task
 from ..errors import ConfigError, DataError
@@ -83,6 +83,9 @@ def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[T
         kind, language = SUPERNI_TASKS.get(name, ("generation", "en"))
         train = load_task(data / f"{name}.train.jsonl", name=name, limit=cfg.n_train)
         test = load_task(data / f"{name}.{cfg.eval_split}.jsonl", name=name, limit=cfg.n_eval)
+        if kind == "classification":  # a one-label subset would score nothing but that label
+            require_labels(train, train.source)
+            require_labels(test, test.source)
         budget = formatter.answer_budget([r for inst in train.instances for r in inst.references])
         tasks.append(train)
         evals[name] = EvalSet(test, budget, language, kind == "classification")

@@ -4,6 +4,10 @@ Stage i continues the adapter of stage i-1 on task i's data plus, for the rehear
 round(tau * |D_j|) instances (with responses) of every earlier task j: chosen at random
 (RandSel) or as the instances nearest to the k-means centres of sentence embeddings of the
 task's queries (KMeansSel). Non-rehearsal is tau = 0: it forgets.
+
+A task's sample is drawn once, when the task is learned, and the same instances are replayed at
+every later stage, as SSR's selection script (which the SEE paper follows) writes one sample file
+per task: the seed names the task, never the stage that replays it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from .single import OneModelMethod
 Selection = Literal["none", "random", "kmeans"]
 
 
-def select_rehearsal(task: Task, k: int, selection: Selection, seed: int, stage_task: str) -> list[Instance]:
+def select_rehearsal(task: Task, k: int, selection: Selection, seed: int) -> list[Instance]:
+    """The instances of `task` that every later stage replays (the same ones at each stage)."""
     if k <= 0 or selection == "none":
         return []
     if selection == "random":
-        return random.Random(f"replay:{seed}:{stage_task}:{task.name}").sample(list(task.instances), k)
+        return random.Random(f"replay:{seed}:{task.name}").sample(list(task.instances), k)
     from ..embeddings import embed, kmeans_representatives
 
     vectors = embed([i.query for i in task.instances])
@@ -41,17 +46,16 @@ class Replay(OneModelMethod):
         self.tau, self.selection = tau, selection
         self.state_path = ctx.workdir / "stages.json"
         self.keys: list[str] = json.loads(self.state_path.read_text()) if self.state_path.exists() else []
-        self._selected: dict[tuple[str, str], list[Instance]] = {}
+        self._selected: dict[str, list[Instance]] = {}
 
     def rehearsal(self, earlier: Sequence[Task], new: Task, init: str | None) -> list[Instance]:
         """Instances of earlier tasks replayed with `new` (`init`: the previous stage's adapter)."""
         data: list[Instance] = []
         for old in earlier:
-            key = (new.name, old.name)
-            if key not in self._selected:
+            if old.name not in self._selected:
                 k = negatives_count(self.tau, len(old))
-                self._selected[key] = select_rehearsal(old, k, self.selection, self.ctx.config.see.seed, new.name)
-            data.extend(self._selected[key])
+                self._selected[old.name] = select_rehearsal(old, k, self.selection, self.ctx.config.see.seed)
+            data.extend(self._selected[old.name])
         return data
 
     def learn(self, tasks: Sequence[Task]) -> dict:

@@ -313,6 +313,17 @@ class SeeMethod:
     def learn(self, tasks: Sequence[Task]) -> dict:
         task, seen = tasks[-1], [t.name for t in tasks]
         stored = self.ensemble.store.expert_names() if self.ensemble.store.exists() else []
+        trained_on = {e["name"]: e.get("data_fingerprint") for e in self.ensemble.store.experts()} if stored else {}
+        changed = [t.name for t in tasks if t.name in trained_on and trained_on[t.name] != t.fingerprint()]
+        if changed:
+            # The run's ensemble is a working copy: every finished expert is also in the adapter
+            # cache, so an ensemble built on other data is rebuilt rather than routed through.
+            print(f"  {self.label}: the data of {', '.join(changed)} changed since its expert was trained; "
+                  f"rebuilding {self.ensemble.store.root}", flush=True)
+            config, root = self.ensemble.config, self.ensemble.store.root
+            shutil.rmtree(root)
+            self.ensemble = SeeEnsemble(root, config)
+            stored = []
         if stored[: len(seen)] != seen[: len(stored)]:
             raise StoreError(f"{self.ensemble.store.root} holds experts {stored}, learned in another "
                              f"order than this run's tasks {seen}")
