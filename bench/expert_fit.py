@@ -22,9 +22,9 @@ from routing import RUN, bench_config
 
 
 def fit(label: str, n_positives: int) -> dict:
-    from seecl.engine import RoutingEngine
-    from seecl.evaluation.superni import load_benchmark, load_ood, method_dirname
-    from seecl.methods.see import SeeEnsemble
+    from seecl.recipes.superni import load_benchmark, load_ood, method_dirname
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.serving.engine import RoutingEngine
 
     root = RUN / "methods" / method_dirname(label) / "ensemble"
     if not (root / "manifest.json").exists():

@@ -52,7 +52,19 @@ import os
 import statistics
 from pathlib import Path
 
-from common import DATA, RESULTS, ROOT, cpu_model, fastest, interleaved, machine, per_round, print_table, timed, write_json
+from common import (
+    DATA,
+    RESULTS,
+    ROOT,
+    cpu_model,
+    fastest,
+    interleaved,
+    machine,
+    per_round,
+    print_table,
+    timed,
+    write_json,
+)
 
 TASKS = ["qa", "qg", "sa", "sum", "trans"]
 RUN = ROOT / "results" / "superni-mini"  # the `seecl bench superni` run whose experts are timed
@@ -69,7 +81,7 @@ def rss_mb() -> float:
 def bench_config(n_per_task: int):
     """The SuperNI run's benchmark settings (its summary.json), read from this machine's data copy."""
     from seecl.config import from_dict
-    from seecl.evaluation.superni import BenchConfig
+    from seecl.recipes.superni import BenchConfig
 
     recorded = json.loads((RUN / "summary.json").read_text())["config"] if (RUN / "summary.json").exists() else {}
     fields = {k: v for k, v in recorded.items() if k in BenchConfig.__dataclass_fields__}
@@ -81,7 +93,7 @@ def bench_config(n_per_task: int):
 
 def workload(formatter, n_per_task: int):
     """Every eval query of the five tasks, its task's answer budget, and the task it belongs to."""
-    from seecl.evaluation.superni import load_benchmark
+    from seecl.recipes.superni import load_benchmark
 
     _, evals = load_benchmark(bench_config(n_per_task)[0], formatter)
     queries, budgets, owners = [], [], []
@@ -100,11 +112,11 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     from seecl.cache import AdapterCache
     from seecl.config import RunConfig, from_dict
     from seecl.data.prompts import PromptFormatter
-    from seecl.evaluation.superni import load_benchmark, load_ood, method_dirname
     from seecl.methods.base import MethodContext
     from seecl.methods.registry import build_method
-    from seecl.models import load_base
-    from seecl.store import EnsembleStore
+    from seecl.model.base import load_base
+    from seecl.recipes.superni import load_benchmark, load_ood, method_dirname
+    from seecl.see.store import EnsembleStore
 
     workdir = RUN / "methods" / method_dirname(label)
     store = EnsembleStore(workdir / "ensemble")
@@ -133,7 +145,7 @@ def ttft_tpot(engine, owner: str, prompts: list[list[int]], steps: int = 16) -> 
     and TPOT of the cost model at that batch size."""
     import torch
 
-    from seecl.engine import PrefixCache
+    from seecl.serving.engine import PrefixCache
 
     cache, engine.prefix_cache = engine.prefix_cache, PrefixCache(0)
     try:
@@ -194,8 +206,8 @@ def routed_and_single(ens, engine, queries, budgets, batches: list[list[int]], c
 
 def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: list[int], repeats: int) -> dict:
     """naive vs engine vs single model on one trained ensemble, batch by batch."""
-    from seecl.methods.see import SeeEnsemble
-    from seecl.prefix_cache import PrefixCache, batch_order
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.serving.prefix_cache import PrefixCache, batch_order
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
     experts = ens.experts()
@@ -243,8 +255,8 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
 def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, repeats: int) -> dict:
     """Per-query latency of the engine and of the single model, one query at a time, and the cost
     model's prediction from TTFT and TPOT measured at batch 1 (the paper's regime)."""
-    from seecl.methods.see import SeeEnsemble
-    from seecl.prefix_cache import PrefixCache
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.serving.prefix_cache import PrefixCache
 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=1"])
     engine = ens.engine()
@@ -276,9 +288,9 @@ def random_experts(base, count: int, kind: str):
     """The base with `count` freshly initialised (random B) experts attached."""
     import torch
 
+    from seecl.adapters import add_expert
     from seecl.config import AdapterConfig
     from seecl.data.prompts import PromptFormatter
-    from seecl.experts import add_expert
 
     formatter = PromptFormatter(base.tokenizer, base.indicators)
     invocation = formatter.invocation_ids() if kind == "alora" else None
@@ -295,14 +307,14 @@ def random_experts(base, count: int, kind: str):
 
 def memory_curve() -> dict:
     from seecl.config import ModelConfig
-    from seecl.models import load_base
+    from seecl.model.base import load_base
 
     gc.collect()
     base = load_base(ModelConfig())
     rss = {0: rss_mb()}
     model, attached = base.model, 0
+    from seecl.adapters import add_expert
     from seecl.config import AdapterConfig
-    from seecl.experts import add_expert
 
     for target in (1, 10, 100):
         while attached < target:
@@ -331,11 +343,11 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
     """
     from unittest import mock
 
-    import seecl.engine
+    import seecl.serving.engine
     from seecl.config import ModelConfig
-    from seecl.engine import RoutingEngine
-    from seecl.models import load_base
-    from seecl.routing import decide
+    from seecl.model.base import load_base
+    from seecl.serving.engine import RoutingEngine
+    from seecl.serving.routing import decide
 
     def always_negative(logprobs, indicators, threshold=None):
         _, p_pos, p_neg = decide(logprobs, indicators, threshold)
@@ -349,7 +361,7 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
         for count in counts:
             engine = RoutingEngine(model, formatter, [f"e{i}" for i in range(count)], batch_size=16,
                                    prefix_cache_tokens=0)
-            with mock.patch.object(seecl.engine, "decide", always_negative):
+            with mock.patch.object(seecl.serving.engine, "decide", always_negative):
                 engine.route(queries[:2])
                 routes, seconds = timed(lambda: engine.route(queries))
             asked = {len(route.checks) for route in routes}
@@ -429,7 +441,7 @@ def main() -> None:
 
     from seecl.config import ModelConfig
     from seecl.data.prompts import PromptFormatter
-    from seecl.models import load_base
+    from seecl.model.base import load_base
 
     base = load_base(ModelConfig())
     queries, budgets, owners = workload(PromptFormatter(base.tokenizer, base.indicators, ""), args.n_per_task)

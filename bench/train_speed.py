@@ -42,7 +42,7 @@ from common import DATA, RESULTS, gemm_ceiling, machine, print_table, timed, wri
 
 def build_examples(formatter, n_positives: int, tau: float):
     from seecl.data.formats import load_task
-    from seecl.methods.see import build_memory, reconstruct
+    from seecl.see.reconstruction import build_memory, reconstruct
 
     superni = DATA / "superni"
     earlier = [load_task(superni / f"{name}.train.jsonl", limit=100) for name in ("qg", "sa")]
@@ -74,7 +74,7 @@ def model_flops(config, adapter, vocab: int, examples, epochs: int) -> float:
 
 
 def fresh_model(base_model, adapter_cfg, indicators):
-    from seecl.experts import add_expert
+    from seecl.adapters import add_expert
 
     return add_expert(copy.deepcopy(base_model), "bench", adapter_cfg, indicators, seed=0)
 
@@ -148,7 +148,7 @@ def main() -> None:
 
     from seecl.config import AdapterConfig, ModelConfig, TrainConfig
     from seecl.data.prompts import PromptFormatter
-    from seecl.models import load_base
+    from seecl.model.base import load_base
 
     base = load_base(ModelConfig())
     formatter = PromptFormatter(base.tokenizer, base.indicators)

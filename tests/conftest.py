@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 # Settings under which the tiny random model learns the synthetic tasks' indicators in seconds.
 TINY = [
@@ -37,7 +37,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_base():
     from seecl.config import ModelConfig
-    from seecl.models import load_base
+    from seecl.model.base import load_base
 
     return load_base(ModelConfig(name="tiny-random"))
 
@@ -45,6 +45,6 @@ def tiny_base():
 @pytest.fixture
 def fresh_tiny_base():
     from seecl.config import ModelConfig
-    from seecl.models import load_base
+    from seecl.model.base import load_base
 
     return load_base(ModelConfig(name="tiny-random"))

@@ -2,8 +2,8 @@
 
 import torch
 
-from seecl.batch_kv import Rows, allocate, gather
-from seecl.models import cache_keyword, kv_over, returned_cache
+from seecl.model.kv import cache_keyword, kv_over, returned_cache
+from seecl.serving.batch_kv import Rows, allocate, gather
 
 
 def _state(rows: int, length: int, room: int, seed: int) -> Rows:
@@ -46,7 +46,7 @@ def test_take_hands_over_all_rows_without_a_copy_and_copies_a_subset():
 
 def test_a_forward_writes_into_the_buffers_and_rewinding_lets_the_next_one_overwrite(tiny_base):
     model = tiny_base.model
-    from seecl.models import kv_shape
+    from seecl.model.kv import kv_shape
 
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     with torch.inference_mode():

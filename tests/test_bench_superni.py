@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from conftest import TINY
 from seecl.cli import main
 from seecl.data.synthetic import general_task, make_task
-from conftest import TINY
 
 TASKS = ["uppercase", "add"]
 METHODS = ["Non-rehearsal", "SEE(25%)"]
@@ -42,7 +42,7 @@ def forbid_training(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("trained although every adapter exists")
 
-    for module in ("seecl.training", "seecl.methods.single", "seecl.methods.see"):
+    for module in ("seecl.training", "seecl.methods.single", "seecl.see.ensemble"):
         monkeypatch.setattr(f"{module}.train", forbidden)
 
 

@@ -1,7 +1,7 @@
 import json
 
-from seecl.cli import main
 from conftest import TINY
+from seecl.cli import main
 
 
 def test_learn_then_ask_through_the_cli(tmp_path, capsys):

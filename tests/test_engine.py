@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from seecl.data.synthetic import make_task
-from seecl.engine import PrefixCache, RoutingEngine
-from seecl.methods.see import SeeEnsemble
-from seecl.routing import BASE
+from seecl.see.ensemble import SeeEnsemble
+from seecl.serving.engine import PrefixCache, RoutingEngine
+from seecl.serving.routing import BASE
 
 NAMES = ["reverse_list", "uppercase", "add"]
 
@@ -119,7 +119,7 @@ def test_mixed_rows_forward_equals_each_owner_alone(learned, owners):
 
 
 def test_chunks_keep_rows_times_width_within_the_budget():
-    from seecl.batch_kv import row_chunks
+    from seecl.serving.batch_kv import row_chunks
 
     widths = [3, 4, 4, 10, 2, 2, 2, 30]
     groups = row_chunks(widths, 12)
@@ -133,8 +133,8 @@ def test_chunks_keep_rows_times_width_within_the_budget():
 def test_a_batch_one_expert_claims_decodes_in_its_checks_buffers(fixture, request, monkeypatch):
     """No copy of the batch's KV between its checks and its answers when one expert claims every
     query (LoRA: that check's buffers; aLoRA: the bodies' buffers, extended in place by each check)."""
-    import seecl.batch_kv
-    import seecl.engine
+    import seecl.serving.batch_kv
+    import seecl.serving.engine
 
     ens = request.getfixturevalue(fixture)
     # queries of a task whose every query one expert claims, preferably after the longest walk
@@ -154,9 +154,9 @@ def test_a_batch_one_expert_claims_decodes_in_its_checks_buffers(fixture, reques
         copies.append([len(rows) for _, rows in parts])
         return plain_gather(parts, room)
 
-    plain_gather = seecl.batch_kv.gather
-    monkeypatch.setattr(seecl.batch_kv, "gather", counting_gather)
-    monkeypatch.setattr(seecl.engine, "gather", counting_gather)
+    plain_gather = seecl.serving.batch_kv.gather
+    monkeypatch.setattr(seecl.serving.batch_kv, "gather", counting_gather)
+    monkeypatch.setattr(seecl.serving.engine, "gather", counting_gather)
     _assert_same(_engine(ens, batch_size=4).ask(queries, 6), reference)
     assert copies == []
 
@@ -254,7 +254,7 @@ def test_a_batch_spanning_two_definitions_prefills_each_on_its_own_head(learned)
 
 
 def test_shared_runs_split_a_batch_where_its_rows_stop_sharing_more_than_all():
-    from seecl.prefix_cache import shared_runs
+    from seecl.serving.prefix_cache import shared_runs
 
     prompts = [[1, 2, 3, 4, 9], [1, 2, 3, 4, 8], [1, 2, 5, 6, 7], [1, 2, 5, 6, 0], [1, 2, 7]]
     assert shared_runs(prompts, 2) == [[0, 1], [2, 3], [4]]
@@ -321,8 +321,8 @@ def test_alora_experts_route_and_answer_like_the_reference(learned_alora):
 def test_calibrate_threshold_from_log_odds():
     import math
 
-    from seecl.methods.see import calibrate_threshold
-    from seecl.routing import Check
+    from seecl.see.ensemble import calibrate_threshold
+    from seecl.serving.routing import Check
 
     def check(odds):
         p_pos = 1 / (1 + math.exp(-odds))
@@ -379,7 +379,7 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
 
 
 def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
-    from seecl.prefix_cache import batch_order
+    from seecl.serving.prefix_cache import batch_order
 
     shared_a, shared_b = list(range(100, 140)), list(range(200, 240))
     prompts = [shared_a + [1] * 9, [7, 3], shared_b + [2] * 3, shared_a + [5] * 2, [9] * 5,
@@ -423,7 +423,7 @@ def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
 def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_deprecation(tiny_base, recwarn):
     import inspect
 
-    from seecl.models import cache_keyword, returned_cache
+    from seecl.model.kv import cache_keyword, returned_cache
 
     model = tiny_base.model
     assert cache_keyword() in inspect.signature(type(model).forward).parameters
@@ -438,7 +438,7 @@ def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_depre
 def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_base):
     from transformers import DynamicCache
 
-    from seecl.models import cache_keyword, kv_cache, returned_cache
+    from seecl.model.kv import cache_keyword, kv_cache, returned_cache
 
     model = tiny_base.model
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
@@ -458,7 +458,7 @@ def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_ba
 def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(tiny_base):
     from transformers import DynamicCache
 
-    from seecl.models import cache_keyword, kv_buffer, returned_cache
+    from seecl.model.kv import cache_keyword, kv_buffer, returned_cache
 
     model = tiny_base.model
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])

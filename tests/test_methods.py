@@ -4,13 +4,13 @@ import json
 
 import pytest
 
+from conftest import TINY
 from seecl.cache import AdapterCache
 from seecl.config import load_config
 from seecl.data.synthetic import general_task, make_task
 from seecl.evaluation.protocol import EvalSet, Protocol
 from seecl.methods.base import MethodContext
 from seecl.methods.registry import build_method, parse_label
-from conftest import TINY
 
 TASKS = ["uppercase", "add"]
 LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)", "MoSEs", "SETA"]
@@ -59,7 +59,7 @@ def test_every_method_through_the_shared_harness(tmp_path, label, monkeypatch):
         raise AssertionError("a finished stage was retrained")
 
     monkeypatch.setattr(seecl.training, "train", forbidden)
-    for module in ("seecl.methods.single", "seecl.methods.see"):
+    for module in ("seecl.methods.single", "seecl.see.ensemble"):
         monkeypatch.setattr(f"{module}.train", forbidden)
     _, again, resumed = run_protocol(tmp_path, label)
     assert resumed["matrix"] == matrix and resumed["AR"] == summary["AR"]
@@ -93,7 +93,7 @@ def test_a_copy_without_ensembles_and_predictions_resumes_from_the_cache(tmp_pat
     protocol.path.write_text(json.dumps(state))
     shutil.rmtree(protocol.workdir / "ensemble")
     shutil.rmtree(protocol.workdir / "predictions")
-    monkeypatch.setattr("seecl.methods.see.train", lambda *a, **k: pytest.fail("a cached expert was retrained"))
+    monkeypatch.setattr("seecl.see.ensemble.train", lambda *a, **k: pytest.fail("a cached expert was retrained"))
     _, _, resumed = run_protocol(tmp_path, "SEE(25%)")
     assert resumed["routing"]["confusion"] == summary["routing"]["confusion"]
     assert resumed["matrix"] == summary["matrix"] and resumed["rb_acc"] == summary["rb_acc"]

@@ -1,8 +1,16 @@
 import pytest
 
-from seecl.evaluation.metrics import (average_score, backward_transfer, confusion, exact_match,
-                                      rb_acc, rouge_l, routing_accuracy, routing_prf,
-                                      routing_prf_from_counts)
+from seecl.evaluation.metrics import (
+    average_score,
+    backward_transfer,
+    confusion,
+    exact_match,
+    rb_acc,
+    rouge_l,
+    routing_accuracy,
+    routing_prf,
+    routing_prf_from_counts,
+)
 
 
 def test_rouge_l_known_values():

@@ -12,10 +12,10 @@ from seecl.cache import AdapterCache
 from seecl.config import load_config
 from seecl.data.formats import load_task
 from seecl.data.synthetic import make_task
-from seecl.generation import left_pad
 from seecl.methods.base import MethodContext
 from seecl.methods.moses import MoSEs, needs_new_expert, straight_through, top_fraction
 from seecl.methods.seta import SETA, anchor_penalty
+from seecl.model.generation import left_pad
 
 NAMES = ("uppercase", "add", "sentiment")
 

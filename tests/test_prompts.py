@@ -1,8 +1,8 @@
 from seecl.config import ModelConfig
 from seecl.data.prompts import IGNORE, PromptFormatter
-from seecl.indicators import install_indicators
-from seecl.models import load_base
-from seecl.tiny import build_tiny_model, build_tiny_tokenizer
+from seecl.model.base import load_base
+from seecl.model.indicators import install_indicators
+from seecl.model.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def test_loss_only_on_indicator_response_and_eos(tiny_base):

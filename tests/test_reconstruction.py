@@ -3,7 +3,12 @@ import pytest
 from seecl.data.synthetic import make_task
 from seecl.data.task import Instance, Task
 from seecl.errors import StoreError
-from seecl.methods.see import build_memory, memory_size, negatives_count, reconstruct
+from seecl.see.reconstruction import (
+    build_memory,
+    memory_size,
+    negatives_count,
+    reconstruct,
+)
 
 
 def task(name, n):
@@ -40,8 +45,8 @@ def test_memory_keeps_queries_only_and_enough_for_max_tau():
 
 def test_negatives_carry_no_response_text():
     from seecl.data.prompts import PromptFormatter
-    from seecl.tiny import build_tiny_tokenizer
-    from seecl.indicators import Indicators
+    from seecl.model.indicators import Indicators
+    from seecl.model.tiny import build_tiny_tokenizer
 
     rec = reconstruct(task("new", 10), MEMORIES, 0.1, seed=0)
     tokenizer = build_tiny_tokenizer()

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from seecl.data.synthetic import make_task
-from seecl.indicators import Indicators
-from seecl.methods.see import SeeEnsemble
-from seecl.routing import BASE, Check, decide, walk
+from seecl.model.indicators import Indicators
+from seecl.see.ensemble import SeeEnsemble
+from seecl.serving.routing import BASE, Check, decide, walk
 
 ADDED = Indicators("added", "<<pos>>", "<<neg>>", (10,), (11,))
 MULTI = Indicators("nonsemantic", "«pos»", "«neg»", (7, 20, 9), (7, 21, 9))
@@ -77,8 +77,8 @@ NAMES = ["reverse_list", "uppercase", "add"]
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    from seecl.config import load_config
     from conftest import TINY
+    from seecl.config import load_config
 
     ens = SeeEnsemble(tmp_path_factory.mktemp("routing") / "ens", load_config(overrides=TINY))
     for name in NAMES:

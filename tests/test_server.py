@@ -14,9 +14,9 @@ import pytest
 import uvicorn
 
 from seecl.data.synthetic import make_task
-from seecl.methods.see import SeeEnsemble
-from seecl.routing import Answer, Check, Route
-from seecl.server import ServerLimits, create_app, ensemble_app, token_pieces
+from seecl.see.ensemble import SeeEnsemble
+from seecl.serving.routing import Answer, Check, Route
+from seecl.serving.server import ServerLimits, create_app, ensemble_app, token_pieces
 
 LIMITS = ServerLimits(max_prompt_tokens=300, max_tokens=32, default_max_tokens=5, max_body_bytes=64_000,
                       max_prompts=8)

@@ -5,8 +5,8 @@ import torch
 
 from seecl.data.synthetic import make_task
 from seecl.errors import StoreError
-from seecl.methods.see import SeeEnsemble
-from seecl.store import EnsembleStore, QueryMemory
+from seecl.see.ensemble import SeeEnsemble
+from seecl.see.store import EnsembleStore, QueryMemory
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_corrupt_or_missing_manifest_is_a_clear_error(tmp_path):
 
 
 def test_pickled_adapters_are_refused(ensemble, fresh_tiny_base):
-    from seecl.experts import load_expert
+    from seecl.adapters import load_expert
 
     directory = ensemble.store.expert_dir("add")
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")

@@ -1,15 +1,13 @@
-import collections
 
 import pytest
 import torch
 
+from seecl.adapters import add_expert
 from seecl.config import AdapterConfig, TrainConfig
-from seecl.data.prompts import PromptFormatter
+from seecl.data.prompts import Example, PromptFormatter
 from seecl.data.synthetic import make_task
-from seecl.experts import add_expert
 from seecl.loss import SupervisedLoss, prefix_groups, reference_loss
 from seecl.training import collate, plan_batches, train
-from seecl.data.prompts import Example
 
 
 def fake_examples(n_pos, n_neg, pos_len=10, neg_len=30):

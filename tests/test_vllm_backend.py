@@ -10,12 +10,23 @@ import torch
 
 from seecl.data.synthetic import make_task
 from seecl.errors import SeeclError
-from seecl.indicators import Indicators
-from seecl.routing import BASE, decide
-from seecl.store import FORMAT
-from seecl.vllm_backend import (
-    INSTALL_HINT, VllmEngine, answer_requests, check_params, check_requests, check_servable, export_base,
-    generation_params, lora_settings, lora_table, token_row_tensors, verdict, vllm_available,
+from seecl.model.indicators import Indicators
+from seecl.see.store import FORMAT
+from seecl.serving.routing import BASE, decide
+from seecl.serving.vllm_engine import (
+    INSTALL_HINT,
+    VllmEngine,
+    answer_requests,
+    check_params,
+    check_requests,
+    check_servable,
+    export_base,
+    generation_params,
+    lora_settings,
+    lora_table,
+    token_row_tensors,
+    verdict,
+    vllm_available,
 )
 
 ADDED = Indicators("added", "<<pos>>", "<<neg>>", (300,), (301,))
@@ -41,8 +52,8 @@ def write_adapter(directory, r=8, rows=False):
 
 
 def write_ensemble(root, names, rows=(), ranks=None, kind="added"):
-    from seecl.indicators import INDICATOR_STRINGS
-    from seecl.tiny import build_tiny_tokenizer
+    from seecl.model.indicators import INDICATOR_STRINGS
+    from seecl.model.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     texts = INDICATOR_STRINGS[kind]
@@ -251,7 +262,7 @@ def test_hand_written_token_rows_are_refused(tmp_path):
 def tiny_ensemble(tmp_path_factory):
     from conftest import TINY
     from seecl.config import load_config
-    from seecl.methods.see import SeeEnsemble
+    from seecl.see.ensemble import SeeEnsemble
 
     ens = SeeEnsemble(tmp_path_factory.mktemp("vllm") / "ens",
                       load_config(overrides=TINY + ["train.epochs=1", "adapter.train_indicator_rows=false"]))

@@ -13,10 +13,11 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .store import ADAPTER_FILES
+from seecl.see.store import ADAPTER_FILES
 
 
 def cache_key(**material: Any) -> str:

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from .errors import SeeclError
+from seecl.errors import SeeclError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_TASKS, run_demo
+    from seecl.recipes.demo import DEMO_TASKS, run_demo
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else DEMO_TASKS
     run_demo(args.out, tasks, args.n_train, args.n_eval, args.overrides)
@@ -30,8 +30,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from .data.formats import load_task
-    from .methods.see import SeeEnsemble
+    from seecl.data.formats import load_task
+    from seecl.see.ensemble import SeeEnsemble
 
     overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
     ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
@@ -52,7 +52,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 def _read_queries(args: argparse.Namespace) -> list[str]:
     queries = list(args.query)
     if args.file:
-        from .data.formats import load_instances
+        from seecl.data.formats import load_instances
 
         queries += [inst.query for inst in load_instances(args.file)]
     if not queries and not sys.stdin.isatty():
@@ -63,8 +63,8 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .methods.see import SeeEnsemble
-    from .store import EnsembleStore
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.see.store import EnsembleStore
 
     if not EnsembleStore(args.ensemble).exists():
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
@@ -83,7 +83,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import EnsembleStore
+    from seecl.see.store import EnsembleStore
 
     store = EnsembleStore(args.ensemble)
     manifest = store.manifest()
@@ -100,7 +100,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import PRESETS, describe
+    from seecl.config import PRESETS, describe
 
     if args.preset:
         print(f"preset {args.preset!r} overrides: {PRESETS[args.preset] or 'none (the defaults)'}")
@@ -112,8 +112,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .config import load_config, parse_override
-    from .evaluation.superni import ORDERS, BenchConfig, run_benchmark
+    from seecl.config import load_config, parse_override
+    from seecl.recipes.superni import ORDERS, BenchConfig, run_benchmark
 
     cfg = load_config(BenchConfig, args.config)
     flags = {"data_dir": args.data_dir, "eval_split": args.eval_split, "ood_file": args.ood_file,
@@ -133,9 +133,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .methods.see import SeeEnsemble
-    from .server import MAX_TOKENS_LIMIT, ServerLimits, ensemble_app, serve
-    from .store import EnsembleStore
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.see.store import EnsembleStore
+    from seecl.serving.server import MAX_TOKENS_LIMIT, ServerLimits, ensemble_app, serve
 
     if not EnsembleStore(args.ensemble).exists():
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")

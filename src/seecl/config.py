@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from seecl.errors import ConfigError
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:

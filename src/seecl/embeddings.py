@@ -7,12 +7,12 @@ loaded from the installed package directory; nothing is downloaded.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 
-from .errors import ModelError
+from seecl.errors import ModelError
 
 
 @lru_cache(maxsize=1)

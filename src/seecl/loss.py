@@ -14,8 +14,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .data.prompts import IGNORE, common_prefix_length
-from .models import cache_keyword, returned_cache
+from seecl.data.prompts import IGNORE, common_prefix_length
+from seecl.model.kv import cache_keyword, returned_cache
 
 TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's name for trained embedding rows (the indicators)
 

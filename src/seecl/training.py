@@ -16,16 +16,16 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfig
-from .data.prompts import IGNORE, Example
-from .loss import TOKEN_ROWS, SupervisedLoss
+from seecl.config import TrainConfig
+from seecl.data.prompts import IGNORE, Example
+from seecl.loss import TOKEN_ROWS, SupervisedLoss
 
 MEGABATCH = 16  # batches whose members are regrouped by length together
 

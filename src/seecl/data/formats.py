@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..errors import DataError
-from .task import Instance, Task
+from seecl.data.task import Instance, Task
+from seecl.errors import DataError
 
 TRACE_SPLITS = ("train", "eval", "test")
 
@@ -203,7 +204,7 @@ def load_task(path: str | Path, name: str | None = None, split: str = "train",
     if limit is not None and sample is not None:
         raise DataError("give either limit (the first N instances) or sample (a stratified sample), not both")
     if str(path).startswith("synthetic:"):
-        from .synthetic import make_task
+        from seecl.data.synthetic import make_task
 
         task_name = str(path).split(":", 1)[1]
         size = limit or sample or 64

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..indicators import Indicators
+from seecl.model.indicators import Indicators
 
 IGNORE = -100
 

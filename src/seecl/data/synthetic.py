@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from ..errors import DataError
-from .task import Instance, Task
+from seecl.data.task import Instance, Task
+from seecl.errors import DataError
 
 _NOUNS = ["apple", "river", "candle", "garden", "window", "rocket", "pencil", "forest", "bridge",
           "castle", "dragon", "guitar", "island", "jacket", "ladder", "mirror", "needle", "orange",

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from ..errors import DataError
+from seecl.errors import DataError
 
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
@@ -49,7 +49,7 @@ class Task:
     def __len__(self) -> int:
         return len(self.instances)
 
-    def head(self, n: int | None) -> "Task":
+    def head(self, n: int | None) -> Task:
         """The first n instances (all when n is None)."""
         if n is None or n >= len(self.instances):
             return self
@@ -64,7 +64,7 @@ class Task:
         labels = self.labels()
         return 1 < len(labels) <= 20 and len(self.instances) >= 2 * len(labels)
 
-    def sample(self, n: int, seed: int = 0) -> "Task":
+    def sample(self, n: int, seed: int = 0) -> Task:
         """A seeded sample of n instances, in file order; a classification-looking task is sampled
         per label in proportion to the label counts (largest remainders), so a label-sorted file
         gives the same label balance as the whole file."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 BASE = "base"
 

@@ -19,15 +19,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
-from ..data.task import Task
-from ..methods.base import Method
-from ..store import write_json_atomic
-from .metrics import (BASE, average_score, backward_transfer, confusion, exact_match, mean, rb_acc,
-                      rouge_l, routing_prf_from_counts)
+from seecl.data.task import Task
+from seecl.evaluation.metrics import (
+    BASE,
+    average_score,
+    backward_transfer,
+    confusion,
+    exact_match,
+    mean,
+    rb_acc,
+    rouge_l,
+    routing_prf_from_counts,
+)
+from seecl.methods.base import Method
+from seecl.publish import write_json_atomic
 
 
 @dataclass(frozen=True)

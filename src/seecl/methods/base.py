@@ -15,14 +15,15 @@ methods fill in the route, others report `answered_by="model"`.
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
-from ..cache import AdapterCache
-from ..config import RunConfig
-from ..data.task import Task
-from ..routing import Answer, Route
+from seecl.cache import AdapterCache
+from seecl.config import RunConfig
+from seecl.data.task import Task
+from seecl.serving.routing import Answer, Route
 
 Schedule = Literal["sequential", "joint", "independent"]
 MODEL = "model"  # answered_by for methods without routing

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError
-from .base import Method, MethodContext
+from seecl.errors import ConfigError
+from seecl.methods.base import Method, MethodContext
 
 _LABEL = re.compile(r"^(?P<name>[A-Za-z-]+)(\((?P<tau>[0-9.]+)%\))?(-(?P<variant>[A-Za-z]+(-[A-Za-z]+)*))?$")
 
@@ -47,11 +47,11 @@ def see_variants(variant: str | None) -> list[str]:
 
 
 def build_method(label: str, ctx: MethodContext) -> Method:
-    from .mtl import MultiTask
-    from .replay import Replay
-    from .see import SeeMethod
-    from .ssr import SelfSynthesizedRehearsal
-    from .stl import SingleTask
+    from seecl.methods.mtl import MultiTask
+    from seecl.methods.replay import Replay
+    from seecl.methods.see import SeeMethod
+    from seecl.methods.ssr import SelfSynthesizedRehearsal
+    from seecl.methods.stl import SingleTask
 
     name, tau, variant = parse_label(label)
     if variant is not None and name != "SEE":
@@ -69,11 +69,11 @@ def build_method(label: str, ctx: MethodContext) -> Method:
     if name == "SSR":
         return SelfSynthesizedRehearsal(ctx, label, 0.1 if tau is None else tau)
     if name == "MoSEs" and tau is None:
-        from .moses import MoSEs
+        from seecl.methods.moses import MoSEs
 
         return MoSEs(ctx, label)
     if name == "SETA" and tau is None:
-        from .seta import SETA
+        from seecl.methods.seta import SETA
 
         return SETA(ctx, label)
     if name == "SEE" and tau is not None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
-from ..data.task import Instance, Task
-from .base import MethodContext
-from .see import negatives_count
-from .single import OneModelMethod
+from seecl.data.task import Instance, Task
+from seecl.methods.base import MethodContext
+from seecl.methods.single import OneModelMethod
+from seecl.see.reconstruction import negatives_count
 
 Selection = Literal["none", "random", "kmeans"]
 
@@ -30,7 +31,7 @@ def select_rehearsal(task: Task, k: int, selection: Selection, seed: int) -> lis
         return []
     if selection == "random":
         return random.Random(f"replay:{seed}:{task.name}").sample(list(task.instances), k)
-    from ..embeddings import embed, kmeans_representatives
+    from seecl.embeddings import embed, kmeans_representatives
 
     vectors = embed([i.query for i in task.instances])
     return [task.instances[i] for i in kmeans_representatives(vectors, k, seed)]

@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import training
-from ..data.task import Task
-from ..errors import ConfigError
-from ..loss import SupervisedLoss
-from .base import MethodContext
-from .moses import LayerMethod, generator
+from seecl import training
+from seecl.data.task import Task
+from seecl.errors import ConfigError
+from seecl.loss import SupervisedLoss
+from seecl.methods.base import MethodContext
+from seecl.methods.layers import LayerMethod, generator
 
 
 def anchor_penalty(value: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:

@@ -8,18 +8,24 @@ active adapter. No indicators: prompts and targets are the plain chat format.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from ..cache import cache_key
-from ..config import to_dict
-from ..data.prompts import PromptFormatter
-from ..data.task import Instance
-from ..experts import add_expert, load_expert, only_train, save_expert, trainable_parameters
-from ..generation import greedy_generate
-from ..models import Base, load_base
-from ..routing import Answer, Route
-from ..training import run_fingerprint, train
-from .base import MODEL, MethodContext, unrouted
+from seecl.adapters import (
+    add_expert,
+    load_expert,
+    only_train,
+    save_expert,
+    trainable_parameters,
+)
+from seecl.cache import cache_key
+from seecl.config import to_dict
+from seecl.data.prompts import PromptFormatter
+from seecl.data.task import Instance
+from seecl.methods.base import MODEL, MethodContext, unrouted
+from seecl.model.base import Base, load_base
+from seecl.model.generation import greedy_generate
+from seecl.serving.routing import Answer, Route
+from seecl.training import run_fingerprint, train
 
 
 class SingleAdapter:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
-from ..data.task import Instance, Task
-from .base import MethodContext
-from .replay import Replay
-from .see import negatives_count
+from seecl.data.task import Instance, Task
+from seecl.methods.base import MethodContext
+from seecl.methods.replay import Replay
+from seecl.see.reconstruction import negatives_count
 
 
 def split_definition(task: Task) -> tuple[str, list[str]]:
@@ -97,7 +97,7 @@ class SelfSynthesizedRehearsal(Replay):
     def _select(candidates: list[Instance], k: int, seed: int) -> list[Instance]:
         if len(candidates) <= k:
             return candidates
-        from ..embeddings import embed, kmeans_representatives
+        from seecl.embeddings import embed, kmeans_representatives
 
         vectors = embed([c.query for c in candidates])
         return [candidates[i] for i in kmeans_representatives(vectors, k, seed)]

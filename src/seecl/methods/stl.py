@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from ..data.task import Task
-from .base import MethodContext
-from .single import OneModelMethod
+from seecl.data.task import Task
+from seecl.methods.base import MethodContext
+from seecl.methods.single import OneModelMethod
 
 
 class SingleTask(OneModelMethod):

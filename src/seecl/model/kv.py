@@ -1,41 +1,16 @@
-"""Load a base model and tokenizer (never from a model hub) and install the indicator tokens.
+"""The KV cache objects handed to a model's forward: shared tensors and in-place buffers.
 
-Owns model resolution (offline default, tiny test model, local directory, GGUF file, hub id already
-in the local cache), device and dtype choice, the frozen-base invariant, and the KV cache objects
-handed to the model's forward (shared tensors, in-place buffers). Adapters live in
-store.py / experts.py; prompt formatting in prompts.py.
+Owns the name of the forward's cache argument in the installed transformers, caches that hold
+given per-layer tensors without copying them, buffer-backed layers that a forward fills in place,
+and the KV geometry of a model. What goes into the buffers is the serving engine's business.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-
-from .config import ModelConfig
-from .default_model import DEFAULT_MODEL, ensure_default_model
-from .errors import ModelError
-from .indicators import Indicators, install_indicators
-from .tiny import TINY_MODEL, build_tiny_model, build_tiny_tokenizer
-
-
-@dataclass
-class Base:
-    """A frozen base model with its tokenizer and indicator tokens installed."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    indicators: Indicators
-    config: ModelConfig
-    load_seconds: float = 0.0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
 
 @functools.cache
@@ -48,9 +23,11 @@ def cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
+
 def returned_cache(output):
     """The KV cache a forward returned, under the field name of the installed transformers."""
     return output.cache if cache_keyword() == "cache" else output.past_key_values
+
 
 
 def kv_cache(layers):
@@ -66,6 +43,7 @@ def kv_cache(layers):
     for layer, (k, v) in zip(cache.layers, layers):
         layer.keys, layer.values = k, v
     return cache
+
 
 
 @functools.cache
@@ -112,6 +90,7 @@ def _buffer_layer():
     return BufferLayer
 
 
+
 def kv_over(buffers, length: int):
     """A transformers cache over these per-layer (key, value) buffers [batch, heads, capacity, dim]
     whose first `length` positions are filled: forwards write their new positions in place.
@@ -123,6 +102,7 @@ def kv_over(buffers, length: int):
     cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in buffers])
     cache.layers = [_buffer_layer()(k, v, length) for k, v in buffers]
     return cache
+
 
 
 def kv_buffer(layers, capacity: int):
@@ -145,6 +125,7 @@ def kv_buffer(layers, capacity: int):
     return kv_over(buffers, length)
 
 
+
 def kv_shape(model) -> tuple[int, int, int]:
     """(layers, key/value heads, head dimension) of a decoder's KV cache, from its config."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -153,78 +134,3 @@ def kv_shape(model) -> tuple[int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
 
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' is this process's accelerator device (cuda:LOCAL_RANK under `accelerate launch`)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            from accelerate import PartialState
-
-            return PartialState().device
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ModelError(f"invalid device {name!r}: {exc}") from None
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _load_pretrained(cfg: ModelConfig, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = cfg.name
-    if name == TINY_MODEL:
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer).to(dtype), tokenizer
-    if name == DEFAULT_MODEL:
-        path = ensure_default_model()
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
-    path = Path(name).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"GGUF file not found: {path}")
-        return (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype),
-                AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a model directory (no config.json)")
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
-    if path.exists():
-        raise ModelError(f"model path {name!r} is neither a model directory nor a .gguf file")
-    try:
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
-                AutoTokenizer.from_pretrained(name, local_files_only=True))
-    except OSError:
-        raise ModelError(
-            f"model {name!r} is not a local directory, a .gguf file, or a hub id in the local cache; "
-            f"seecl does not download from a model hub. Use '{DEFAULT_MODEL}' (offline default) or "
-            "a local path."
-        ) from None
-
-
-def load_base(cfg: ModelConfig) -> Base:
-    """Load the frozen base model on its device, with the indicator tokens installed."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    started = time.perf_counter()
-    model, tokenizer = _load_pretrained(cfg, dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ModelError(f"the tokenizer of {cfg.name!r} has no chat template")
-    indicators = install_indicators(model, tokenizer, cfg.indicator)
-    model.requires_grad_(False)
-    model.to(device).eval()
-    model.config.use_cache = True
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return Base(model=model, tokenizer=tokenizer, indicators=indicators, config=cfg,
-                load_seconds=time.perf_counter() - started)

@@ -29,16 +29,30 @@ how a forward runs under one expert or a per-row mix of them (`owners`).
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .batch_kv import Rows, allocate, gather, row_chunks
-from .data.prompts import PromptFormatter, common_prefix_length
-from .models import cache_keyword, kv_cache, kv_over, kv_shape, returned_cache
-from .owners import dense_head_input, grouped_kv_heads, use_owner, use_row_owners
-from .prefix_cache import PrefixCache, batch_order, shared_runs
-from .routing import BASE, Answer, Check, Route, Thresholds, decide, threshold_for, walk
+from seecl.data.prompts import PromptFormatter, common_prefix_length
+from seecl.model.kv import cache_keyword, kv_cache, kv_over, kv_shape, returned_cache
+from seecl.serving.batch_kv import Rows, allocate, gather, row_chunks
+from seecl.serving.owners import (
+    dense_head_input,
+    grouped_kv_heads,
+    use_owner,
+    use_row_owners,
+)
+from seecl.serving.prefix_cache import PrefixCache, batch_order, shared_runs
+from seecl.serving.routing import (
+    BASE,
+    Answer,
+    Check,
+    Route,
+    Thresholds,
+    decide,
+    threshold_for,
+    walk,
+)
 
 
 class RoutingEngine:

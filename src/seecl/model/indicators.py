@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ModelError
+from seecl.errors import ModelError
 
 INDICATOR_STRINGS = {
     "added": ("<<pos>>", "<<neg>>"),

@@ -9,11 +9,11 @@ Does not run the model: the engine computes the KV it stores and continues from 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .data.prompts import common_prefix_length
+from seecl.data.prompts import common_prefix_length
 
 
 def _head(layers: list, length: int) -> list:

@@ -18,17 +18,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import AdapterCache
-from ..config import RunConfig, doc, from_dict, merge_overrides, to_dict
-from ..data.formats import load_instances, load_task, require_labels
-from ..data.prompts import PromptFormatter
-from ..data.task import Task
-from ..errors import ConfigError, DataError
-from ..methods.base import MethodContext, release
-from ..methods.registry import build_method
-from ..store import write_json_atomic
-from .protocol import EvalSet, Protocol
-from .report import write_report
+from seecl.cache import AdapterCache
+from seecl.config import RunConfig, doc, from_dict, merge_overrides, to_dict
+from seecl.data.formats import load_instances, load_task, require_labels
+from seecl.data.prompts import PromptFormatter
+from seecl.data.task import Task
+from seecl.errors import ConfigError, DataError
+from seecl.evaluation.protocol import EvalSet, Protocol
+from seecl.evaluation.report import write_report
+from seecl.methods.base import MethodContext, release
+from seecl.methods.registry import build_method
+from seecl.publish import write_json_atomic
 
 # kind and target language of the ten SuperNI tasks in ../shared/data/superni
 SUPERNI_TASKS = {
@@ -63,7 +63,7 @@ class BenchConfig:
     run: dict = field(default_factory=dict, metadata={"doc": "RunConfig overrides (dotted keys) for all methods."})
 
     def __post_init__(self):
-        from ..methods.registry import parse_label
+        from seecl.methods.registry import parse_label
 
         for name in ("n_train", "n_eval", "n_ood"):
             if getattr(self, name) < 1:
@@ -102,7 +102,7 @@ def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
 
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
-    from ..models import load_base
+    from seecl.model.base import load_base
 
     out = Path(cfg.out)
     run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), BENCH_OVERRIDES + [

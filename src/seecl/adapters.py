@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig
-from .errors import StoreError
-from .indicators import Indicators
+from seecl.config import AdapterConfig
+from seecl.errors import StoreError
+from seecl.model.indicators import Indicators
 
 
 def peft_config(cfg: AdapterConfig, indicators: Indicators | None,

@@ -44,15 +44,16 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .data.prompts import PromptFormatter
-from .errors import SeeclError
-from .indicators import Indicators
-from .routing import BASE, Answer, Check, Route, indicator_verdict, walk
-from .store import EnsembleStore
+from seecl.data.prompts import PromptFormatter
+from seecl.errors import SeeclError
+from seecl.model.indicators import Indicators
+from seecl.see.store import EnsembleStore
+from seecl.serving.routing import BASE, Answer, Check, Route, indicator_verdict, walk
 
 INSTALL_HINT = "pip install seecl[vllm]"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -177,8 +178,8 @@ def export_base(ensemble_dir: str | Path, out_dir: str | Path, dtype: str = "flo
     per ensemble, atomically (staging directory + rename). `dtype` float32 keeps the base bit-exact;
     bfloat16 halves it for large models.
     """
-    from .config import ModelConfig
-    from .models import load_base
+    from seecl.config import ModelConfig
+    from seecl.model.base import load_base
 
     store = EnsembleStore(ensemble_dir)
     manifest = store.manifest()

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .routing import BASE
+from seecl.serving.routing import BASE
 
 
 @contextlib.contextmanager

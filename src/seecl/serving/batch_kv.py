@@ -14,12 +14,12 @@ Does not run the model: the engine's forwards fill the buffers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from .models import kv_over
+from seecl.model.kv import kv_over
 
 
 @dataclass
@@ -42,20 +42,20 @@ class Rows:
     def buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.key_buffer, layer.value_buffer) for layer in self.cache.layers]
 
-    def rewind(self) -> "Rows":
+    def rewind(self) -> Rows:
         """This state again after a forward appended to its cache (the appended positions become free)."""
         for layer in self.cache.layers:
             layer.rewind(self.length)
         return self
 
     def view(self, first: int, stop: int, column: int, length: int, mask: torch.Tensor,
-             next_pos: torch.Tensor) -> "Rows":
+             next_pos: torch.Tensor) -> Rows:
         """Rows `first:stop` from position `column` on, as a state of their own whose forwards
         write into this state's buffers, with its first `length` positions counted as filled."""
         buffers = [(k[first:stop, :, column:], v[first:stop, :, column:]) for k, v in self.buffers()]
         return Rows(kv_over(buffers, length), mask, next_pos)
 
-    def take(self, rows: Sequence[int], room: int | None = None) -> "Rows":
+    def take(self, rows: Sequence[int], room: int | None = None) -> Rows:
         """A state holding `rows` in this order. All rows in order (and room enough): this state
         itself, which its holder must no longer extend; otherwise a copy of the filled positions."""
         rows = list(rows)

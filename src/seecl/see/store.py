@@ -22,13 +22,15 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-from .data.task import check_name
-from .errors import DataError, StoreError
+from seecl.data.task import check_name
+from seecl.errors import DataError, StoreError
+from seecl.publish import write_json_atomic
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
@@ -37,16 +39,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def validate_expert_name(name: str) -> str:

@@ -6,7 +6,7 @@ end-of-turn token. Which adapter is active is the caller's business.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

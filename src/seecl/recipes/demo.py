@@ -12,11 +12,11 @@ import json
 import time
 from pathlib import Path
 
-from .config import RunConfig, load_config, save_config
-from .data.synthetic import SYNTHETIC_TASKS, general_task, make_task
-from .errors import SeeclError
-from .evaluation.metrics import BASE, mean, rouge_l, routing_accuracy
-from .methods.see import SeeEnsemble
+from seecl.config import RunConfig, load_config, save_config
+from seecl.data.synthetic import SYNTHETIC_TASKS, general_task, make_task
+from seecl.errors import SeeclError
+from seecl.evaluation.metrics import BASE, mean, rouge_l, routing_accuracy
+from seecl.see.ensemble import SeeEnsemble
 
 DEMO_TASKS = ("reverse_list", "uppercase", "sentiment", "km_to_m", "add")
 # Synthetic prompts are short; the template's default system message would add ~20 tokens to each.

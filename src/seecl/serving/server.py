@@ -25,16 +25,17 @@ import json
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .routing import BASE, Answer
+from seecl.serving.routing import BASE, Answer
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS_LIMIT = 1024

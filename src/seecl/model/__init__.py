@@ -1,0 +1,1 @@
+"""The frozen base: loading it offline, its indicator tokens, KV caches and plain decoding."""

@@ -1,0 +1,1 @@
+"""SEE itself: task reconstruction, the ensemble directory and `SeeEnsemble` (learn / ask)."""

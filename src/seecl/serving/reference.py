@@ -1,0 +1,80 @@
+"""The reference router: the straightforward implementation every faster backend must equal.
+
+One prompt pass per expert for the still-open queries, then one generation pass per answering
+expert and one for the base model, on a PEFT model holding one adapter per expert. Slow, simple and
+obviously right; the engine and the vLLM backend are tested against its routes and answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from seecl.data.prompts import PromptFormatter
+from seecl.model.generation import greedy_generate, last_logprobs
+from seecl.model.indicators import Indicators
+from seecl.serving.routing import (
+    BASE,
+    Answer,
+    Check,
+    Route,
+    Thresholds,
+    decide,
+    threshold_for,
+    walk,
+)
+
+
+class SequentialRouter:
+    """Reference router over a PEFT model holding one adapter per expert (oldest first)."""
+
+    def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
+                 threshold: Thresholds = None, batch_size: int = 16):
+        self.model = model
+        self.formatter = formatter
+        self.indicators: Indicators = formatter.indicators  # type: ignore[assignment]
+        self.experts = list(experts)
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.pad_id = formatter.tokenizer.pad_token_id
+
+    def _use(self, expert: str | None):
+        """Context with `expert`'s adapter active, or the plain base model for None."""
+        if expert is None:
+            return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") \
+                else contextlib.nullcontext()
+        self.model.set_adapter(expert)
+        return contextlib.nullcontext()
+
+    def check(self, expert: str, prompts: list[list[int]]) -> list[Check]:
+        prefix = list(self.indicators.shared_prefix)
+        with self._use(expert):
+            logprobs = last_logprobs(self.model, [p + prefix for p in prompts], len(prefix) + 1,
+                                     self.pad_id, self.batch_size)
+        threshold = threshold_for(self.threshold, expert)
+        return [Check(expert, *decide(lp, self.indicators, threshold)) for lp in logprobs]
+
+    def route(self, queries: Sequence[str]) -> tuple[list[list[int]], list[Route]]:
+        prompts = [self.formatter.prompt_ids(q) for q in queries]
+        routes = walk(len(queries), self.experts[::-1],
+                      lambda expert, idx: self.check(expert, [prompts[i] for i in idx]))
+        return prompts, routes
+
+    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
+        """Answer a batch of queries; every answer carries its route."""
+        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        prompts, routes = self.route(queries)
+        texts = [""] * len(queries)
+        for responder in [*self.experts, BASE]:
+            members = [i for i, r in enumerate(routes) if r.answered_by == responder]
+            if not members:
+                continue
+            pos = list(self.indicators.pos_ids) if responder != BASE else []
+            with self._use(None if responder == BASE else responder):
+                outputs = greedy_generate(self.model, [prompts[i] + pos for i in members],
+                                          [budgets[i] for i in members], self.formatter.eos_id,
+                                          self.pad_id, self.batch_size, self.indicators.blocked_in_answers)
+            for index, tokens in zip(members, outputs):
+                texts[index] = self.formatter.decode(tokens)
+        return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
+
