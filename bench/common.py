@@ -31,8 +31,14 @@ def cpu_model() -> str:
 def machine() -> dict:
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "cpu": cpu_model()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cpu": cpu_model(),
+    }
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -87,9 +93,12 @@ def interleaved(items: int, measures: dict, repeats: int, new_round=lambda: None
         for item in range(items):
             for name, measure in measures.items():
                 results[name][item].append(measure(item))
-        totals = {name: per_round(per_item)[-1] for name, per_item in results.items()
-                  if isinstance(per_item[0][-1], float)}
-        print(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True)
+        totals = {
+            name: per_round(per_item)[-1] for name, per_item in results.items() if isinstance(per_item[0][-1], float)
+        }
+        print(
+            f"round {round_ + 1}/{repeats}: " + ", ".join(f"{name} {t:.1f} s" for name, t in totals.items()), flush=True
+        )
     return results
 
 

@@ -28,7 +28,7 @@ def fit(label: str, n_positives: int) -> dict:
 
     root = RUN / "methods" / method_dirname(label) / "ensemble"
     if not (root / "manifest.json").exists():
-        raise SystemExit(f"no ensemble at {root}: run `seecl bench superni --methods \"{label}\"` first")
+        raise SystemExit(f'no ensemble at {root}: run `seecl bench superni --methods "{label}"` first')
     ensemble = SeeEnsemble.open(root)
     cfg, _ = bench_config(50)
     tasks, _ = load_benchmark(cfg, ensemble.formatter())
@@ -41,20 +41,23 @@ def fit(label: str, n_positives: int) -> dict:
         meta = ensemble.store.expert_meta(name)
         negatives = [(source, queries_by_id[i]) for source, ids in meta.get("negative_ids", {}).items() for i in ids]
         positives = [inst.query for inst in training[meta["task"]].instances[:n_positives]]
-        engine = RoutingEngine(ensemble.model, ensemble.formatter(), [name], None,
-                               ensemble.config.generate.batch_size)
+        engine = RoutingEngine(ensemble.model, ensemble.formatter(), [name], None, ensemble.config.generate.batch_size)
         routes = engine.route([query for _, query in negatives] + positives)
         claimed = [route.answered_by == name for route in routes]
         by_source = {source: 0 for source, _ in negatives}
         for (source, _), was_claimed in zip(negatives, claimed):
             by_source[source] += was_claimed
         result[name] = {
-            "negatives_claimed": sum(claimed[: len(negatives)]), "negatives": len(negatives),
+            "negatives_claimed": sum(claimed[: len(negatives)]),
+            "negatives": len(negatives),
             "negatives_claimed_by_source": by_source,
-            "positives_claimed": sum(claimed[len(negatives):]), "positives": len(positives),
+            "positives_claimed": sum(claimed[len(negatives) :]),
+            "positives": len(positives),
         }
-        print(f"{label} {name}: claims {result[name]['negatives_claimed']}/{len(negatives)} of its negatives, "
-              f"{result[name]['positives_claimed']}/{len(positives)} of its positives")
+        print(
+            f"{label} {name}: claims {result[name]['negatives_claimed']}/{len(negatives)} of its negatives, "
+            f"{result[name]['positives_claimed']}/{len(positives)} of its positives"
+        )
     return result
 
 
@@ -73,9 +76,17 @@ def main() -> None:
         result[label] = {"positives_asked": args.positives, "experts": fit(label, args.positives)}
         write_json(out, result)
         for name, r in result[label]["experts"].items():
-            rows.append([label, name, f"{r['negatives_claimed']}/{r['negatives']}", f"{r['positives_claimed']}/{r['positives']}"])
-    print_table("SEE experts on their own training data", ["method", "expert", "negatives claimed",
-                                                           "positives claimed"], rows)
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{r['negatives_claimed']}/{r['negatives']}",
+                    f"{r['positives_claimed']}/{r['positives']}",
+                ]
+            )
+    print_table(
+        "SEE experts on their own training data", ["method", "expert", "negatives claimed", "positives claimed"], rows
+    )
 
 
 if __name__ == "__main__":

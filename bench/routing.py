@@ -130,8 +130,9 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     tasks, _ = load_benchmark(cfg, PromptFormatter(base.tokenizer, None, run_config.model.system_prompt))
     del base
     _, general = load_ood(cfg)
-    ctx = MethodContext(run_config, workdir, AdapterCache(RUN / "cache"), general,
-                        extra={"general_negatives": cfg.general_negatives})
+    ctx = MethodContext(
+        run_config, workdir, AdapterCache(RUN / "cache"), general, extra={"general_negatives": cfg.general_negatives}
+    )
     method = build_method(label, ctx)
     for stage in range(len(tasks)):
         print(f"{label}: expert {tasks[stage].name}: {method.learn(tasks[: stage + 1])}")
@@ -198,8 +199,9 @@ def routed_and_single(ens, engine, queries, budgets, batches: list[list[int]], c
         chosen = batches[item]
         lengths = answer_tokens(ens, [answers[i] for i in chosen])
         steps = [min(n + 1, budgets[i]) for n, i in zip(lengths, chosen)]
-        return timed(lambda: engine.generate(ens.experts()[-1], [queries[i] for i in chosen], steps,
-                                             forced=pos, ignore_eos=True))[1]
+        return timed(
+            lambda: engine.generate(ens.experts()[-1], [queries[i] for i in chosen], steps, forced=pos, ignore_eos=True)
+        )[1]
 
     return {"engine": engine_side, "single": single_side}
 
@@ -219,11 +221,14 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     # sample of the queries, spread over the batches so that it runs beside them.
     prompts = [ens.formatter().prompt_ids(q) for q in queries]
     order = batch_order(prompts, engine.prefix_cache.block)
-    batches = [order[i: i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
-    naive_parts = [sample[len(sample) * b // len(batches): len(sample) * (b + 1) // len(batches)]
-                   for b in range(len(batches))]
-    caches = {"engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
-              "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block)}
+    batches = [order[i : i + engine.batch_size] for i in range(0, len(order), engine.batch_size)]
+    naive_parts = [
+        sample[len(sample) * b // len(batches) : len(sample) * (b + 1) // len(batches)] for b in range(len(batches))
+    ]
+    caches = {
+        "engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+        "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+    }
     answers: dict = {}
     measures = routed_and_single(ens, engine, queries, budgets, batches, caches, answers)
     measures["naive"] = lambda item: timed(lambda: [router.ask([queries[i]], budgets[i]) for i in naive_parts[item]])[1]
@@ -237,14 +242,26 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     naive_qps = len(sample) / naive_s
     row = {
-        "experts": experts, "queries": len(queries), "routing_accuracy": routed,
-        "naive_queries": len(sample), "naive_qps": naive_qps, "engine_qps": len(queries) / engine_s,
-        "single_qps": len(queries) / single_s, "engine_seconds": engine_s, "single_seconds": single_s,
-        "naive_seconds": naive_s, "rounds": repeats, "engine_seconds_runs": per_round(runs["engine"]),
-        "single_seconds_runs": per_round(runs["single"]), "naive_seconds_runs": per_round(runs["naive"]),
+        "experts": experts,
+        "queries": len(queries),
+        "routing_accuracy": routed,
+        "naive_queries": len(sample),
+        "naive_qps": naive_qps,
+        "engine_qps": len(queries) / engine_s,
+        "single_qps": len(queries) / single_s,
+        "engine_seconds": engine_s,
+        "single_seconds": single_s,
+        "naive_seconds": naive_s,
+        "rounds": repeats,
+        "engine_seconds_runs": per_round(runs["engine"]),
+        "single_seconds_runs": per_round(runs["single"]),
+        "naive_seconds_runs": per_round(runs["naive"]),
         "speedup_vs_naive": (len(queries) / engine_s) / naive_qps,
-        "overhead_measured": engine_s / single_s - 1, "batch_size": engine.batch_size,
-        "ttft_batch_s": ttft_b, "tpot_batch_s": tpot_b, "mean_batch_answer_tokens": n_b,
+        "overhead_measured": engine_s / single_s - 1,
+        "batch_size": engine.batch_size,
+        "ttft_batch_s": ttft_b,
+        "tpot_batch_s": tpot_b,
+        "mean_batch_answer_tokens": n_b,
         "overhead_eq8_batch": cost_model(ttft_b, tpot_b, len(experts), n_b),
         "prefix_cache": {"hits": caches["engine"].hits, "misses": caches["engine"].misses},
     }
@@ -261,25 +278,36 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=1"])
     engine = ens.engine()
     engine.ask([queries[sample[0]]], 2)  # warm-up
-    caches = {"engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
-              "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block)}
+    caches = {
+        "engine": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+        "single": PrefixCache(engine.prefix_cache.max_tokens, engine.prefix_cache.block),
+    }
     answers: dict = {}
     singles = [[i] for i in sample]
     measures = routed_and_single(ens, engine, queries, budgets, singles, caches, answers)
-    measures["ttft_tpot"] = lambda item: ttft_tpot(engine, ens.experts()[-1], [ens.formatter().prompt_ids(queries[sample[item]])])
+    measures["ttft_tpot"] = lambda item: ttft_tpot(
+        engine, ens.experts()[-1], [ens.formatter().prompt_ids(queries[sample[item]])]
+    )
     runs = interleaved(len(sample), measures, repeats, lambda: [cache.clear() for cache in caches.values()])
     engine_s, single_s = fastest(runs["engine"]), fastest(runs["single"])
     lengths = answer_tokens(ens, [answers[i] for i in sample])
     ttft = statistics.mean(min(t for t, _ in rounds) for rounds in runs["ttft_tpot"])
     tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
     n = statistics.mean(lengths)
-    row = {"queries": len(sample), "engine_s_per_query": engine_s / len(sample),
-           "single_s_per_query": single_s / len(sample), "overhead_measured": engine_s / single_s - 1,
-           "rounds": repeats, "engine_seconds_runs": per_round(runs["engine"]),
-           "single_seconds_runs": per_round(runs["single"]),
-           "ttft_s": ttft, "tpot_s": tpot, "mean_answer_tokens": n,
-           "overhead_eq8": cost_model(ttft, tpot, len(ens.experts()), n),
-           "prefix_cache": {"hits": caches["engine"].hits, "misses": caches["engine"].misses}}
+    row = {
+        "queries": len(sample),
+        "engine_s_per_query": engine_s / len(sample),
+        "single_s_per_query": single_s / len(sample),
+        "overhead_measured": engine_s / single_s - 1,
+        "rounds": repeats,
+        "engine_seconds_runs": per_round(runs["engine"]),
+        "single_seconds_runs": per_round(runs["single"]),
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "mean_answer_tokens": n,
+        "overhead_eq8": cost_model(ttft, tpot, len(ens.experts()), n),
+        "prefix_cache": {"hits": caches["engine"].hits, "misses": caches["engine"].misses},
+    }
     print(f"{label} batch 1: {row}")
     return row
 
@@ -296,7 +324,9 @@ def random_experts(base, count: int, kind: str):
     invocation = formatter.invocation_ids() if kind == "alora" else None
     model = base.model
     for i in range(count):
-        model = add_expert(model, f"e{i}", AdapterConfig(kind=kind), base.indicators, seed=i, invocation_tokens=invocation)
+        model = add_expert(
+            model, f"e{i}", AdapterConfig(kind=kind), base.indicators, seed=i, invocation_tokens=invocation
+        )
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if f"lora_B.e{i}." in name:
@@ -359,8 +389,9 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
         model, formatter = random_experts(base, max(counts), kind)
         curve[kind] = {}
         for count in counts:
-            engine = RoutingEngine(model, formatter, [f"e{i}" for i in range(count)], batch_size=16,
-                                   prefix_cache_tokens=0)
+            engine = RoutingEngine(
+                model, formatter, [f"e{i}" for i in range(count)], batch_size=16, prefix_cache_tokens=0
+            )
             with mock.patch.object(seecl.serving.engine, "decide", always_negative):
                 engine.route(queries[:2])
                 routes, seconds = timed(lambda: engine.route(queries))
@@ -383,8 +414,12 @@ def plot(curve: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for kind, points in ((k, curve[k]) for k in ("lora", "alora") if k in curve):
         xs = sorted(int(k) for k in points)
-        ax.plot(xs, [1000 * points[k] if k in points else 1000 * points[str(k)] for k in xs], marker="o",
-                label={"lora": "LoRA experts", "alora": "aLoRA experts"}[kind])
+        ax.plot(
+            xs,
+            [1000 * points[k] if k in points else 1000 * points[str(k)] for k in xs],
+            marker="o",
+            label={"lora": "LoRA experts", "alora": "aLoRA experts"}[kind],
+        )
     ax.set_xlabel("experts asked per query")
     ax.set_ylabel("routing time per query (ms)")
     ax.set_title("Routing latency (fast engine, batch 16)")
@@ -407,21 +442,37 @@ def ar_by_seed(alora_label: str) -> dict:
     if not runs:
         return {}
     gaps = [ar[lora_label] - ar[alora_label] for ar in runs.values()]
-    return {"lora": lora_label, "alora": alora_label, "runs": runs, "gap_per_run": gaps,
-            "mean_gap": statistics.mean(gaps)}
+    return {
+        "lora": lora_label,
+        "alora": alora_label,
+        "runs": runs,
+        "gap_per_run": gaps,
+        "mean_gap": statistics.mean(gaps),
+    }
 
 
 def targets(summary: dict, quality: dict) -> dict:
     """The issue's targets that this run can judge: metric -> value, bound and whether it is met."""
-    bounds = [("speedup_vs_naive", ">=", 3.0), ("overhead_measured", "<=", summary.get("overhead_eq8_batch")),
-              ("overhead_batch1", "<=", summary.get("overhead_eq8")), ("overhead_alora", "<=", 0.1),
-              ("mb_per_expert", "<=", 2.5), ("rss_added_100_experts_mb", "<=", 300.0)]
+    bounds = [
+        ("speedup_vs_naive", ">=", 3.0),
+        ("overhead_measured", "<=", summary.get("overhead_eq8_batch")),
+        ("overhead_batch1", "<=", summary.get("overhead_eq8")),
+        ("overhead_alora", "<=", 0.1),
+        ("mb_per_expert", "<=", 2.5),
+        ("rss_added_100_experts_mb", "<=", 300.0),
+    ]
     if quality:
         summary = {**summary, "alora_ar_gap_mean": quality["mean_gap"]}
         bounds.append(("alora_ar_gap_mean", "<=", 1.0))
-    return {key: {"value": summary[key], "bound": f"{op} {bound:.3f}",
-                  "met": summary[key] >= bound if op == ">=" else summary[key] <= bound}
-            for key, op, bound in bounds if key in summary and bound is not None}
+    return {
+        key: {
+            "value": summary[key],
+            "bound": f"{op} {bound:.3f}",
+            "met": summary[key] >= bound if op == ">=" else summary[key] <= bound,
+        }
+        for key, op, bound in bounds
+        if key in summary and bound is not None
+    }
 
 
 def main() -> None:
@@ -430,11 +481,18 @@ def main() -> None:
     parser.add_argument("--alora-label", default="SEE(10%)-aLoRA", help="the same for the aLoRA rows ('' skips them)")
     parser.add_argument("--n-per-task", type=int, default=50)
     parser.add_argument("--naive-queries", type=int, default=50, help="queries timed for the naive process")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="rounds over the batches (each side's fastest round per batch counts)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds over the batches (each side's fastest round per batch counts)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
-    parser.add_argument("--redo", nargs="*", metavar="PART", default=None, choices=PARTS,
-                        help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}")
+    parser.add_argument(
+        "--redo",
+        nargs="*",
+        metavar="PART",
+        default=None,
+        choices=PARTS,
+        help=f"measure these parts again (all parts when none is named): {', '.join(PARTS)}",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -447,8 +505,7 @@ def main() -> None:
     queries, budgets, owners = workload(PromptFormatter(base.tokenizer, base.indicators, ""), args.n_per_task)
     del base
     out = Path(args.out)
-    workload_key = {"tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev",
-                    "naive_queries": args.naive_queries}
+    workload_key = {"tasks": TASKS, "n_per_task": args.n_per_task, "split": "dev", "naive_queries": args.naive_queries}
     result: dict = json.loads(out.read_text()) if out.exists() and args.redo != [] else {}
     if result.get("workload") != workload_key:
         result = {}
@@ -470,16 +527,26 @@ def main() -> None:
         if not method or all(key in result for key in (label, f"{label}_batch1")):
             continue
         directory = ensure_ensemble(method, args.n_per_task)
-        part(label, lambda: {"method": method, **compare(directory, queries, budgets, owners, label, sample, args.repeats)})
-        part(f"{label}_batch1", lambda: {"method": method,
-                                         **batch1(directory, queries, budgets, sample, label, args.repeats)})
+        part(
+            label,
+            lambda: {"method": method, **compare(directory, queries, budgets, owners, label, sample, args.repeats)},
+        )
+        part(
+            f"{label}_batch1",
+            lambda: {"method": method, **batch1(directory, queries, budgets, sample, label, args.repeats)},
+        )
     part("memory", memory_in_fresh_process)
     part("latency_vs_experts", lambda: latency_curve(queries[:: max(1, len(queries) // 32)][:32]))
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
     summary = {}
     if "lora" in result:
-        summary.update({k: result["lora"][k] for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8_batch")
-                        if k in result["lora"]})
+        summary.update(
+            {
+                k: result["lora"][k]
+                for k in ("speedup_vs_naive", "overhead_measured", "overhead_eq8_batch")
+                if k in result["lora"]
+            }
+        )
     if "lora_batch1" in result:
         summary["overhead_batch1"] = result["lora_batch1"]["overhead_measured"]
         if "overhead_eq8" in result["lora_batch1"]:
@@ -496,12 +563,20 @@ def main() -> None:
     quality = ar_by_seed(args.alora_label) if args.alora_label else {}
     if quality:
         result["alora_ar"] = quality
-        print_table(f"AR, {quality['lora']} against {quality['alora']}", ["run", quality["lora"], quality["alora"], "gap"],
-                    [[name, f"{ar[quality['lora']]:.2f}", f"{ar[quality['alora']]:.2f}", f"{gap:.2f}"]
-                     for (name, ar), gap in zip(quality["runs"].items(), quality["gap_per_run"])])
+        print_table(
+            f"AR, {quality['lora']} against {quality['alora']}",
+            ["run", quality["lora"], quality["alora"], "gap"],
+            [
+                [name, f"{ar[quality['lora']]:.2f}", f"{ar[quality['alora']]:.2f}", f"{gap:.2f}"]
+                for (name, ar), gap in zip(quality["runs"].items(), quality["gap_per_run"])
+            ],
+        )
     result["targets"] = targets(summary, quality)
-    print_table("Targets", ["metric", "value", "bound", "met"],
-                [[key, f"{t['value']:.3f}", t["bound"], "yes" if t["met"] else "no"] for key, t in result["targets"].items()])
+    print_table(
+        "Targets",
+        ["metric", "value", "bound", "met"],
+        [[key, f"{t['value']:.3f}", t["bound"], "yes" if t["met"] else "no"] for key, t in result["targets"].items()],
+    )
     write_json(out, result)
 
 

@@ -59,10 +59,12 @@ def flops_computed(config, adapter, vocab: int, tokens: int, attention_pairs: in
     linear = layers * (d * d + 2 * d * kv + d * d + 3 * d * inner)  # q, k, v, o, gate/up/down
     out_dims = {"q_proj": d, "k_proj": kv, "v_proj": kv, "o_proj": d}
     lora = layers * sum(adapter.r * (d + out_dims.get(t, d)) for t in adapter.targets)
-    return (2 * 2 * linear * tokens  # forward + input gradient
-            + 3 * 2 * lora * tokens  # forward + input gradient + weight gradient
-            + 3 * 2 * 2 * layers * d * attention_pairs  # QK^T and AV per causal pair, forward + 2x backward
-            + 2 * 2 * d * vocab * supervised)  # output head at supervised positions
+    return (
+        2 * 2 * linear * tokens  # forward + input gradient
+        + 3 * 2 * lora * tokens  # forward + input gradient + weight gradient
+        + 3 * 2 * 2 * layers * d * attention_pairs  # QK^T and AV per causal pair, forward + 2x backward
+        + 2 * 2 * d * vocab * supervised
+    )  # output head at supervised positions
 
 
 def model_flops(config, adapter, vocab: int, examples, epochs: int) -> float:
@@ -85,8 +87,10 @@ def optimizer_and_schedule(model, cfg, steps):
 
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows = [p for n, p in named.items() if "trainable_tokens_delta" in n]
-    groups = [{"params": [p for n, p in named.items() if "trainable_tokens_delta" not in n], "lr": cfg.lr},
-              {"params": rows, "lr": cfg.lr * cfg.indicator_lr_scale, "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for n, p in named.items() if "trainable_tokens_delta" not in n], "lr": cfg.lr},
+        {"params": rows, "lr": cfg.lr * cfg.indicator_lr_scale, "weight_decay": 0.0},
+    ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return optimizer, get_scheduler(cfg.schedule, optimizer, num_warmup_steps=0, num_training_steps=steps)
 
@@ -96,19 +100,33 @@ def run_hf_trainer(model, examples, cfg, tokenizer) -> dict:
 
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    rows = [{"input_ids": list(e.input_ids), "attention_mask": [1] * len(e), "labels": list(e.labels)}
-            for e in examples]
+    rows = [
+        {"input_ids": list(e.input_ids), "attention_mask": [1] * len(e), "labels": list(e.labels)} for e in examples
+    ]
     steps = cfg.epochs * math.ceil(len(rows) / cfg.batch_size)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=cfg.micro_batch_size,
+            output_dir=out,
+            per_device_train_batch_size=cfg.micro_batch_size,
             gradient_accumulation_steps=cfg.batch_size // cfg.micro_batch_size,
-            num_train_epochs=cfg.epochs, max_grad_norm=cfg.max_grad_norm, logging_steps=10,
-            save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True, dataloader_num_workers=0,
-            remove_unused_columns=False, disable_tqdm=False)
-        trainer = Trainer(model=model, args=args, train_dataset=rows,
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
-                          optimizers=optimizer_and_schedule(model, cfg, steps))
+            num_train_epochs=cfg.epochs,
+            max_grad_norm=cfg.max_grad_norm,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            seed=cfg.seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+            optimizers=optimizer_and_schedule(model, cfg, steps),
+        )
         output, seconds = timed(trainer.train)
     return {"seconds": seconds, "train_loss": output.training_loss}
 
@@ -117,9 +135,13 @@ def run_seecl(model, examples, cfg, pad_id) -> dict:
     from seecl.training import train
 
     result = train(model, examples, cfg, pad_id, desc="seecl trainer")
-    return {"seconds": result.seconds, "train_loss": result.mean_loss,
-            "computed_tokens": result.computed_tokens, "attention_pairs": result.attention_pairs,
-            "supervised_tokens": result.supervised_tokens}
+    return {
+        "seconds": result.seconds,
+        "train_loss": result.mean_loss,
+        "computed_tokens": result.computed_tokens,
+        "attention_pairs": result.attention_pairs,
+        "supervised_tokens": result.supervised_tokens,
+    }
 
 
 def final_loss(model, examples, pad_id) -> float:
@@ -133,7 +155,7 @@ def final_loss(model, examples, pad_id) -> float:
     total = tokens = 0.0
     with torch.no_grad():
         for i in range(0, len(examples), 8):
-            batch = examples[i: i + 8]
+            batch = examples[i : i + 8]
             total += float(loss_fn(**collate(batch, pad_id)))
             tokens += sum(e.supervised for e in batch)
     return total / tokens
@@ -157,8 +179,10 @@ def main() -> None:
     cfg = TrainConfig(epochs=args.epochs, progress=True)
     pad_id = base.tokenizer.pad_token_id
     useful_tokens = args.epochs * sum(len(e) for e in examples)
-    print(f"{len(examples)} examples ({sum(not e.positive for e in examples)} negatives), "
-          f"{useful_tokens // args.epochs} tokens per epoch, {args.epochs} epoch(s)")
+    print(
+        f"{len(examples)} examples ({sum(not e.positive for e in examples)} negatives), "
+        f"{useful_tokens // args.epochs} tokens per epoch, {args.epochs} epoch(s)"
+    )
 
     config = base.model.config
     d, inner = config.hidden_size, config.intermediate_size
@@ -174,8 +198,14 @@ def main() -> None:
         else:
             shared = cfg.share_prefix_tokens if name == "seecl" else 0
             run = run_seecl(model, examples, dataclasses.replace(cfg, share_prefix_tokens=shared), pad_id)
-            run["flops"] = flops_computed(config, adapter, len(base.tokenizer), run["computed_tokens"],
-                                          run["attention_pairs"], run["supervised_tokens"])
+            run["flops"] = flops_computed(
+                config,
+                adapter,
+                len(base.tokenizer),
+                run["computed_tokens"],
+                run["attention_pairs"],
+                run["supervised_tokens"],
+            )
             run["gflops"] = run["flops"] / run["seconds"] / 1e9
         run["model_gflops"] = required / run["seconds"] / 1e9
         run["final_loss"] = final_loss(model, examples, pad_id)
@@ -200,21 +230,45 @@ def main() -> None:
         "model_flops": required,
         "gemm_ceiling_gflops": ceiling,
     }
-    labels = {"hf": "transformers Trainer", "seecl_unshared": "seecl trainer, no prefix sharing",
-              "seecl": "seecl trainer"}
-    rows = [[labels[name], f"{run['useful_tokens_per_second']:.1f}", f"{run['seconds']:.0f}",
-             f"{run['train_loss']:.4f}", f"{run['final_loss']:.4f}", f"{run['model_gflops'] / ceiling:.2f}",
-             f"{run['gflops'] / ceiling:.2f}" if "gflops" in run else ""] for name, run in results.items()]
-    print_table("Training speed (SmolLM2-135M, LoRA r8 q/v, fp32 CPU)",
-                ["trainer", "useful tok/s", "seconds", "mean train loss", "final loss", "MFU", "HFU"], rows)
-    print(f"speedup_vs_hf_trainer {summary['speedup_vs_hf_trainer']:.2f}  "
-          f"loss_rel_diff {summary['loss_rel_diff']:.4f}  mfu {summary['mfu']:.2f}  hfu {summary['hfu']:.2f} "
-          f"(ceiling {ceiling:.1f} GFLOP/s)")
-    write_json(__import__("pathlib").Path(args.out), {
-        **summary, "runs": results, "examples": len(examples), "epochs": args.epochs,
-        "useful_tokens": useful_tokens, "machine": machine(),
-        "command": "python bench/train_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 1 else ""),
-    })
+    labels = {
+        "hf": "transformers Trainer",
+        "seecl_unshared": "seecl trainer, no prefix sharing",
+        "seecl": "seecl trainer",
+    }
+    rows = [
+        [
+            labels[name],
+            f"{run['useful_tokens_per_second']:.1f}",
+            f"{run['seconds']:.0f}",
+            f"{run['train_loss']:.4f}",
+            f"{run['final_loss']:.4f}",
+            f"{run['model_gflops'] / ceiling:.2f}",
+            f"{run['gflops'] / ceiling:.2f}" if "gflops" in run else "",
+        ]
+        for name, run in results.items()
+    ]
+    print_table(
+        "Training speed (SmolLM2-135M, LoRA r8 q/v, fp32 CPU)",
+        ["trainer", "useful tok/s", "seconds", "mean train loss", "final loss", "MFU", "HFU"],
+        rows,
+    )
+    print(
+        f"speedup_vs_hf_trainer {summary['speedup_vs_hf_trainer']:.2f}  "
+        f"loss_rel_diff {summary['loss_rel_diff']:.4f}  mfu {summary['mfu']:.2f}  hfu {summary['hfu']:.2f} "
+        f"(ceiling {ceiling:.1f} GFLOP/s)"
+    )
+    write_json(
+        __import__("pathlib").Path(args.out),
+        {
+            **summary,
+            "runs": results,
+            "examples": len(examples),
+            "epochs": args.epochs,
+            "useful_tokens": useful_tokens,
+            "machine": machine(),
+            "command": "python bench/train_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 1 else ""),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ def test_a_forward_writes_into_the_buffers_and_rewinding_lets_the_next_one_overw
         tails = []
         for token in (8, 12):  # two "checks" on the same body, the second overwriting the first
             body.rewind()
-            step = model(input_ids=torch.full((2, 1), token), use_cache=True, position_ids=torch.full((2, 1), 3),
-                         **{cache_keyword(): body.cache})
+            step = model(
+                input_ids=torch.full((2, 1), token),
+                use_cache=True,
+                position_ids=torch.full((2, 1), 3),
+                **{cache_keyword(): body.cache},
+            )
             tails.append(step.logits[:, -1])
     assert torch.allclose(tails[0][0], full.logits[0, -1], atol=1e-5)  # row 0 continued with its own token
     assert torch.allclose(tails[1][1], full.logits[1, -1], atol=1e-5), "the rewound body, not the first tail"

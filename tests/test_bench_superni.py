@@ -32,10 +32,33 @@ def benchmark_data(tmp_path):
 
 
 def bench(data, out, *extra):
-    return main(["bench", "superni", "--data-dir", str(data), "--ood-file", str(data / "ood.jsonl"),
-                 "--order", ",".join(TASKS), "--methods", ",".join(METHODS), "--n-train", "16",
-                 "--n-eval", "4", "--n-ood", "4", "--out", str(out), *extra,
-                 *TINY, "train.epochs=3", "see.memory_tau=0.25", "generate.max_new_tokens=8"])
+    return main(
+        [
+            "bench",
+            "superni",
+            "--data-dir",
+            str(data),
+            "--ood-file",
+            str(data / "ood.jsonl"),
+            "--order",
+            ",".join(TASKS),
+            "--methods",
+            ",".join(METHODS),
+            "--n-train",
+            "16",
+            "--n-eval",
+            "4",
+            "--n-ood",
+            "4",
+            "--out",
+            str(out),
+            *extra,
+            *TINY,
+            "train.epochs=3",
+            "see.memory_tau=0.25",
+            "generate.max_new_tokens=8",
+        ]
+    )
 
 
 def forbid_training(monkeypatch):
@@ -52,7 +75,7 @@ def test_bench_writes_summary_report_and_plots_then_resumes_and_reuses(benchmark
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["order"] == TASKS and summary["config"]["methods"] == METHODS
     assert list(summary["methods"]) == METHODS
-    for label, m in summary["methods"].items():
+    for m in summary["methods"].values():
         assert isinstance(m["AR"], float) and 0 <= m["AR"] <= 100
         assert m["BWT"] is None or isinstance(m["BWT"], float)
         assert len(m["matrix"]) == 2 and set(m["per_task"]) == set(TASKS)
@@ -79,9 +102,25 @@ def test_bench_writes_summary_report_and_plots_then_resumes_and_reuses(benchmark
 
 
 def test_bench_rejects_an_oversized_ood_test_set(benchmark_data, tmp_path, capsys):
-    code = main(["bench", "superni", "--data-dir", str(benchmark_data), "--ood-file", str(benchmark_data / "ood.jsonl"),
-                 "--order", ",".join(TASKS), "--methods", "SEE(25%)", "--n-ood", "5", "--out", str(tmp_path / "x"),
-                 *TINY])
+    code = main(
+        [
+            "bench",
+            "superni",
+            "--data-dir",
+            str(benchmark_data),
+            "--ood-file",
+            str(benchmark_data / "ood.jsonl"),
+            "--order",
+            ",".join(TASKS),
+            "--methods",
+            "SEE(25%)",
+            "--n-ood",
+            "5",
+            "--out",
+            str(tmp_path / "x"),
+            *TINY,
+        ]
+    )
     assert code == 2 and "n_ood=5 exceeds the first half" in capsys.readouterr().err
 
 
@@ -89,13 +128,35 @@ def test_bench_refuses_a_one_label_classification_subset(tmp_path, capsys):
     """A label-sorted sentiment file gave SuperNI-mini a one-label task; the benchmark refuses it."""
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"id": f"sa-{i}", "full_prompt": f"Review {i}: good or bad?", "output": "positive" if i < 20 else "negative"}
-            for i in range(40)]
+    rows = [
+        {"id": f"sa-{i}", "full_prompt": f"Review {i}: good or bad?", "output": "positive" if i < 20 else "negative"}
+        for i in range(40)
+    ]
     (data / "sa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "sa.dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_jsonl(data / "ood.jsonl", general_task().instances[:8])
-    code = main(["bench", "superni", "--data-dir", str(data), "--ood-file", str(data / "ood.jsonl"), "--order", "sa",
-                 "--methods", "MTL", "--n-train", "10", "--n-eval", "10", "--n-ood", "4", "--out", str(tmp_path / "x"),
-                 *TINY])
+    code = main(
+        [
+            "bench",
+            "superni",
+            "--data-dir",
+            str(data),
+            "--ood-file",
+            str(data / "ood.jsonl"),
+            "--order",
+            "sa",
+            "--methods",
+            "MTL",
+            "--n-train",
+            "10",
+            "--n-eval",
+            "10",
+            "--n-ood",
+            "4",
+            "--out",
+            str(tmp_path / "x"),
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "sa.train.jsonl: classification task 'sa'" in err and "{'positive': 10}" in err

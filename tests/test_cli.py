@@ -8,8 +8,23 @@ def test_learn_then_ask_through_the_cli(tmp_path, capsys):
     ens = str(tmp_path / "ens")
     assert main(["learn", "--ensemble", ens, "--data", "synthetic:add", "--limit", "24", *TINY]) == 0
     # The second stage inherits the ensemble's base model without repeating model.name.
-    assert main(["learn", "--ensemble", ens, "--data", "synthetic:uppercase", "--limit", "24", "--tau", "0.2",
-                 *[o for o in TINY if not o.startswith("model.")]]) == 0
+    assert (
+        main(
+            [
+                "learn",
+                "--ensemble",
+                ens,
+                "--data",
+                "synthetic:uppercase",
+                "--limit",
+                "24",
+                "--tau",
+                "0.2",
+                *[o for o in TINY if not o.startswith("model.")],
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "expert 'uppercase' added" in out and "5 negatives" in out
     query = "Add the two numbers and give only the sum.\n\n12 + 30"

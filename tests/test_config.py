@@ -37,15 +37,18 @@ def test_paper_preset():
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size) == (2e-4, 3, 32)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown field"),
-    ("train.epochs=abc", "must be an integer"),
-    ("model.indicator=emoji", "must be one of"),
-    ("see.tau=0.5", "exceeds see.memory_tau"),
-    ("train.batch_size=6", "multiple of"),
-    ("see.negatives=pseudo", "general_negatives_file"),
-    ("nosection", "section.field=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown field"),
+        ("train.epochs=abc", "must be an integer"),
+        ("model.indicator=emoji", "must be one of"),
+        ("see.tau=0.5", "exceeds see.memory_tau"),
+        ("train.batch_size=6", "multiple of"),
+        ("see.negatives=pseudo", "general_negatives_file"),
+        ("nosection", "section.field=value"),
+    ],
+)
 def test_invalid_values_are_rejected_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])

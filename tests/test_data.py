@@ -13,10 +13,13 @@ def write_jsonl(path, records):
 
 
 def test_ssr_jsonl(tmp_path):
-    path = write_jsonl(tmp_path / "qa.train.jsonl", [
-        {"id": "a", "full_prompt": "Def\n\nQ1", "output": "A1", "task_name": "t"},
-        {"id": "b", "full_prompt": "Def\n\nQ2", "output": "A2", "task_name": "t"},
-    ])
+    path = write_jsonl(
+        tmp_path / "qa.train.jsonl",
+        [
+            {"id": "a", "full_prompt": "Def\n\nQ1", "output": "A1", "task_name": "t"},
+            {"id": "b", "full_prompt": "Def\n\nQ2", "output": "A2", "task_name": "t"},
+        ],
+    )
     task = load_task(path)
     assert task.name == "qa" and len(task) == 2
     assert task.instances[0].query == "Def\n\nQ1" and task.instances[0].response == "A1"
@@ -30,8 +33,14 @@ def test_plain_jsonl_and_limit(tmp_path):
 
 def test_superni_task_json(tmp_path):
     path = tmp_path / "task001.json"
-    path.write_text(json.dumps({"Definition": ["Answer the question."], "Instances": [
-        {"id": "x1", "input": "What?", "output": ["This", "That"]}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "Definition": ["Answer the question."],
+                "Instances": [{"id": "x1", "input": "What?", "output": ["This", "That"]}],
+            }
+        )
+    )
     (inst,) = load_instances(path)
     assert inst.query == "Answer the question.\n\nWhat?" and inst.references == ("This", "That")
 

@@ -8,9 +8,20 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-ARGS = ["learn", "--data", "synthetic:reverse_list", "--limit", "16", "model.name=tiny-random",
-        "train.lr=1e-2", "train.epochs=2", "train.batch_size=8", "train.micro_batch_size=4",
-        "adapter.dropout=0.0", "train.progress=false"]
+ARGS = [
+    "learn",
+    "--data",
+    "synthetic:reverse_list",
+    "--limit",
+    "16",
+    "model.name=tiny-random",
+    "train.lr=1e-2",
+    "train.epochs=2",
+    "train.batch_size=8",
+    "train.micro_batch_size=4",
+    "adapter.dropout=0.0",
+    "train.progress=false",
+]
 
 
 def test_two_process_training_equals_one_process(tmp_path):
@@ -18,13 +29,32 @@ def test_two_process_training_equals_one_process(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists():
         pytest.skip("torchrun not installed next to this interpreter")
-    single = subprocess.run([sys.executable, "-m", "seecl.cli", *ARGS[:1], "--ensemble",
-                             str(tmp_path / "one"), *ARGS[1:]], env=env, capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, "-m", "seecl.cli", *ARGS[:1], "--ensemble", str(tmp_path / "one"), *ARGS[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     # --standalone: rendezvous on a free port, so a busy 29500 on a shared machine cannot fail the run
-    multi = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "seecl.cli",
-                            *ARGS[:1], "--ensemble", str(tmp_path / "two"), *ARGS[1:]],
-                           env=env, capture_output=True, text=True, timeout=300)
+    multi = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "seecl.cli",
+            *ARGS[:1],
+            "--ensemble",
+            str(tmp_path / "two"),
+            *ARGS[1:],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert multi.returncode == 0, multi.stderr[-4000:]
     assert multi.stdout.count("added to") == 1, "only the main process reports and publishes"
     one = load_file(tmp_path / "one" / "experts" / "reverse_list" / "adapter_model.safetensors")

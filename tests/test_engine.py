@@ -33,7 +33,6 @@ def _queries():
 
 
 def _engine(ens, **kwargs):
-    gen = ens.config.generate
     args = dict(threshold=None, batch_size=5, prefix_cache_tokens=4096, prefix_block=8)
     args.update(kwargs)
     return RoutingEngine(ens.model, ens.formatter(), ens.experts(), **args)
@@ -103,7 +102,7 @@ def test_mixed_rows_forward_equals_each_owner_alone(learned, owners):
     with indicator tokens in the input and the indicator logits of the tied head."""
     engine = _engine(learned)
     pos = list(engine.indicators.pos_ids)
-    rows = [engine.formatter.prompt_ids(q) + pos for q in _queries()[-len(owners):]]  # mixed lengths
+    rows = [engine.formatter.prompt_ids(q) + pos for q in _queries()[-len(owners) :]]  # mixed lengths
     with torch.inference_mode(), engine._use_rows(list(owners)):
         _, mixed = engine._extend(None, rows, 3)
     alone = {}
@@ -126,7 +125,6 @@ def test_chunks_keep_rows_times_width_within_the_budget():
     assert [r for g in groups for r in g] == list(range(len(widths)))
     assert all(len(g) == 1 or len(g) * max(widths[r] for r in g) <= 12 for g in groups)
     assert groups == [[0, 1, 2], [3], [4, 5, 6], [7]]
-
 
 
 @pytest.mark.parametrize("fixture", ["learned", "learned_alora"])
@@ -159,6 +157,7 @@ def test_a_batch_one_expert_claims_decodes_in_its_checks_buffers(fixture, reques
     monkeypatch.setattr(seecl.serving.engine, "gather", counting_gather)
     _assert_same(_engine(ens, batch_size=4).ask(queries, 6), reference)
     assert copies == []
+
 
 def test_route_only_equals_the_routes_of_ask(learned):
     queries = _queries()
@@ -236,10 +235,14 @@ def test_one_query_at_a_time_reuses_the_shared_definition(learned):
 def test_a_batch_spanning_two_definitions_prefills_each_on_its_own_head(learned):
     from seecl.data.prompts import common_prefix_length
 
-    definitions = {"uppercase": "Definition: write the words of the input in capital letters, in order. ",
-                   "reverse_list": "Definition: list the items of the input from the last to the first. "}
-    families = [[definition + inst.query for inst in make_task(name, "eval", 3).instances]
-                for name, definition in definitions.items()]
+    definitions = {
+        "uppercase": "Definition: write the words of the input in capital letters, in order. ",
+        "reverse_list": "Definition: list the items of the input from the last to the first. ",
+    }
+    families = [
+        [definition + inst.query for inst in make_task(name, "eval", 3).instances]
+        for name, definition in definitions.items()
+    ]
     queries = families[0] + families[1]
     engine = _engine(learned, batch_size=len(queries))
     _assert_same(engine.ask(queries, 6), learned.router().ask(queries, 6))
@@ -329,7 +332,9 @@ def test_calibrate_threshold_from_log_odds():
         return Check("e", "pos", p_pos, 1 - p_pos)
 
     # the 0.05 quantile of the 20 log-odds 1..20 is element 1 (odds 2); minus margin 0.5 -> sigmoid(1.5)
-    assert calibrate_threshold([check(o) for o in range(20, 0, -1)], 0.05, 0.5) == pytest.approx(1 / (1 + math.exp(-1.5)))
+    assert calibrate_threshold([check(o) for o in range(20, 0, -1)], 0.05, 0.5) == pytest.approx(
+        1 / (1 + math.exp(-1.5))
+    )
     assert calibrate_threshold([check(-3.0)] * 5, 0.05, 2.0) == 0.5  # never below the greedy rule
     assert calibrate_threshold([check(30.0)] * 5, 0.05, 0.0) == 0.999  # never demands certainty
     assert calibrate_threshold([], 0.05, 2.0) == 0.5
@@ -372,7 +377,7 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
         target = fmt.text_ids(r) + [fmt.eos_id]
         ids = torch.tensor([prompt + target])
         with torch.inference_mode(), engine._use(owner):
-            logits = learned.model(input_ids=ids).logits[0, len(prompt) - 1: -1]
+            logits = learned.model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
         expected = F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum")
         assert n == len(target)
         assert nll == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
@@ -382,8 +387,16 @@ def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
     from seecl.serving.prefix_cache import batch_order
 
     shared_a, shared_b = list(range(100, 140)), list(range(200, 240))
-    prompts = [shared_a + [1] * 9, [7, 3], shared_b + [2] * 3, shared_a + [5] * 2, [9] * 5,
-               shared_b + [1] * 7, shared_a + [3] * 4, [8]]
+    prompts = [
+        shared_a + [1] * 9,
+        [7, 3],
+        shared_b + [2] * 3,
+        shared_a + [5] * 2,
+        [9] * 5,
+        shared_b + [1] * 7,
+        shared_a + [3] * 4,
+        [8],
+    ]
     order = batch_order(prompts, block=32)
     assert sorted(order) == list(range(len(prompts))), "a permutation"
     assert order == [3, 6, 0, 2, 5, 7, 1, 4], "groups by shared block, then loners; shortest first in each"

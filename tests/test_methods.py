@@ -22,8 +22,15 @@ def run_protocol(tmp_path, label, **kwargs):
     method = build_method(label, ctx)
     train = [make_task(n, "train", 16) for n in TASKS]
     evals = {n: EvalSet(make_task(n, "eval", 4), budget=6) for n in TASKS}
-    protocol = Protocol(method, train, evals, ctx.workdir, ood_queries=[i.query for i in general_task().instances[:4]],
-                        log=lambda _: None, **kwargs)
+    protocol = Protocol(
+        method,
+        train,
+        evals,
+        ctx.workdir,
+        ood_queries=[i.query for i in general_task().instances[:4]],
+        log=lambda _: None,
+        **kwargs,
+    )
     return method, protocol, protocol.run()
 
 
@@ -148,8 +155,9 @@ def test_labels():
 
 def test_combined_variants_apply_every_switch(tmp_path):
     cfg = load_config(overrides=TINY)
-    ctx = MethodContext(cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"), general=general_task(),
-                        extra={"general_negatives": 3})
+    ctx = MethodContext(
+        cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"), general=general_task(), extra={"general_negatives": 3}
+    )
     see = build_method("SEE(10%)-general-calibrated", ctx).ensemble.config.see
     assert see.calibrate and see.general_negatives == 3 and see.tau == 0.1
 
@@ -169,8 +177,9 @@ def test_randsel_replays_the_sample_drawn_when_the_task_was_learned():
     assert first["reverse_list"][:4] == first["reverse_list"][4:8] == first["reverse_list"][8:], "same 4 each stage"
     assert len(set(first["reverse_list"])) == 4 and len(set(first["uppercase"])) == 4
     fresh = Replay(MethodContext(cfg, __import__("pathlib").Path("/nonexistent"), None), "RandSel(10%)", 0.1, "random")
-    assert fresh.rehearsal(tasks[:3], tasks[3], None) == replay.rehearsal(tasks[:3], tasks[3], None), \
+    assert fresh.rehearsal(tasks[:3], tasks[3], None) == replay.rehearsal(tasks[:3], tasks[3], None), (
         "a resumed run draws the same samples"
+    )
 
 
 def _changed(task, suffix="!"):

@@ -114,7 +114,9 @@ def test_anchor_penalty_is_zero_at_the_anchor_and_grows_with_distance():
     values = [float(anchor_penalty(anchor + t * direction, anchor, fisher)) for t in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)]
     assert values[0] == 0.0
     assert all(a < b for a, b in zip(values, values[1:])), values
-    assert float(anchor_penalty(anchor + direction * (fisher == 0), anchor, fisher)) == 0.0, "unanchored entries are free"
+    assert float(anchor_penalty(anchor + direction * (fisher == 0), anchor, fisher)) == 0.0, (
+        "unanchored entries are free"
+    )
 
 
 def test_seta_gate_routes_tasks_and_unique_experts_stay_frozen(tmp_path, monkeypatch):
@@ -152,10 +154,11 @@ def test_seta_gate_routes_tasks_and_unique_experts_stay_frozen(tmp_path, monkeyp
     no_training(monkeypatch)
     again = SETA(ctx, probe=4)
     assert again.learn(train)["cached"] is True
-    assert [r.answered_by for r in again.routes([i.query for t in evals for i in t.instances])] == \
-        [r.answered_by for r in method.routes([i.query for t in evals for i in t.instances])]
+    assert [r.answered_by for r in again.routes([i.query for t in evals for i in t.instances])] == [
+        r.answered_by for r in method.routes([i.query for t in evals for i in t.instances])
+    ]
     for k in range(3):
-        for name, (idx, val) in method.uniques[k].items():
+        for name, (_, val) in method.uniques[k].items():
             assert torch.equal(again.uniques[k][name][1], val)
 
 

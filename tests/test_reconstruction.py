@@ -12,8 +12,7 @@ from seecl.see.reconstruction import (
 
 
 def task(name, n):
-    return Task(name, tuple(Instance(f"{name}-{i}", f"{name} query {i}", (f"{name} answer {i}",))
-                            for i in range(n)))
+    return Task(name, tuple(Instance(f"{name}-{i}", f"{name} query {i}", (f"{name} answer {i}",)) for i in range(n)))
 
 
 EARLIER = [task("a", 200), task("b", 37), task("c", 1000)]

@@ -15,8 +15,21 @@ SETTINGS = [*TINY, "adapter.dropout=0.1", "train.checkpoint_every=2", "train.epo
 
 
 def demo_command(out: Path) -> list[str]:
-    return [sys.executable, "-m", "seecl.cli", "demo", "--out", str(out), "--tasks", TASKS,
-            "--n-train", "24", "--n-eval", "6", *SETTINGS]
+    return [
+        sys.executable,
+        "-m",
+        "seecl.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--tasks",
+        TASKS,
+        "--n-train",
+        "24",
+        "--n-eval",
+        "6",
+        *SETTINGS,
+    ]
 
 
 def run(out: Path) -> subprocess.CompletedProcess:
@@ -26,8 +39,7 @@ def run(out: Path) -> subprocess.CompletedProcess:
 
 def expert_losses(out: Path) -> dict:
     root = out / "ensemble" / "experts"
-    return {name: json.loads((root / name / "expert.json").read_text())["losses"]
-            for name in TASKS.split(",")}
+    return {name: json.loads((root / name / "expert.json").read_text())["losses"] for name in TASKS.split(",")}
 
 
 def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path):
@@ -37,8 +49,7 @@ def test_sigkill_mid_stage_then_rerun_matches_an_uninterrupted_run(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    process = subprocess.Popen(demo_command(interrupted), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(demo_command(interrupted), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = interrupted / "ensemble" / ".work" / "uppercase" / "checkpoint" / "state.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:

@@ -18,8 +18,7 @@ from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.routing import Answer, Check, Route
 from seecl.serving.server import ServerLimits, create_app, ensemble_app, token_pieces
 
-LIMITS = ServerLimits(max_prompt_tokens=300, max_tokens=32, default_max_tokens=5, max_body_bytes=64_000,
-                      max_prompts=8)
+LIMITS = ServerLimits(max_prompt_tokens=300, max_tokens=32, default_max_tokens=5, max_body_bytes=64_000, max_prompts=8)
 
 
 def wait_until(condition, what: str, deadline_s: float = 30.0) -> None:
@@ -70,20 +69,27 @@ def url(ensemble):
 
 
 def queries() -> list[str]:
-    return [make_task("add", "eval", 1).instances[0].query, make_task("uppercase", "eval", 1).instances[0].query,
-            "Hi there"]
+    return [
+        make_task("add", "eval", 1).instances[0].query,
+        make_task("uppercase", "eval", 1).instances[0].query,
+        "Hi there",
+    ]
 
 
 def route_of(answer: Answer) -> dict:
-    return {"answered_by": answer.route.answered_by, "reason": answer.route.reason,
-            "checks": [{"expert": c.expert, "verdict": c.verdict, "p_pos": c.p_pos, "p_neg": c.p_neg}
-                       for c in answer.route.checks]}
+    return {
+        "answered_by": answer.route.answered_by,
+        "reason": answer.route.reason,
+        "checks": [
+            {"expert": c.expert, "verdict": c.verdict, "p_pos": c.p_pos, "p_neg": c.p_neg} for c in answer.route.checks
+        ],
+    }
 
 
 def assert_route(got: dict, answer: Answer) -> None:
     want = route_of(answer)
     assert got["answered_by"] == want["answered_by"] and got["reason"] == want["reason"]
-    assert [c["expert"] for c in got["checks"]] == ["uppercase", "add"][:len(got["checks"])]
+    assert [c["expert"] for c in got["checks"]] == ["uppercase", "add"][: len(got["checks"])]
     assert [(c["expert"], c["verdict"]) for c in got["checks"]] == [(c["expert"], c["verdict"]) for c in want["checks"]]
     for g, w in zip(got["checks"], want["checks"]):
         assert g["p_pos"] == pytest.approx(w["p_pos"], abs=1e-5) and g["p_neg"] == pytest.approx(w["p_neg"], abs=1e-5)
@@ -94,13 +100,15 @@ def sse_events(response: httpx.Response) -> list:
     lines = [line for line in response.text.split("\n") if line]
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
 
 
 def test_completions_equal_ensemble_ask(url, ensemble):
     qs = queries()
-    response = httpx.post(f"{url}/v1/completions", json={"model": "ens", "prompt": qs, "max_tokens": 6,
-                                                         "user": "ignored", "temperature": 0})
+    response = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "ens", "prompt": qs, "max_tokens": 6, "user": "ignored", "temperature": 0},
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "text_completion" and body["model"] == "ens" and body["id"].startswith("cmpl-")
@@ -113,8 +121,9 @@ def test_completions_equal_ensemble_ask(url, ensemble):
     formatter = ensemble.formatter()
     usage = body["usage"]
     assert usage["prompt_tokens"] == sum(len(formatter.prompt_ids(q)) for q in qs)
-    assert usage["completion_tokens"] == sum(len(ensemble.base.tokenizer.encode(a.text, add_special_tokens=False))
-                                             for a in expected)
+    assert usage["completion_tokens"] == sum(
+        len(ensemble.base.tokenizer.encode(a.text, add_special_tokens=False)) for a in expected
+    )
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -138,8 +147,10 @@ def test_chat_completion_ignores_the_system_message(url, ensemble):
 def test_streaming_sends_the_same_answers_in_pieces(url, ensemble):
     qs = queries()[:2]
     plain = httpx.post(f"{url}/v1/completions", json={"prompt": qs, "max_tokens": 8}).json()
-    response = httpx.post(f"{url}/v1/completions", json={"prompt": qs, "max_tokens": 8, "stream": True,
-                                                         "stream_options": {"include_usage": True}})
+    response = httpx.post(
+        f"{url}/v1/completions",
+        json={"prompt": qs, "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert response.status_code == 200
     events = sse_events(response)
     assert {e["id"] for e in events} == {events[0]["id"]} and events[0]["object"] == "text_completion"
@@ -152,8 +163,10 @@ def test_streaming_sends_the_same_answers_in_pieces(url, ensemble):
     assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
 
     query = qs[1]
-    chat = httpx.post(f"{url}/v1/chat/completions",
-                      json={"messages": [{"role": "user", "content": query}], "max_tokens": 8, "stream": True})
+    chat = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": query}], "max_tokens": 8, "stream": True},
+    )
     events = sse_events(chat)
     assert all(e["object"] == "chat.completion.chunk" for e in events)
     deltas = [e["choices"][0]["delta"] for e in events]
@@ -177,8 +190,11 @@ def test_concurrent_requests_get_their_own_answers(url, ensemble):
     qs = queries() + [make_task("add", "eval", 3).instances[2].query, "What is a lighthouse?"]
 
     def post(query: str) -> dict:
-        response = httpx.post(f"{url}/v1/chat/completions", timeout=120,
-                              json={"messages": [{"role": "user", "content": query}], "max_tokens": 6})
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json={"messages": [{"role": "user", "content": query}], "max_tokens": 6},
+        )
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]
 
@@ -214,10 +230,24 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "array of text parts"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "unknown message role"),
     ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, 400, "single-turn"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                           {"role": "user", "content": "c"}]}, 400, "single-turn"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
-     400, "exactly one user message"),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ]
+        },
+        400,
+        "single-turn",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        400,
+        "exactly one user message",
+    ),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
 
@@ -258,6 +288,7 @@ def test_concurrent_requests_are_answered_in_one_batch(max_batch, sizes):
     fake = Recorder()
     app = create_app(fake, "fake", ServerLimits(max_batch_queries=max_batch))
     with running(app) as base_url, ThreadPoolExecutor(5) as pool:
+
         def post(prompt):
             return httpx.post(f"{base_url}/v1/completions", json={"prompt": prompt}, timeout=60).json()
 
@@ -303,24 +334,39 @@ def test_stream_pieces_are_the_tokens_of_the_answer(tiny_base):
     tokenizer = tiny_base.tokenizer
     text = "héllo wörld ✓ done"  # byte tokens: a character may span several of them
     n_tokens = len(tokenizer.encode(text, add_special_tokens=False))
-    app = create_app(Scripted(text), "fake", ServerLimits(), lambda q: len(tokenizer.encode(q)),
-                     token_pieces(tokenizer))
+    app = create_app(
+        Scripted(text), "fake", ServerLimits(), lambda q: len(tokenizer.encode(q)), token_pieces(tokenizer)
+    )
     with running(app) as base_url:
         for max_tokens, finish in ((64, "stop"), (n_tokens, "length")):
-            response = httpx.post(f"{base_url}/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "q"}], "max_tokens": max_tokens, "stream": True,
-                "stream_options": {"include_usage": True}})
+            response = httpx.post(
+                f"{base_url}/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": "q"}],
+                    "max_tokens": max_tokens,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            )
             events = sse_events(response)
             pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
             pieces = [p for p in pieces if p]
             assert "".join(pieces) == text and len(pieces) == len(text)  # one piece per character
             final = events[-2]["choices"][0]
             assert final["finish_reason"] == finish
-            assert final["route"] == {"answered_by": "sum", "reason": "claimed", "checks": [
-                {"expert": "late", "verdict": "neg", "p_pos": 0.125, "p_neg": 0.75},
-                {"expert": "sum", "verdict": "pos", "p_pos": 0.875, "p_neg": 0.0625}]}
-            assert events[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": n_tokens,
-                                           "total_tokens": 1 + n_tokens}
+            assert final["route"] == {
+                "answered_by": "sum",
+                "reason": "claimed",
+                "checks": [
+                    {"expert": "late", "verdict": "neg", "p_pos": 0.125, "p_neg": 0.75},
+                    {"expert": "sum", "verdict": "pos", "p_pos": 0.875, "p_neg": 0.0625},
+                ],
+            }
+            assert events[-1]["usage"] == {
+                "prompt_tokens": 1,
+                "completion_tokens": n_tokens,
+                "total_tokens": 1 + n_tokens,
+            }
 
 
 def test_token_pieces_concatenate_to_the_text(tiny_base):

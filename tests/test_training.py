@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -11,10 +10,14 @@ from seecl.training import collate, plan_batches, train
 
 
 def fake_examples(n_pos, n_neg, pos_len=10, neg_len=30):
-    pos = [Example(tuple(range(pos_len + i % 3)), tuple([-100] * (pos_len - 2) + [1, 2] + [3] * (i % 3)), True)
-           for i in range(n_pos)]
-    neg = [Example(tuple(range(neg_len + i % 5)), tuple([-100] * (neg_len - 2) + [4, 2] + [-100] * (i % 5)), False)
-           for i in range(n_neg)]
+    pos = [
+        Example(tuple(range(pos_len + i % 3)), tuple([-100] * (pos_len - 2) + [1, 2] + [3] * (i % 3)), True)
+        for i in range(n_pos)
+    ]
+    neg = [
+        Example(tuple(range(neg_len + i % 5)), tuple([-100] * (neg_len - 2) + [4, 2] + [-100] * (i % 5)), False)
+        for i in range(n_neg)
+    ]
     return pos + neg
 
 
@@ -49,9 +52,14 @@ def test_stratified_batches_group_lengths_inside_classes():
     random_batches = plan_batches(examples, 5, seed=0, epoch=0, mode="random")
 
     def padding(plan):
-        return sum(max(len(examples[i]) for i in b if examples[i].positive == cls) * sum(examples[i].positive == cls for i in b)
-                   - sum(len(examples[i]) for i in b if examples[i].positive == cls)
-                   for b in plan for cls in (True, False) if any(examples[i].positive == cls for i in b))
+        return sum(
+            max(len(examples[i]) for i in b if examples[i].positive == cls)
+            * sum(examples[i].positive == cls for i in b)
+            - sum(len(examples[i]) for i in b if examples[i].positive == cls)
+            for b in plan
+            for cls in (True, False)
+            if any(examples[i].positive == cls for i in b)
+        )
 
     assert padding(batches) < padding(random_batches)
 
@@ -98,8 +106,10 @@ def test_supervised_loss_never_materialises_the_embedding_matrix(fresh_tiny_base
     base = fresh_tiny_base
     model = _tiny_expert(base)
     fmt = PromptFormatter(base.tokenizer, base.indicators)
-    examples = [fmt.see_example(i.query, i.response if k % 2 else None)
-                for k, i in enumerate(make_task("add", "train", 4).instances)]
+    examples = [
+        fmt.see_example(i.query, i.response if k % 2 else None)
+        for k, i in enumerate(make_task("add", "train", 4).instances)
+    ]
     batch = collate(examples, base.tokenizer.pad_token_id)
     reference = reference_loss(model, batch)
 
@@ -125,8 +135,10 @@ def test_alora_loss_runs_bodies_without_autograd_and_equals_the_full_pass(fresh_
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    examples = [fmt.see_example(i.query, i.response if k % 2 else None)
-                for k, i in enumerate(make_task("uppercase", "train", 6).instances)]
+    examples = [
+        fmt.see_example(i.query, i.response if k % 2 else None)
+        for k, i in enumerate(make_task("uppercase", "train", 6).instances)
+    ]
     batch = collate(examples, base.tokenizer.pad_token_id)
     loss_fn = SupervisedLoss(model)
     lengths = batch["attention_mask"].sum(1).tolist()

@@ -63,11 +63,14 @@ def write_ensemble(root, names, rows=(), ranks=None, kind="added"):
     pos, neg = (tokenizer.encode(t, add_special_tokens=False) for t in texts)
     for name in names:
         write_adapter(root / "ens" / "experts" / name, (ranks or {}).get(name, 8), name in rows)
-    manifest = {"format": FORMAT, "created": "now", "vocab_size": len(tokenizer),
-                "model": {"name": "tiny-random", "indicator": kind, "system_prompt": None,
-                          "device": "auto", "dtype": "auto"},
-                "indicators": {"kind": kind, "pos": texts[0], "neg": texts[1], "pos_ids": pos, "neg_ids": neg},
-                "experts": [{"name": n, "dir": f"experts/{n}"} for n in names]}
+    manifest = {
+        "format": FORMAT,
+        "created": "now",
+        "vocab_size": len(tokenizer),
+        "model": {"name": "tiny-random", "indicator": kind, "system_prompt": None, "device": "auto", "dtype": "auto"},
+        "indicators": {"kind": kind, "pos": texts[0], "neg": texts[1], "pos_ids": pos, "neg_ids": neg},
+        "experts": [{"name": n, "dir": f"experts/{n}"} for n in names],
+    }
     (root / "ens" / "manifest.json").write_text(json.dumps(manifest))
     return root / "ens", root / "base"
 
@@ -156,8 +159,7 @@ def test_a_shared_indicator_prefix_is_appended_and_checked_greedily():
     assert [r.prompt_token_ids for r in checks] == [[1, 2, 3, 4], [7, 3, 4]]
     assert checks[0].params["logprob_token_ids"] == [5, 6] and checks[0].params["max_tokens"] == 1
     assert [r.prompt_token_ids for r in prefixes] == [[1, 2], [7]]
-    assert all(r.params["max_tokens"] == 2 and r.params["temperature"] == 0.0 and r.lora == LORA
-               for r in prefixes)
+    assert all(r.params["max_tokens"] == 2 and r.params["temperature"] == 0.0 and r.lora == LORA for r in prefixes)
 
 
 def test_generation_stops_at_eos_with_a_budget_per_query():
@@ -205,15 +207,22 @@ def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     checks = [c for c in llm.calls if "logprob_token_ids" in c[1][0]]
     assert [c[2][0][:2] for c in checks] == [("e3", 3), ("e2", 2), ("e1", 1)]
     assert [len(c[0]) for c in checks] == [5, 3, 3], "claimed and undecided queries leave the walk"
-    assert all(p["logprob_token_ids"] == [engine.indicators.pos_id, engine.indicators.neg_id]
-               and p["max_tokens"] == 1 for c in checks for p in c[1])
+    assert all(
+        p["logprob_token_ids"] == [engine.indicators.pos_id, engine.indicators.neg_id] and p["max_tokens"] == 1
+        for c in checks
+        for p in c[1]
+    )
     routes = [(a.route.answered_by, a.route.reason, [c.expert for c in a.route.checks]) for a in answers]
-    assert routes == [("e3", "claimed", ["e3"]), ("e1", "claimed", ["e3", "e2", "e1"]),
-                      (BASE, "all_negative", ["e3", "e2", "e1"]), (BASE, "exception", ["e3"]),
-                      ("e1", "claimed", ["e3", "e2", "e1"])]
+    assert routes == [
+        ("e3", "claimed", ["e3"]),
+        ("e1", "claimed", ["e3", "e2", "e1"]),
+        (BASE, "all_negative", ["e3", "e2", "e1"]),
+        (BASE, "exception", ["e3"]),
+        ("e1", "claimed", ["e3", "e2", "e1"]),
+    ]
     assert answers[1].route.checks[-1].p_pos == pytest.approx(0.9)
     assert [a.text for a in answers] == ["e3", "e1", "base", "base", ""], "budget 0 only routes"
-    generations = llm.calls[len(checks):]
+    generations = llm.calls[len(checks) :]
     assert [c[2][0][0] if c[2] else BASE for c in generations] == ["e1", "e3", BASE]
     e1, _, base = generations
     assert e1[0][0]["prompt_token_ids"][-1] == engine.indicators.pos_id, "experts continue after <<pos>>"
@@ -252,7 +261,8 @@ def test_hand_written_token_rows_are_refused(tmp_path):
     ens, base = write_ensemble(tmp_path, ["plain", "rowed"], rows=["rowed"])
     check_servable("plain", ens / "experts" / "plain")
     assert token_row_tensors(ens / "experts" / "rowed") == [
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    ]
     with pytest.raises(SeeclError, match=r"expert 'rowed'.*adapter.train_indicator_rows=false"):
         VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
 
@@ -264,8 +274,10 @@ def tiny_ensemble(tmp_path_factory):
     from seecl.config import load_config
     from seecl.see.ensemble import SeeEnsemble
 
-    ens = SeeEnsemble(tmp_path_factory.mktemp("vllm") / "ens",
-                      load_config(overrides=TINY + ["train.epochs=1", "adapter.train_indicator_rows=false"]))
+    ens = SeeEnsemble(
+        tmp_path_factory.mktemp("vllm") / "ens",
+        load_config(overrides=TINY + ["train.epochs=1", "adapter.train_indicator_rows=false"]),
+    )
     ens.learn(make_task("add", "train", 8))
     ens.config.adapter.train_indicator_rows = True
     ens.learn(make_task("uppercase", "train", 8))

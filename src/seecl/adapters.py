@@ -19,8 +19,7 @@ from seecl.errors import StoreError
 from seecl.model.indicators import Indicators
 
 
-def peft_config(cfg: AdapterConfig, indicators: Indicators | None,
-                invocation_tokens: list[int] | None = None):
+def peft_config(cfg: AdapterConfig, indicators: Indicators | None, invocation_tokens: list[int] | None = None):
     from peft import LoraConfig
 
     kwargs = {}
@@ -30,8 +29,15 @@ def peft_config(cfg: AdapterConfig, indicators: Indicators | None,
         if not invocation_tokens:
             raise ValueError("an aLoRA expert needs invocation tokens")
         kwargs["alora_invocation_tokens"] = list(invocation_tokens)
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.targets), bias="none", task_type="CAUSAL_LM", **kwargs)
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
 
 
 def only_train(model, name: str) -> None:
@@ -41,8 +47,14 @@ def only_train(model, name: str) -> None:
         param.requires_grad = param_name.endswith(marker) or f"{marker}." in param_name
 
 
-def add_expert(model, name: str, cfg: AdapterConfig, indicators: Indicators | None, seed: int,
-               invocation_tokens: list[int] | None = None):
+def add_expert(
+    model,
+    name: str,
+    cfg: AdapterConfig,
+    indicators: Indicators | None,
+    seed: int,
+    invocation_tokens: list[int] | None = None,
+):
     """Attach a freshly initialised adapter `name` (never a copy of an older one), active and trainable."""
     from peft import PeftModel, get_peft_model
 
@@ -79,8 +91,7 @@ def save_expert(model, name: str, directory: str | Path) -> None:
     with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
         # The indicator rows travel as trainable tokens; PEFT would otherwise copy the whole
         # resized embedding matrix into the first adapter it saves.
-        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True,
-                              save_embedding_layers=False)
+        model.save_pretrained(tmp, selected_adapters=[name], safe_serialization=True, save_embedding_layers=False)
         source = Path(tmp) / name if (Path(tmp) / name).is_dir() else Path(tmp)
         for item in source.iterdir():
             if item.is_file() and item.name != "README.md":
@@ -89,5 +100,4 @@ def save_expert(model, name: str, directory: str | Path) -> None:
 
 def trainable_parameters(model, name: str) -> int:
     marker = f".{name}"
-    return sum(p.numel() for n, p in model.named_parameters()
-               if n.endswith(marker) or f"{marker}." in n)
+    return sum(p.numel() for n, p in model.named_parameters() if n.endswith(marker) or f"{marker}." in n)

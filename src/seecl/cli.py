@@ -17,8 +17,9 @@ from seecl.errors import SeeclError
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with config sections (see `seecl config`)")
     parser.add_argument("--preset", choices=["small", "paper"], help="named hyper-parameter set")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="config overrides, e.g. train.lr=1e-3 adapter.r=16")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. train.lr=1e-3 adapter.r=16"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -43,9 +44,11 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-            print(f"expert {args.name or task.name!r} added to {args.ensemble} ({len(ensemble.experts())} "
-              f"experts): {record['n_positives']} positives, {sum(record['n_negatives'].values())} "
-              f"negatives, final loss {metrics['final_loss']:.4f}, {metrics['seconds']:.0f} s")
+        print(
+            f"expert {args.name or task.name!r} added to {args.ensemble} ({len(ensemble.experts())} "
+            f"experts): {record['n_positives']} positives, {sum(record['n_negatives'].values())} "
+            f"negatives, final loss {metrics['final_loss']:.4f}, {metrics['seconds']:.0f} s"
+        )
     return 0
 
 
@@ -90,12 +93,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    print(f"ensemble {store.root}: base {manifest['model']['name']}, indicators "
-          f"{manifest['indicators']['pos']}/{manifest['indicators']['neg']}")
+    print(
+        f"ensemble {store.root}: base {manifest['model']['name']}, indicators "
+        f"{manifest['indicators']['pos']}/{manifest['indicators']['neg']}"
+    )
     for number, expert in enumerate(manifest["experts"], start=1):
         negatives = sum(expert.get("n_negatives", {}).values())
-        print(f"  {number}. {expert['name']:<16} task={expert['task']:<16} positives={expert['n_positives']:<5} "
-              f"negatives={negatives:<5} tau={expert['tau']} loss={expert['metrics']['final_loss']:.4f}")
+        print(
+            f"  {number}. {expert['name']:<16} task={expert['task']:<16} positives={expert['n_positives']:<5} "
+            f"negatives={negatives:<5} tau={expert['tau']} loss={expert['metrics']['final_loss']:.4f}"
+        )
     return 0
 
 
@@ -116,9 +123,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from seecl.recipes.superni import ORDERS, BenchConfig, run_benchmark
 
     cfg = load_config(BenchConfig, args.config)
-    flags = {"data_dir": args.data_dir, "eval_split": args.eval_split, "ood_file": args.ood_file,
-             "out": args.out, "n_train": args.n_train, "n_eval": args.n_eval, "n_ood": args.n_ood,
-             "reuse_experts": args.reuse_experts, "full_matrix": args.full_matrix or None}
+    flags = {
+        "data_dir": args.data_dir,
+        "eval_split": args.eval_split,
+        "ood_file": args.ood_file,
+        "out": args.out,
+        "n_train": args.n_train,
+        "n_eval": args.n_eval,
+        "n_ood": args.n_ood,
+        "reuse_experts": args.reuse_experts,
+        "full_matrix": args.full_matrix or None,
+    }
     if args.methods:
         flags["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.order:
@@ -141,11 +156,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
     overrides = list(args.overrides) + ([f"model.device={args.device}"] if args.device else [])
     ensemble = SeeEnsemble.open(args.ensemble, overrides)
-    ensemble.model  # load the base and every expert before the first request arrives
+    _ = ensemble.model  # load the base and every expert before the first request arrives
     budget = ensemble.config.generate.max_new_tokens
     app = ensemble_app(ensemble, ServerLimits(default_max_tokens=budget, max_tokens=max(budget, MAX_TOKENS_LIMIT)))
-    print(f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at "
-          f"http://{args.host}:{args.port}/v1", flush=True)
+    print(
+        f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
     serve(app, args.host, args.port)
     return 0
 
@@ -180,8 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.field=value",
-                   help="config override, e.g. --set see.threshold=0.7")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        help="config override, e.g. --set see.threshold=0.7",
+    )
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("info", help="list an ensemble's experts")
@@ -202,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ood", type=int, help="OOD test queries")
     p.add_argument("--full-matrix", action="store_true", help="score every seen task after every stage")
     # One directory per flag: a variadic flag would swallow the trailing `key=value` overrides.
-    p.add_argument("--reuse-experts", action="append", metavar="RUN_DIR",
-                   help="earlier output directory whose trained adapters are reused (repeatable)")
+    p.add_argument(
+        "--reuse-experts",
+        action="append",
+        metavar="RUN_DIR",
+        help="earlier output directory whose trained adapters are reused (repeatable)",
+    )
     p.add_argument("--config", help="YAML file with benchmark fields (and `run:` overrides)")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                   help="run-config overrides shared by all methods, e.g. train.epochs=3")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="run-config overrides shared by all methods, e.g. train.epochs=3",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve an ensemble over an OpenAI-compatible HTTP API")
@@ -214,8 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, auto")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.field=value",
-                   help="config override, e.g. --set see.threshold=0.7")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        help="config override, e.g. --set see.threshold=0.7",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning")

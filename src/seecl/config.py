@@ -85,7 +85,9 @@ class TrainConfig:
     lr: float = doc("Peak learning rate (AdamW).", 5e-4)
     indicator_lr_scale: float = doc(
         "Learning-rate multiplier for the indicator token rows: at a LoRA learning rate they barely "
-        "move from their initialisation and the expert never emits an indicator.", 20.0)
+        "move from their initialisation and the expert never emits an indicator.",
+        20.0,
+    )
     batch_size: int = doc("Global batch size in examples (micro-batches x accumulation x devices).", 4)
     micro_batch_size: int = doc("Examples per forward pass on one device.", 4)
     schedule: Literal["cosine", "linear", "constant"] = doc("Learning-rate schedule after warm-up.", "cosine")
@@ -102,7 +104,9 @@ class TrainConfig:
     share_prefix_tokens: int = doc(
         "Rows of a micro-batch whose prompts share a loss-free head of at least this many tokens "
         "(a task definition) compute it once and continue from its KV cache; 0 disables. LoRA "
-        "dropout on a shared head is drawn once for its rows.", 16)
+        "dropout on a shared head is drawn once for its rows.",
+        16,
+    )
     seed: int = doc("Seed for adapter init, dropout and data order.", 0)
     checkpoint_every: int = doc("Save a resumable checkpoint every N optimizer steps; 0 disables.", 0)
     mixed_precision: Literal["no", "bf16", "fp16"] = doc(
@@ -134,8 +138,7 @@ class SeeConfig:
     )
     seed: int = doc("Seed for the query memory and the negative sampling.", 0)
     negatives: Literal["earlier", "pseudo"] = doc(
-        "'earlier' tasks' queries (the method) or 'pseudo' negatives from general_negatives_file "
-        "instead (ablation).",
+        "'earlier' tasks' queries (the method) or 'pseudo' negatives from general_negatives_file instead (ablation).",
         "earlier",
     )
     general_negatives_file: str | None = doc(
@@ -149,7 +152,8 @@ class SeeConfig:
     )
     calibrate: bool = doc(
         "Per-expert thresholds calibrated on each expert's own stored queries (overrides threshold): "
-        "the calibration_quantile of their log-odds log(P(pos)/P(neg)), minus calibration_margin.", False
+        "the calibration_quantile of their log-odds log(P(pos)/P(neg)), minus calibration_margin.",
+        False,
     )
     calibration_quantile: float = doc("Quantile of the own-query log-odds the threshold starts from.", 0.05)
     calibration_margin: float = doc("Log-odds subtracted from that quantile (room for unseen own queries).", 2.0)
@@ -159,8 +163,7 @@ class SeeConfig:
         _check(0.0 < self.memory_tau <= 1.0, f"see.memory_tau must be in (0, 1], got {self.memory_tau}")
         _check(
             self.tau <= self.memory_tau,
-            f"see.tau ({self.tau}) exceeds see.memory_tau ({self.memory_tau}), the share of queries "
-            "the ensemble keeps",
+            f"see.tau ({self.tau}) exceeds see.memory_tau ({self.memory_tau}), the share of queries the ensemble keeps",
         )
         _check(self.general_negatives >= 0, "see.general_negatives must be >= 0")
         needs_file = self.negatives == "pseudo" or self.general_negatives > 0
@@ -168,9 +171,7 @@ class SeeConfig:
             not needs_file or bool(self.general_negatives_file),
             "see.general_negatives_file is required for pseudo or general negatives",
         )
-        _check(
-            self.threshold is None or 0.0 < self.threshold < 1.0, "see.threshold must be in (0, 1)"
-        )
+        _check(self.threshold is None or 0.0 < self.threshold < 1.0, "see.threshold must be in (0, 1)")
         _check(0.0 <= self.calibration_quantile < 1.0, "see.calibration_quantile must be in [0, 1)")
         _check(self.calibration_margin >= 0.0, "see.calibration_margin must be >= 0")
 
@@ -181,12 +182,16 @@ class GenerateConfig:
     batch_size: int = doc("Queries per forward pass at inference.", 16)
     engine: Literal["fast", "reference"] = doc(
         "'fast': batched routing with KV reuse and a prefix cache (engine.py); 'reference': one "
-        "full prompt pass per expert, then a fresh generation pass (routing.py).", "fast")
+        "full prompt pass per expert, then a fresh generation pass (routing.py).",
+        "fast",
+    )
     prefix_cache_tokens: int = doc("Token budget of the fast engine's prefix cache (0 disables it).", 4096)
     prefix_block: int = doc("Shared prefixes are cached in multiples of this many tokens.", 8)
     prefill_tokens: int = doc(
         "Most tokens (rows x padded width) the fast engine feeds in one prefill forward; a larger "
-        "batch is prefilled in chunks and decoded together (big CPU forwards run slower per token).", 512)
+        "batch is prefilled in chunks and decoded together (big CPU forwards run slower per token).",
+        512,
+    )
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens must be positive")
@@ -329,8 +334,10 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
 def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
     """Return a copy of `base` with dotted-key overrides (a dict or `a.b=v` strings) applied."""
     out = _deep_copy(base)
-    items = overrides.items() if isinstance(overrides, dict) else (
-        (".".join(p), v) for p, v in map(parse_override, overrides)
+    items = (
+        overrides.items()
+        if isinstance(overrides, dict)
+        else ((".".join(p), v) for p, v in map(parse_override, overrides))
     )
     for key, value in items:
         _set_path(out, key.split("."), value)

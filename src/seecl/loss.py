@@ -51,8 +51,9 @@ def alora_scope(model: torch.nn.Module, input_ids: torch.Tensor, offsets: list[i
     return model.base_model._enable_peft_forward_hooks(alora_offsets=offsets)
 
 
-def prefix_groups(rows: list[list[int]], first_targets: list[int], min_tokens: int
-                  ) -> tuple[list[tuple[list[int], int]], list[int]]:
+def prefix_groups(
+    rows: list[list[int]], first_targets: list[int], min_tokens: int
+) -> tuple[list[tuple[list[int], int]], list[int]]:
     """Rows that share a loss-free head of at least `min_tokens` tokens, and the rest.
 
     Returns ([(row indices, shared head length), ...], remaining row indices). A head may not reach
@@ -67,8 +68,7 @@ def prefix_groups(rows: list[list[int]], first_targets: list[int], min_tokens: i
     for members in buckets.values():
         if len(members) < 2:
             continue
-        head = min(common_prefix_length([rows[i] for i in members]),
-                   min(first_targets[i] - 1 for i in members))
+        head = min(common_prefix_length([rows[i] for i in members]), min(first_targets[i] - 1 for i in members))
         groups.append((members, head))
         grouped.update(members)
     return groups, [i for i in range(len(rows)) if i not in grouped]
@@ -154,20 +154,21 @@ class SupervisedLoss(torch.nn.Module):
         if self.share_prefix_tokens and not alora:
             rows = [input_ids[i, :n].tolist() for i, n in enumerate(lengths)]
             supervised = (labels != IGNORE).int()
-            first_targets = [int(supervised[i].argmax()) if supervised[i].any() else n
-                             for i, n in enumerate(lengths)]
+            first_targets = [int(supervised[i].argmax()) if supervised[i].any() else n for i, n in enumerate(lengths)]
             groups, rest = prefix_groups(rows, first_targets, self.share_prefix_tokens)
         loss = input_ids.new_zeros((), dtype=torch.float32)
         for members, shared in groups:
-            loss = loss + self._shared_head_loss(backbone, head, input_ids, attention_mask, labels,
-                                                 members, shared, lengths)
+            loss = loss + self._shared_head_loss(
+                backbone, head, input_ids, attention_mask, labels, members, shared, lengths
+            )
         if rest:
             index = torch.tensor(rest, device=input_ids.device)
             width = max(lengths[i] for i in rest)
             ids, mask = input_ids[index, :width], attention_mask[index, :width]
             with alora_scope(self.model, ids):
-                hidden = backbone(**backbone_inputs(backbone, ids), attention_mask=mask,
-                                  use_cache=False).last_hidden_state
+                hidden = backbone(
+                    **backbone_inputs(backbone, ids), attention_mask=mask, use_cache=False
+                ).last_hidden_state
             loss = loss + self._head_loss(head, hidden[:, :-1], labels[index, 1:width])
             self.computed_tokens += sum(lengths[i] for i in rest)
             self.attention_pairs += sum(lengths[i] * (lengths[i] + 1) // 2 for i in rest)
@@ -202,39 +203,52 @@ class SupervisedLoss(torch.nn.Module):
         tail_ids, tail_mask = input_ids.new_zeros((n, tail_width)), input_ids.new_zeros((n, tail_width))
         tail_labels = input_ids.new_full((n, tail_width), IGNORE)
         for i, (length, start) in enumerate(zip(lengths, starts)):
-            body_ids[i, body_width - start:], body_mask[i, body_width - start:] = input_ids[i, :start], 1
+            body_ids[i, body_width - start :], body_mask[i, body_width - start :] = input_ids[i, :start], 1
             tail_ids[i, : length - start], tail_mask[i, : length - start] = input_ids[i, start:length], 1
             tail_labels[i, : length - start] = labels[i, start:length]
         with torch.no_grad():  # no alora_offsets: PEFT's aLoRA layers act as the base model
-            body = backbone(**backbone_inputs(backbone, body_ids), attention_mask=body_mask,
-                            position_ids=(body_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            body = backbone(
+                **backbone_inputs(backbone, body_ids),
+                attention_mask=body_mask,
+                position_ids=(body_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+            )
         positions = torch.tensor(starts, device=device)[:, None] + torch.arange(tail_width, device=device)
         with alora_scope(self.model, tail_ids, offsets=[tail_width] * n):
-            hidden = backbone(**backbone_inputs(backbone, tail_ids), attention_mask=torch.cat([body_mask, tail_mask], 1),
-                              position_ids=positions, use_cache=True,
-                              **{cache_keyword(): returned_cache(body)}).last_hidden_state
+            hidden = backbone(
+                **backbone_inputs(backbone, tail_ids),
+                attention_mask=torch.cat([body_mask, tail_mask], 1),
+                position_ids=positions,
+                use_cache=True,
+                **{cache_keyword(): returned_cache(body)},
+            ).last_hidden_state
         self.computed_tokens += sum(lengths)
         self.attention_pairs += sum(length * (length + 1) // 2 for length in lengths)
         return self._head_loss(head, hidden[:, :-1], tail_labels[:, 1:])
 
-    def _shared_head_loss(self, backbone, head, input_ids, attention_mask, labels, members, shared,
-                          lengths):
+    def _shared_head_loss(self, backbone, head, input_ids, attention_mask, labels, members, shared, lengths):
         from transformers import DynamicCache
 
         index = torch.tensor(members, device=input_ids.device)
         width = max(lengths[i] for i in members)
-        prefix = backbone(**backbone_inputs(backbone, input_ids[members[0]: members[0] + 1, :shared]),
-                          use_cache=True)
+        prefix = backbone(**backbone_inputs(backbone, input_ids[members[0] : members[0] + 1, :shared]), use_cache=True)
         n = len(members)
-        cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-                                             for layer in returned_cache(prefix).layers])
-        hidden = backbone(**backbone_inputs(backbone, input_ids[index, shared:width]),
-                          attention_mask=attention_mask[index, :width], use_cache=True,
-                          **{cache_keyword(): cache}).last_hidden_state
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+                for layer in returned_cache(prefix).layers
+            ]
+        )
+        hidden = backbone(
+            **backbone_inputs(backbone, input_ids[index, shared:width]),
+            attention_mask=attention_mask[index, :width],
+            use_cache=True,
+            **{cache_keyword(): cache},
+        ).last_hidden_state
         suffixes = [lengths[i] - shared for i in members]
         self.computed_tokens += shared + sum(suffixes)
         self.attention_pairs += shared * (shared + 1) // 2 + sum(s * shared + s * (s + 1) // 2 for s in suffixes)
-        return self._head_loss(head, hidden[:, :-1], labels[index, shared + 1: width])
+        return self._head_loss(head, hidden[:, :-1], labels[index, shared + 1 : width])
 
     @staticmethod
     def _head_loss(head, hidden, targets):
@@ -246,5 +260,6 @@ class SupervisedLoss(torch.nn.Module):
 def reference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The straightforward loss through the model's full logits (summed), for comparison."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                           ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )

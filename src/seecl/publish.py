@@ -21,4 +21,3 @@ def write_json_atomic(path: Path, data: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-

@@ -35,11 +35,12 @@ MEGABATCH = 16  # batches whose members are regrouped by length together
 
 def _split_evenly(items: list[int], parts: int) -> list[list[int]]:
     """Cut `items` into `parts` consecutive slices whose sizes differ by at most one."""
-    return [items[(p * len(items)) // parts: ((p + 1) * len(items)) // parts] for p in range(parts)]
+    return [items[(p * len(items)) // parts : ((p + 1) * len(items)) // parts] for p in range(parts)]
 
 
-def plan_batches(examples: list[Example], batch_size: int, seed: int, epoch: int,
-                 mode: str = "stratified") -> list[list[int]]:
+def plan_batches(
+    examples: list[Example], batch_size: int, seed: int, epoch: int, mode: str = "stratified"
+) -> list[list[int]]:
     """Indices of each global batch for one epoch; deterministic in (seed, epoch).
 
     'stratified': negatives and positives are spread over the batches in proportion (batch sizes
@@ -53,21 +54,20 @@ def plan_batches(examples: list[Example], batch_size: int, seed: int, epoch: int
     if mode == "random":
         order = list(range(n))
         rng.shuffle(order)
-        return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if mode == "length":
         order = list(range(n))
         rng.shuffle(order)
         chunk = batch_size * MEGABATCH
         grouped = []
         for i in range(0, n, chunk):
-            grouped.extend(sorted(order[i: i + chunk], key=lambda j: -length[j]))
-        batches = [grouped[i: i + batch_size] for i in range(0, n, batch_size)]
+            grouped.extend(sorted(order[i : i + chunk], key=lambda j: -length[j]))
+        batches = [grouped[i : i + batch_size] for i in range(0, n, batch_size)]
         rng.shuffle(batches)
         return batches
     if mode != "stratified":
         raise ValueError(f"unknown batching mode {mode!r}")
-    classes = [[i for i, e in enumerate(examples) if e.positive],
-               [i for i, e in enumerate(examples) if not e.positive]]
+    classes = [[i for i, e in enumerate(examples) if e.positive], [i for i, e in enumerate(examples) if not e.positive]]
     per_class = []
     for members in classes:
         rng.shuffle(members)
@@ -84,7 +84,7 @@ def plan_batches(examples: list[Example], batch_size: int, seed: int, epoch: int
             pooled = sorted((i for s in slices[start:stop] for i in s), key=lambda j: -length[j])
             offset = 0
             for b, size in enumerate(sizes):
-                group[b].extend(pooled[offset: offset + size])
+                group[b].extend(pooled[offset : offset + size])
                 offset += size
         batches.extend(group)
     rng.shuffle(batches)
@@ -94,7 +94,7 @@ def plan_batches(examples: list[Example], batch_size: int, seed: int, epoch: int
 def micro_batches(batch: list[int], examples: list[Example], micro_size: int) -> list[list[int]]:
     """Split a global batch into micro-batches of similar length (less padding)."""
     ordered = sorted(batch, key=lambda i: -len(examples[i]))
-    return [ordered[i: i + micro_size] for i in range(0, len(ordered), micro_size)]
+    return [ordered[i : i + micro_size] for i in range(0, len(ordered), micro_size)]
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -153,23 +153,30 @@ def run_fingerprint(examples: list[Example], cfg: TrainConfig) -> str:
     return digest.hexdigest()
 
 
-def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses,
-                     fingerprint: str) -> None:
+def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses, fingerprint: str) -> None:
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()},
-              str(staging / "trainable.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "losses": losses, "fingerprint": fingerprint},
-               staging / "state.pt")
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(staging / "trainable.safetensors")
+    )
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "losses": losses,
+            "fingerprint": fingerprint,
+        },
+        staging / "state.pt",
+    )
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(staging, directory)
 
 
-def _load_checkpoint(directory: Path, model, optimizer, scheduler,
-                     fingerprint: str) -> tuple[int, list[float]]:
+def _load_checkpoint(directory: Path, model, optimizer, scheduler, fingerprint: str) -> tuple[int, list[float]]:
     """Restore a checkpoint of the same run; one of another run is discarded (start at step 0)."""
     # Optimizer/scheduler state only: plain tensors and numbers written by this module.
     state = torch.load(directory / "state.pt", weights_only=True)
@@ -187,9 +194,15 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler,
     return int(state["step"]), list(state["losses"])
 
 
-def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad_id: int,
-          checkpoint_dir: str | Path | None = None, desc: str = "train",
-          regularizer: Callable[[], torch.Tensor] | None = None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    examples: list[Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    checkpoint_dir: str | Path | None = None,
+    desc: str = "train",
+    regularizer: Callable[[], torch.Tensor] | None = None,
+) -> TrainResult:
     """Train the parameters of `model` that require grad on `examples`; returns the metrics.
 
     `regularizer`, when given, returns a loss on the parameters themselves (e.g. SETA's elastic
@@ -205,11 +218,12 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
     accelerator = Accelerator(cpu=cpu, mixed_precision="no" if cpu else cfg.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"train.batch_size {cfg.batch_size} is not divisible by micro_batch_size "
-                         f"x processes ({cfg.micro_batch_size} x {world})")
+        raise ValueError(
+            f"train.batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+            f"x processes ({cfg.micro_batch_size} x {world})"
+        )
     torch.manual_seed(cfg.seed)
-    plans = [plan_batches(examples, cfg.batch_size, cfg.seed, epoch, cfg.batching)
-             for epoch in range(cfg.epochs)]
+    plans = [plan_batches(examples, cfg.batch_size, cfg.seed, epoch, cfg.batching) for epoch in range(cfg.epochs)]
     total_steps = sum(len(p) for p in plans)
     named = _trainable(model)
     params = list(named.values())
@@ -221,8 +235,11 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
         groups.append({"params": rows, "lr": cfg.lr * cfg.indicator_lr_scale, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
-        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule, optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+        "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     loss_module = SupervisedLoss(model, cfg.share_prefix_tokens)
     counter = loss_module
     # The scheduler stays unprepared: accelerate would step it once per process, but our steps
@@ -240,8 +257,14 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
     started = time.perf_counter()
     session_tokens = 0  # non-padding tokens this process computed since (re)starting
     step = 0
-    bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not cfg.progress or not accelerator.is_main_process)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not cfg.progress or not accelerator.is_main_process,
+    )
     for epoch, plan in enumerate(plans):
         for batch in plan:
             step += 1
@@ -274,24 +297,35 @@ def train(model: torch.nn.Module, examples: list[Example], cfg: TrainConfig, pad
             losses.append(value)
             bar.set_postfix(loss=f"{value:.4f}", epoch=f"{epoch + 1}/{cfg.epochs}")
             bar.update(1)
-            if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                    and step < total_steps and accelerator.is_main_process:
+            if (
+                checkpoint is not None
+                and cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and step < total_steps
+                and accelerator.is_main_process
+            ):
                 _save_checkpoint(checkpoint, step, model, optimizer, scheduler, losses, fingerprint)
     bar.close()
     model.eval()
     if checkpoint is not None:
         shutil.rmtree(checkpoint, ignore_errors=True)
     session = accelerator.reduce(torch.tensor(session_tokens, device=device), reduction="sum")
-    counts = accelerator.reduce(torch.tensor([counter.computed_tokens, counter.attention_pairs], device=device),
-                                reduction="sum").tolist()
-    final = losses[-len(plans[-1]):]
+    counts = accelerator.reduce(
+        torch.tensor([counter.computed_tokens, counter.attention_pairs], device=device), reduction="sum"
+    ).tolist()
+    final = losses[-len(plans[-1]) :]
     return TrainResult(
-        steps=total_steps, epochs=cfg.epochs, examples=len(examples),
+        steps=total_steps,
+        epochs=cfg.epochs,
+        examples=len(examples),
         tokens=cfg.epochs * sum(len(e) for e in examples),
         supervised_tokens=cfg.epochs * sum(e.supervised for e in examples),
-        seconds=time.perf_counter() - started, session_tokens=int(session),
-        mean_loss=sum(losses) / len(losses), final_loss=sum(final) / len(final),
-        resumed_from_step=start_step, computed_tokens=int(counts[0]), attention_pairs=int(counts[1]),
+        seconds=time.perf_counter() - started,
+        session_tokens=int(session),
+        mean_loss=sum(losses) / len(losses),
+        final_loss=sum(final) / len(final),
+        resumed_from_step=start_step,
+        computed_tokens=int(counts[0]),
+        attention_pairs=int(counts[1]),
         losses=[round(x, 5) for x in losses],
     )
-

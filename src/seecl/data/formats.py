@@ -78,7 +78,10 @@ def _detect_jsonl(path: Path) -> str:
             return "plain"
         raise DataError(
             "cannot tell the format: expected SSR fields (full_prompt, output, id) or plain fields "
-            f"(prompt, response); found {sorted(record)}", path, number)
+            f"(prompt, response); found {sorted(record)}",
+            path,
+            number,
+        )
     raise DataError("file has no records", path)
 
 
@@ -190,8 +193,14 @@ class LabelOrderWarning(UserWarning):
     """The first N instances of a classification-looking file have another label balance than the file."""
 
 
-def load_task(path: str | Path, name: str | None = None, split: str = "train",
-              limit: int | None = None, sample: int | None = None, seed: int = 0) -> Task:
+def load_task(
+    path: str | Path,
+    name: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> Task:
     """Load a task; the name defaults to the file stem's first part (`qa.train.jsonl` -> `qa`).
 
     `limit` keeps the first N instances (warning when that changes a classification task's label
@@ -222,10 +231,14 @@ def load_task(path: str | Path, name: str | None = None, split: str = "train",
     if limit is not None and limit < len(task):
         head = task.head(limit)
         if task.looks_like_classification() and _unbalanced(head.labels(), task.labels()):
-            warnings.warn(LabelOrderWarning(
-                f"{path}: the first {limit} instances hold labels {dict(head.labels().most_common())} "
-                f"while the file holds {dict(task.labels().most_common())}; the file looks sorted by "
-                "label (a stratified sample keeps the balance: --sample N)"), stacklevel=2)
+            warnings.warn(
+                LabelOrderWarning(
+                    f"{path}: the first {limit} instances hold labels {dict(head.labels().most_common())} "
+                    f"while the file holds {dict(task.labels().most_common())}; the file looks sorted by "
+                    "label (a stratified sample keeps the balance: --sample N)"
+                ),
+                stacklevel=2,
+            )
         return head
     return task
 
@@ -233,14 +246,20 @@ def load_task(path: str | Path, name: str | None = None, split: str = "train",
 def _unbalanced(head, whole) -> bool:
     """A label missing from the head, or a label share off by more than half its share in the file."""
     n_head, n_whole = sum(head.values()), sum(whole.values())
-    return any(abs(head.get(label, 0) / n_head - count / n_whole) > 0.5 * count / n_whole
-               for label, count in whole.items() if count / n_whole * n_head >= 1)
+    return any(
+        abs(head.get(label, 0) / n_head - count / n_whole) > 0.5 * count / n_whole
+        for label, count in whole.items()
+        if count / n_whole * n_head >= 1
+    )
 
 
 def require_labels(task: Task, path: object, minimum: int = 2) -> None:
     """A classification task whose instances carry fewer than `minimum` labels is refused."""
     labels = task.labels()
     if len(labels) < minimum:
-        raise DataError(f"classification task {task.name!r}: its {len(task)} instances carry "
-                        f"{len(labels)} label(s) {dict(labels.most_common())}; a one-label subset "
-                        "scores nothing but that label (is the file sorted by label?)", path)
+        raise DataError(
+            f"classification task {task.name!r}: its {len(task)} instances carry "
+            f"{len(labels)} label(s) {dict(labels.most_common())}; a one-label subset "
+            "scores nothing but that label (is the file sorted by label?)",
+            path,
+        )

@@ -42,8 +42,9 @@ class Example:
 
 
 class PromptFormatter:
-    def __init__(self, tokenizer, indicators: Indicators | None = None,
-                 system_prompt: str | None = None, max_length: int = 1024):
+    def __init__(
+        self, tokenizer, indicators: Indicators | None = None, system_prompt: str | None = None, max_length: int = 1024
+    ):
         self.tokenizer = tokenizer
         self.indicators = indicators
         self.system_prompt = system_prompt
@@ -68,11 +69,13 @@ class PromptFormatter:
         messages = [{"role": "user", "content": "x"}]
         if self.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
-        without = self.tokenizer.encode(self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=False), add_special_tokens=False)
+        without = self.tokenizer.encode(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+            add_special_tokens=False,
+        )
         if with_header[: len(without)] != without or len(with_header) == len(without):
             raise ValueError("the chat template has no separate assistant header to invoke aLoRA experts with")
-        return with_header[len(without):]
+        return with_header[len(without) :]
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

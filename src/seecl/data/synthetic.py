@@ -15,18 +15,79 @@ from dataclasses import dataclass
 from seecl.data.task import Instance, Task
 from seecl.errors import DataError
 
-_NOUNS = ["apple", "river", "candle", "garden", "window", "rocket", "pencil", "forest", "bridge",
-          "castle", "dragon", "guitar", "island", "jacket", "ladder", "mirror", "needle", "orange",
-          "planet", "rabbit", "silver", "tunnel", "violin", "wallet", "yellow", "anchor", "basket",
-          "cookie", "dolphin", "engine", "feather", "harbor", "kettle", "lemon", "meadow", "pillow"]
-_GOOD = ["delicious", "friendly", "wonderful", "excellent", "cheerful", "comfortable", "lovely",
-         "fantastic", "reliable", "charming"]
-_BAD = ["terrible", "rude", "awful", "disappointing", "broken", "dirty", "boring", "noisy",
-        "overpriced", "horrible"]
-_SUBJECTS = ["The soup", "The hotel room", "The service", "The movie", "The phone", "The concert",
-             "The bakery", "The taxi ride", "The museum", "The laptop", "The pizza", "The book"]
-_ENDINGS = ["and I would come back.", "and I will tell my friends.", "this time.",
-            "from start to finish.", "as always.", "on our visit."]
+_NOUNS = [
+    "apple",
+    "river",
+    "candle",
+    "garden",
+    "window",
+    "rocket",
+    "pencil",
+    "forest",
+    "bridge",
+    "castle",
+    "dragon",
+    "guitar",
+    "island",
+    "jacket",
+    "ladder",
+    "mirror",
+    "needle",
+    "orange",
+    "planet",
+    "rabbit",
+    "silver",
+    "tunnel",
+    "violin",
+    "wallet",
+    "yellow",
+    "anchor",
+    "basket",
+    "cookie",
+    "dolphin",
+    "engine",
+    "feather",
+    "harbor",
+    "kettle",
+    "lemon",
+    "meadow",
+    "pillow",
+]
+_GOOD = [
+    "delicious",
+    "friendly",
+    "wonderful",
+    "excellent",
+    "cheerful",
+    "comfortable",
+    "lovely",
+    "fantastic",
+    "reliable",
+    "charming",
+]
+_BAD = ["terrible", "rude", "awful", "disappointing", "broken", "dirty", "boring", "noisy", "overpriced", "horrible"]
+_SUBJECTS = [
+    "The soup",
+    "The hotel room",
+    "The service",
+    "The movie",
+    "The phone",
+    "The concert",
+    "The bakery",
+    "The taxi ride",
+    "The museum",
+    "The laptop",
+    "The pizza",
+    "The book",
+]
+_ENDINGS = [
+    "and I would come back.",
+    "and I will tell my friends.",
+    "this time.",
+    "from start to finish.",
+    "as always.",
+    "on our visit.",
+]
 
 
 def _reverse_list(rng: random.Random) -> tuple[str, str]:
@@ -111,6 +172,7 @@ def make_task(name: str, split: str = "train", n: int = 64, seed: int = 0) -> Ta
         for i, (text, answer) in enumerate(chosen)
     )
     return Task(name, instances, source=f"synthetic:{name}:{split}:{seed}")
+
 
 GENERAL_QUERIES = (
     "What is the capital of France?",

@@ -42,8 +42,7 @@ class Task:
         seen: set[str] = set()
         for inst in self.instances:
             if inst.id in seen:
-                raise DataError(f"task {self.name!r}: duplicate instance id {inst.id!r}",
-                                self.source or None)
+                raise DataError(f"task {self.name!r}: duplicate instance id {inst.id!r}", self.source or None)
             seen.add(inst.id)
 
     def __len__(self) -> int:
@@ -96,7 +95,6 @@ def check_name(name: str, what: str) -> str:
     """Names become directory and adapter names: letters, digits, '_' and '-' only."""
     if not isinstance(name, str) or not _TASK_NAME.match(name):
         raise DataError(
-            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-', "
-            "starting with a letter or digit"
+            f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
         )
     return name

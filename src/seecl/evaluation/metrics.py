@@ -72,24 +72,27 @@ def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
     n = len(matrix)
     if n < 2:
         return None
-    diffs = [matrix[-1][j] - matrix[j][j] for j in range(n - 1)
-             if matrix[-1][j] is not None and matrix[j][j] is not None]
+    diffs = [
+        matrix[-1][j] - matrix[j][j] for j in range(n - 1) if matrix[-1][j] is not None and matrix[j][j] is not None
+    ]
     return mean(diffs) if diffs else None
 
 
 def forward_transfer(matrix: Sequence[Sequence[float | None]], zero_shot: Sequence[float]) -> float | None:
     """FWT = mean over j > 1 of a[j-1][j] - zero-shot score of task j (needs the full matrix)."""
     n = len(matrix)
-    diffs = [matrix[j - 1][j] - zero_shot[j] for j in range(1, n)
-             if j < len(matrix[j - 1]) and matrix[j - 1][j] is not None]
+    diffs = [
+        matrix[j - 1][j] - zero_shot[j] for j in range(1, n) if j < len(matrix[j - 1]) and matrix[j - 1][j] is not None
+    ]
     return mean(diffs) if diffs else None
 
 
 # ----------------------------------------------------------------------------- routing metrics
 
 
-def confusion(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequence[str],
-              experts: Sequence[str]) -> list[list[int]]:
+def confusion(
+    true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequence[str], experts: Sequence[str]
+) -> list[list[int]]:
     """counts[i][k]: queries of tasks[i] answered by column k (experts..., then base)."""
     columns = list(experts) + [BASE]
     index = {c: k for k, c in enumerate(columns)}
@@ -100,8 +103,9 @@ def confusion(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequen
     return counts
 
 
-def routing_prf(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequence[str],
-                owner: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+def routing_prf(
+    true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequence[str], owner: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
     """Per task j: precision/recall/F1 of "a query of task j is answered by expert j".
 
     `owner` maps task -> expert name when they differ. Queries of other tasks (including OOD,
@@ -121,8 +125,9 @@ def routing_prf(true_tasks: Sequence[str], routed_to: Sequence[str], tasks: Sequ
     return out
 
 
-def routing_prf_from_counts(confusion: list[list[int]], tasks: Sequence[str], columns: Sequence[str],
-                            ood_counts: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+def routing_prf_from_counts(
+    confusion: list[list[int]], tasks: Sequence[str], columns: Sequence[str], ood_counts: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     """`routing_prf` from a confusion matrix (rows: tasks, columns: experts + base); with
     `ood_counts` (answered-by counts of OOD queries) the OOD queries an expert claimed are its
     false positives as well. Without them it is the routing F1 of the tasks' own queries; RB-Acc

@@ -48,14 +48,24 @@ class EvalSet:
 
 
 class Protocol:
-    def __init__(self, method: Method, train_tasks: Sequence[Task], eval_sets: dict[str, EvalSet],
-                 workdir: Path, ood_queries: Sequence[str] = (), full_matrix: bool = False,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        method: Method,
+        train_tasks: Sequence[Task],
+        eval_sets: dict[str, EvalSet],
+        workdir: Path,
+        ood_queries: Sequence[str] = (),
+        full_matrix: bool = False,
+        log: Callable[[str], None] = print,
+    ):
         self.method, self.tasks, self.eval_sets = method, list(train_tasks), eval_sets
         self.workdir, self.ood, self.full_matrix, self.log = Path(workdir), list(ood_queries), full_matrix, log
         self.path = self.workdir / "protocol.json"
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {
-            "label": method.label, "stages": {}, "cells": {}, "seconds": {"train": 0.0, "eval": 0.0}}
+        self.state = (
+            json.loads(self.path.read_text())
+            if self.path.exists()
+            else {"label": method.label, "stages": {}, "cells": {}, "seconds": {"train": 0.0, "eval": 0.0}}
+        )
         self._drop_stale()
 
     # -- data fingerprints -----------------------------------------------------------------------
@@ -66,8 +76,14 @@ class Protocol:
 
     def cell_fingerprint(self, stage: int, task: str) -> str:
         eval_set = self.eval_sets[task]
-        return _digest(self.stage_fingerprint(stage), task, eval_set.task.fingerprint(), eval_set.budget,
-                       eval_set.language, eval_set.classification)
+        return _digest(
+            self.stage_fingerprint(stage),
+            task,
+            eval_set.task.fingerprint(),
+            eval_set.budget,
+            eval_set.language,
+            eval_set.classification,
+        )
 
     def routing_fingerprint(self) -> str:
         final = self.stages()[-1][0]
@@ -75,20 +91,26 @@ class Protocol:
 
     def perplexity_fingerprint(self) -> str:
         final = self.stages()[-1][0]
-        return _digest(self.stage_fingerprint(final),
-                       [[n, e.task.fingerprint()] for n, e in sorted(self.eval_sets.items())])
+        return _digest(
+            self.stage_fingerprint(final), [[n, e.task.fingerprint()] for n, e in sorted(self.eval_sets.items())]
+        )
 
     def _drop_stale(self) -> None:
         """Forget every stored result whose data fingerprint is missing or differs from this run's."""
         dropped = []
         for key, cell in list(self.state["cells"].items()):
             stage, task = key.split(":", 1)
-            if (task not in self.eval_sets or int(stage) >= len(self.tasks)
-                    or cell.get("fingerprint") != self.cell_fingerprint(int(stage), task)):
+            if (
+                task not in self.eval_sets
+                or int(stage) >= len(self.tasks)
+                or cell.get("fingerprint") != self.cell_fingerprint(int(stage), task)
+            ):
                 dropped.append(f"stage {int(stage) + 1} {task}")
                 del self.state["cells"][key]
         for stage, metrics in list(self.state["stages"].items()):
-            if int(stage) not in dict(self.stages()) or metrics.get("fingerprint") != self.stage_fingerprint(int(stage)):
+            if int(stage) not in dict(self.stages()) or metrics.get("fingerprint") != self.stage_fingerprint(
+                int(stage)
+            ):
                 del self.state["stages"][stage]
         stored = self.state.setdefault("fingerprints", {})
         for part, fingerprint in (("routing", self.routing_fingerprint), ("perplexity", self.perplexity_fingerprint)):
@@ -96,8 +118,10 @@ class Protocol:
                 dropped.append(part)
                 del self.state[part]
         if dropped:
-            self.log(f"  {self.method.label}: the data changed since {', '.join(dropped)} "
-                     "were computed; computing them again")
+            self.log(
+                f"  {self.method.label}: the data changed since {', '.join(dropped)} "
+                "were computed; computing them again"
+            )
 
     # -- persistence -----------------------------------------------------------------------------
     def _save(self) -> None:
@@ -135,12 +159,14 @@ class Protocol:
                 if not self._predictions(final_stage, name).is_file():
                     self.state["cells"].pop(f"{final_stage}:{name}", None)
         # routing and perplexity are scored on the final model, so its stage must be (re)loaded
-        final_pending = ((self.method.routed and "routing" not in self.state)
-                         or (hasattr(self.method, "perplexity") and "perplexity" not in self.state))
+        final_pending = (self.method.routed and "routing" not in self.state) or (
+            hasattr(self.method, "perplexity") and "perplexity" not in self.state
+        )
         for stage, tasks in self.stages():
             todo = [t for t in self.cells_for(stage) if f"{stage}:{t}" not in self.state["cells"]]
-            later = any(f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage
-                        for t in self.cells_for(s))
+            later = any(
+                f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage for t in self.cells_for(s)
+            )
             needed = todo or later or (final_pending and stage == final_stage)
             if not needed and str(stage) in self.state["stages"]:
                 continue
@@ -158,9 +184,12 @@ class Protocol:
         if hasattr(self.method, "perplexity") and "perplexity" not in self.state:
             started = time.perf_counter()
             self.state["perplexity"] = {
-                name: self.method.perplexity([i.query for i in self.eval_sets[name].task.instances],
-                                             [i.references[0] for i in self.eval_sets[name].task.instances])
-                for name in (t.name for t in self.tasks)}
+                name: self.method.perplexity(
+                    [i.query for i in self.eval_sets[name].task.instances],
+                    [i.references[0] for i in self.eval_sets[name].task.instances],
+                )
+                for name in (t.name for t in self.tasks)
+            }
             self.state["fingerprints"]["perplexity"] = self.perplexity_fingerprint()
             self.state["seconds"]["eval"] += time.perf_counter() - started
             self._save()
@@ -173,16 +202,23 @@ class Protocol:
         answers = self.method.answer(queries, [eval_set.budget] * len(queries))
         rows = []
         for inst, answer in zip(eval_set.task.instances, answers):
-            row = {"id": inst.id, **answer.to_dict(), "references": list(inst.references),
-                   "rouge_l": rouge_l(answer.text, inst.references, eval_set.language)}
+            row = {
+                "id": inst.id,
+                **answer.to_dict(),
+                "references": list(inst.references),
+                "rouge_l": rouge_l(answer.text, inst.references, eval_set.language),
+            }
             if eval_set.classification:
                 row["exact_match"] = exact_match(answer.text, inst.references)
             rows.append(row)
         path = self._predictions(stage, task)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        cell = {"rouge_l": mean([r["rouge_l"] for r in rows]), "n": len(rows),
-                "fingerprint": self.cell_fingerprint(stage, task)}
+        cell = {
+            "rouge_l": mean([r["rouge_l"] for r in rows]),
+            "n": len(rows),
+            "fingerprint": self.cell_fingerprint(stage, task),
+        }
         if eval_set.classification:
             cell["exact_match"] = mean([r["exact_match"] for r in rows])
         self.state["cells"][f"{stage}:{task}"] = cell
@@ -247,7 +283,9 @@ class Protocol:
         # one entry per task position (None where the method has no stage, e.g. MTL before the end)
         parameters = [self.state["stages"].get(str(i), {}).get("trainable_parameters") for i in range(len(names))]
         return {
-            "AR": ar, "BWT": bwt, "matrix": matrix,
+            "AR": ar,
+            "BWT": bwt,
+            "matrix": matrix,
             "per_task": {n: v for n, v in zip(names, final)},
             "exact_match": em,
             "routing_f1": routing["f1"] if routing else None,
@@ -258,7 +296,6 @@ class Protocol:
             "trainable_parameters": parameters,
             "seconds": {k: round(v, 1) for k, v in self.state["seconds"].items()},
         }
-
 
 
 def _digest(*material) -> str:

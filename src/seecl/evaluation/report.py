@@ -24,23 +24,43 @@ def _fmt(value, digits: int = 1) -> str:
 def main_table(summary: dict) -> str:
     methods = summary["methods"]
     tasks = summary["config"]["order"]
-    header = ["method", "AR", "BWT", *tasks, "routing F1", "F1 with OOD claims", "RB-Acc",
-              "trainable params (final)", "time (min)"]
+    header = [
+        "method",
+        "AR",
+        "BWT",
+        *tasks,
+        "routing F1",
+        "F1 with OOD claims",
+        "RB-Acc",
+        "trainable params (final)",
+        "time (min)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, m in methods.items():  # routing F1: over task queries; with OOD: OOD claims are false positives
         params = [p for p in m.get("trainable_parameters", []) if p]
         seconds = sum(m.get("seconds", {}).values())
-        row = [label, _fmt(m["AR"]), _fmt(m["BWT"]), *[_fmt(m["per_task"].get(t)) for t in tasks],
-               _fmt(m["routing_f1"], 3), _fmt(m.get("routing_f1_with_ood"), 3), _fmt(m["rb_acc"], 3),
-               f"{params[-1]:,}" if params else "–",
-               f"{seconds / 60:.0f}"]
+        row = [
+            label,
+            _fmt(m["AR"]),
+            _fmt(m["BWT"]),
+            *[_fmt(m["per_task"].get(t)) for t in tasks],
+            _fmt(m["routing_f1"], 3),
+            _fmt(m.get("routing_f1_with_ood"), 3),
+            _fmt(m["rb_acc"], 3),
+            f"{params[-1]:,}" if params else "–",
+            f"{seconds / 60:.0f}",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def matrix_table(label: str, method: dict, tasks: list[str]) -> str:
-    lines = [f"**{label}** (rows: after stage, columns: task; – = not evaluated)", "",
-             "| stage | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines = [
+        f"**{label}** (rows: after stage, columns: task; – = not evaluated)",
+        "",
+        "| stage | " + " | ".join(tasks) + " |",
+        "|---|" + "---|" * len(tasks),
+    ]
     for i, row in enumerate(method["matrix"]):
         lines.append(f"| {i + 1} ({tasks[i]}) | " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines)
@@ -49,8 +69,12 @@ def matrix_table(label: str, method: dict, tasks: list[str]) -> str:
 def confusion_table(label: str, method: dict, tasks: list[str]) -> str:
     routing = method["routing"]
     columns = routing["columns"]
-    lines = [f"**{label}** routing (rows: true task, columns: answered by)", "",
-             "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = [
+        f"**{label}** routing (rows: true task, columns: answered by)",
+        "",
+        "| task | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
     for task, row in zip(tasks, routing["confusion"]):
         lines.append(f"| {task} | " + " | ".join(str(v) for v in row) + " |")
     ood = routing.get("ood_confusion") or {}
@@ -80,31 +104,44 @@ def tau_points(summary: dict) -> list[tuple[float, str, dict]]:
 
 def markdown(summary: dict) -> str:
     tasks = summary["config"]["order"]
-    parts = ["# SuperNI benchmark", "", summary.get("description", ""), "", "## Results", "",
-             main_table(summary), ""]
+    parts = ["# SuperNI benchmark", "", summary.get("description", ""), "", "## Results", "", main_table(summary), ""]
     ems = {label: m["exact_match"] for label, m in summary["methods"].items() if m.get("exact_match")}
     if ems:
         em_tasks = sorted({t for v in ems.values() for t in v})
-        parts += ["Exact match (classification tasks, final model):", "",
-                  "| method | " + " | ".join(em_tasks) + " |", "|---|" + "---|" * len(em_tasks)]
+        parts += [
+            "Exact match (classification tasks, final model):",
+            "",
+            "| method | " + " | ".join(em_tasks) + " |",
+            "|---|" + "---|" * len(em_tasks),
+        ]
         parts += [f"| {label} | " + " | ".join(_fmt(v.get(t)) for t in em_tasks) + " |" for label, v in ems.items()]
         parts.append("")
     ppl = {label: m["perplexity"] for label, m in summary["methods"].items() if m.get("perplexity")}
     if ppl:
-        parts += ["Ensemble perplexity of the reference answers (each (q, r) scored by the expert q is "
-                  "routed to; final model):", "",
-                  "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        parts += [
+            "Ensemble perplexity of the reference answers (each (q, r) scored by the expert q is "
+            "routed to; final model):",
+            "",
+            "| method | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+        ]
         parts += [f"| {label} | " + " | ".join(_fmt(v.get(t), 2) for t in tasks) + " |" for label, v in ppl.items()]
         parts.append("")
     points = tau_points(summary)
     if len(points) > 1:
         parts += ["## SEE: rehearsal ratio", "", "| tau | AR | BWT | routing F1 | RB-Acc |", "|---|---|---|---|---|"]
-        parts += [f"| {tau:g}% | {_fmt(m['AR'])} | {_fmt(m['BWT'])} | {_fmt(m['routing_f1'], 3)} | "
-                  f"{_fmt(m['rb_acc'], 3)} |" for tau, _, m in points]
+        parts += [
+            f"| {tau:g}% | {_fmt(m['AR'])} | {_fmt(m['BWT'])} | {_fmt(m['routing_f1'], 3)} | {_fmt(m['rb_acc'], 3)} |"
+            for tau, _, m in points
+        ]
         parts.append("")
     if any(m.get("trainable_parameters") for m in summary["methods"].values()):
-        parts += ["Trainable parameters held by the method after each stage (all experts / adapters so far):",
-                  "", parameters_table(summary), ""]
+        parts += [
+            "Trainable parameters held by the method after each stage (all experts / adapters so far):",
+            "",
+            parameters_table(summary),
+            "",
+        ]
     parts += ["## Score matrices", ""]
     for label, m in summary["methods"].items():
         parts += [matrix_table(label, m, tasks), ""]

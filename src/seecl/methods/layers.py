@@ -39,8 +39,9 @@ def generator(*material) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-
-def wrap_targets(model: nn.Module, targets: Sequence[str], factory: Callable[[nn.Linear], nn.Module]) -> dict[str, nn.Module]:
+def wrap_targets(
+    model: nn.Module, targets: Sequence[str], factory: Callable[[nn.Linear], nn.Module]
+) -> dict[str, nn.Module]:
     """Replace every nn.Linear whose attribute name is in `targets` by `factory(linear)`."""
     wrapped = {}
     for name, module in list(model.named_modules()):
@@ -54,10 +55,10 @@ def wrap_targets(model: nn.Module, targets: Sequence[str], factory: Callable[[nn
     return wrapped
 
 
-
 @torch.inference_mode()
-def base_features(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequence[Sequence[int]],
-                  pad_id: int, batch_size: int) -> torch.Tensor:
+def base_features(
+    model: nn.Module, layers: Sequence[nn.Module], prompts: Sequence[Sequence[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
     """Mean over prompt tokens of the frozen base's last hidden state (wrappers bypassed)."""
     backbone, _ = causal_lm_parts(model)
     device = next(model.parameters()).device
@@ -66,7 +67,7 @@ def base_features(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequen
     try:
         rows = []
         for start in range(0, len(prompts), batch_size):
-            inputs = left_pad(prompts[start: start + batch_size], pad_id, device)
+            inputs = left_pad(prompts[start : start + batch_size], pad_id, device)
             hidden = backbone(**inputs, use_cache=False).last_hidden_state.float()
             mask = inputs["attention_mask"].unsqueeze(-1).float()
             rows.append(((hidden * mask).sum(1) / mask.sum(1)).cpu())
@@ -74,7 +75,6 @@ def base_features(model: nn.Module, layers: Sequence[nn.Module], prompts: Sequen
     finally:
         for layer in layers:
             layer.bypass = False
-
 
 
 class StageStore:
@@ -106,7 +106,6 @@ class StageStore:
 
     def load(self, stage: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir(stage) / "state.safetensors"))
-
 
 
 class LayerMethod:
@@ -147,8 +146,13 @@ class LayerMethod:
         return PromptFormatter(self.base.tokenizer, None, cfg.model.system_prompt, cfg.train.max_length)
 
     def features(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        return base_features(self.model, list(self.layers.values()), prompts, self.base.tokenizer.pad_token_id,
-                             self.config.generate.batch_size)
+        return base_features(
+            self.model,
+            list(self.layers.values()),
+            prompts,
+            self.base.tokenizer.pad_token_id,
+            self.config.generate.batch_size,
+        )
 
     def task_features(self, task: Task, limit: int) -> torch.Tensor:
         """Frozen-base features of a seeded sample of the task's training queries."""
@@ -161,18 +165,30 @@ class LayerMethod:
 
     def fit(self, examples, stage: int, regularizer=None) -> dict:
         cfg = self.config
-        result = training.train(self.model, examples, cfg.train, self.base.tokenizer.pad_token_id,
-                                checkpoint_dir=self.ctx.workdir / "checkpoints" / f"stage-{stage + 1}",
-                                desc=f"{self.label} stage {stage + 1}", regularizer=regularizer)
+        result = training.train(
+            self.model,
+            examples,
+            cfg.train,
+            self.base.tokenizer.pad_token_id,
+            checkpoint_dir=self.ctx.workdir / "checkpoints" / f"stage-{stage + 1}",
+            desc=f"{self.label} stage {stage + 1}",
+            regularizer=regularizer,
+        )
         return {k: v for k, v in result.to_dict().items() if k != "losses"}
 
     # -- the Method protocol ---------------------------------------------------------------------
     def _signature(self, tasks: Sequence[Task]) -> dict:
         cfg = self.config
         run = {k: v for k, v in to_dict(cfg.train).items() if k not in ("progress", "checkpoint_every")}
-        material = {"method": type(self).__name__, "settings": self.settings(), "model": cfg.model.name,
-                    "system": cfg.model.system_prompt, "adapter": to_dict(cfg.adapter), "train": run,
-                    "tasks": [[t.name, t.fingerprint()] for t in tasks]}
+        material = {
+            "method": type(self).__name__,
+            "settings": self.settings(),
+            "model": cfg.model.name,
+            "system": cfg.model.system_prompt,
+            "adapter": to_dict(cfg.adapter),
+            "train": run,
+            "tasks": [[t.name, t.fingerprint()] for t in tasks],
+        }
         return json.loads(json.dumps(material))
 
     def learn(self, tasks: Sequence[Task]) -> dict:
@@ -181,14 +197,14 @@ class LayerMethod:
         meta = self.store.find(stage, signature)
         if meta is not None:
             if self.signature != signature:
-                self.base
+                _ = self.base
                 self.restore(self.store.load(stage), len(tasks))
                 self.tasks, self.signature = [t.name for t in tasks], signature
             return {**meta["metrics"], "cached": True}
         if stage > 0 and self.signature != self._signature(tasks[:-1]):
             self.learn(tasks[:-1])
         elif stage == 0:
-            self.base
+            _ = self.base
             self.reset()  # also discards what an interrupted first stage left behind
         self.signature = None  # the state in memory is in flux until the stage is saved
         metrics = self.train_task(tasks[-1], stage)
@@ -215,8 +231,14 @@ class LayerMethod:
         for name in dict.fromkeys(r.answered_by for r in routes):
             members = [i for i, r in enumerate(routes) if r.answered_by == name]
             self.activate(None if name == BASE else self.tasks.index(name))
-            outputs = greedy_generate(self.model, [prompts[i] for i in members], [budgets[i] for i in members],
-                                      fmt.eos_id, self.base.tokenizer.pad_token_id, self.config.generate.batch_size)
+            outputs = greedy_generate(
+                self.model,
+                [prompts[i] for i in members],
+                [budgets[i] for i in members],
+                fmt.eos_id,
+                self.base.tokenizer.pad_token_id,
+                self.config.generate.batch_size,
+            )
             for i, out in zip(members, outputs):
                 texts[i] = fmt.decode(out)
         self.activate(None)
@@ -224,4 +246,3 @@ class LayerMethod:
 
     def close(self) -> None:
         self._base, self.layers, self.tasks, self.signature = None, {}, [], None
-

@@ -118,11 +118,13 @@ class SubExpertLinear(nn.Module):
     def begin_task(self, gen: torch.Generator, capacity: float) -> None:
         w = self.base.weight
         self.capacity = capacity
-        self.learning = nn.ParameterDict({
-            "scores_A": nn.Parameter(torch.rand(self.A.shape, generator=gen).to(w)),
-            "scores_B": nn.Parameter(torch.rand(self.B.shape, generator=gen).to(w)),
-            "router": nn.Parameter((torch.randn(self.experts, w.shape[1], generator=gen) * 0.02).to(w)),
-        })
+        self.learning = nn.ParameterDict(
+            {
+                "scores_A": nn.Parameter(torch.rand(self.A.shape, generator=gen).to(w)),
+                "scores_B": nn.Parameter(torch.rand(self.B.shape, generator=gen).to(w)),
+                "router": nn.Parameter((torch.randn(self.experts, w.shape[1], generator=gen) * 0.02).to(w)),
+            }
+        )
         self.A.requires_grad_(True)
         self.B.requires_grad_(True)
 
@@ -144,14 +146,22 @@ class SubExpertLinear(nn.Module):
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if len(self.learning):
-            a = torch.where(self.claimed_A, self.frozen_A, self.A) * straight_through(self.learning["scores_A"], self.capacity)
-            b = torch.where(self.claimed_B, self.frozen_B, self.B) * straight_through(self.learning["scores_B"], self.capacity)
+            a = torch.where(self.claimed_A, self.frozen_A, self.A) * straight_through(
+                self.learning["scores_A"], self.capacity
+            )
+            b = torch.where(self.claimed_B, self.frozen_B, self.B) * straight_through(
+                self.learning["scores_B"], self.capacity
+            )
             return a, b, self.learning["router"]
         if self._effective is None or self._effective[0] != self.active:
             mask_a, mask_b = self.masks[self.active]
             n = mask_a.shape[0]  # the pool as it was when the task learned
-            self._effective = (self.active, torch.where(mask_a, self.frozen_A[:n], 0.0),
-                               torch.where(mask_b, self.frozen_B[:n], 0.0), self.routers[self.active])
+            self._effective = (
+                self.active,
+                torch.where(mask_a, self.frozen_A[:n], 0.0),
+                torch.where(mask_b, self.frozen_B[:n], 0.0),
+                self.routers[self.active],
+            )
         return self._effective[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +178,16 @@ class SubExpertLinear(nn.Module):
 
 
 class MoSEs(LayerMethod):
-    def __init__(self, ctx: MethodContext, label: str = "MoSEs", experts: int = 2, capacity: float = 0.5,
-                 top_k: int = 2, grow_below: float = 0.3, feature_queries: int = 64):
+    def __init__(
+        self,
+        ctx: MethodContext,
+        label: str = "MoSEs",
+        experts: int = 2,
+        capacity: float = 0.5,
+        top_k: int = 2,
+        grow_below: float = 0.3,
+        feature_queries: int = 64,
+    ):
         if experts < 1 or not 0 < capacity <= 1 or top_k < 1:
             raise ConfigError("MoSEs needs experts >= 1, 0 < capacity <= 1 and top_k >= 1")
         super().__init__(ctx, label)
@@ -178,8 +196,13 @@ class MoSEs(LayerMethod):
         self.prototypes: list[torch.Tensor] = []
 
     def settings(self) -> dict:
-        return {"experts": self.initial, "capacity": self.capacity, "top_k": self.top_k,
-                "grow_below": self.grow_below, "feature_queries": self.feature_queries}
+        return {
+            "experts": self.initial,
+            "capacity": self.capacity,
+            "top_k": self.top_k,
+            "grow_below": self.grow_below,
+            "feature_queries": self.feature_queries,
+        }
 
     def make_layer(self, linear: nn.Linear) -> SubExpertLinear:
         a = self.config.adapter
@@ -219,8 +242,15 @@ class MoSEs(LayerMethod):
         claims = sum(layer.end_task() for layer in self.layers.values())
         self.prototypes.append(self.task_features(task, self.feature_queries).mean(0))
         bits = sum(m.numel() for l in self.layers.values() for pair in l.masks for m in pair)
-        return {**metrics, "free_fraction_before": free, "grew": grew, "experts": self.experts,
-                "new_claims": claims, "free_fraction": self.free_fraction(), "mask_bits": bits}
+        return {
+            **metrics,
+            "free_fraction_before": free,
+            "grew": grew,
+            "experts": self.experts,
+            "new_claims": claims,
+            "free_fraction": self.free_fraction(),
+            "mask_bits": bits,
+        }
 
     def activate(self, task: int | None) -> None:
         for layer in self.layers.values():
@@ -235,8 +265,9 @@ class MoSEs(LayerMethod):
     def snapshot(self) -> dict[str, torch.Tensor]:
         out = {f"prototype.{k}": p for k, p in enumerate(self.prototypes)}
         for name, l in self.layers.items():
-            out.update({f"{name}.A": l.A, f"{name}.B": l.B, f"{name}.claimed_A": l.claimed_A,
-                        f"{name}.claimed_B": l.claimed_B})
+            out.update(
+                {f"{name}.A": l.A, f"{name}.B": l.B, f"{name}.claimed_A": l.claimed_A, f"{name}.claimed_B": l.claimed_B}
+            )
             for k, ((mask_a, mask_b), router) in enumerate(zip(l.masks, l.routers)):
                 out.update({f"{name}.mask_A.{k}": mask_a, f"{name}.mask_B.{k}": mask_b, f"{name}.router.{k}": router})
         return out

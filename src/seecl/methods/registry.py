@@ -87,5 +87,7 @@ def build_method(label: str, ctx: MethodContext) -> Method:
         if needs_general:
             overrides.append(f"see.general_negatives_file={ctx.general.source or 'general'}")
         return SeeMethod(ctx, label, overrides)
-    raise ConfigError(f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
-                      "KMeansSel(x%), SSR, MoSEs, SETA, SEE(x%) and SEE(x%)-<variant>")
+    raise ConfigError(
+        f"unknown method {label!r}; known: MTL, AvgSTL, Non-rehearsal, RandSel(x%), "
+        "KMeansSel(x%), SSR, MoSEs, SETA, SEE(x%) and SEE(x%)-<variant>"
+    )

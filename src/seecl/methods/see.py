@@ -40,22 +40,26 @@ class SeeMethod:
         if changed:
             # The run's ensemble is a working copy: every finished expert is also in the adapter
             # cache, so an ensemble built on other data is rebuilt rather than routed through.
-            print(f"  {self.label}: the data of {', '.join(changed)} changed since its expert was trained; "
-                  f"rebuilding {self.ensemble.store.root}", flush=True)
+            print(
+                f"  {self.label}: the data of {', '.join(changed)} changed since its expert was trained; "
+                f"rebuilding {self.ensemble.store.root}",
+                flush=True,
+            )
             config, root = self.ensemble.config, self.ensemble.store.root
             shutil.rmtree(root)
             self.ensemble = SeeEnsemble(root, config)
             stored = []
         if stored[: len(seen)] != seen[: len(stored)]:
-            raise StoreError(f"{self.ensemble.store.root} holds experts {stored}, learned in another "
-                             f"order than this run's tasks {seen}")
+            raise StoreError(
+                f"{self.ensemble.store.root} holds experts {stored}, learned in another "
+                f"order than this run's tasks {seen}"
+            )
         self.ensemble.visible = len(seen)  # later experts of a resumed run stay out of this stage
         if task.name in stored:
             record = next(e for e in self.ensemble.store.experts() if e["name"] == task.name)
             return {**record["metrics"], "cached": True}
         record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
-        return {**record["metrics"], "cached": record["from_cache"],
-                "negatives": sum(record["n_negatives"].values())}
+        return {**record["metrics"], "cached": record["from_cache"], "negatives": sum(record["n_negatives"].values())}
 
     def answer(self, queries, budgets) -> list[Answer]:
         return self.ensemble.ask(list(queries), list(budgets))
@@ -72,8 +76,7 @@ class SeeMethod:
 
     def trainable_parameters(self) -> int:
         routed = set(self.ensemble.experts())
-        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts()
-                   if e["name"] in routed)
+        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts() if e["name"] in routed)
 
     def close(self) -> None:
         self.ensemble = None

@@ -86,8 +86,11 @@ class SparseDeltaLinear(nn.Module):
         self._merged = None
 
     def weight(self) -> torch.Tensor:
-        w = (self.base.weight + torch.where(self.unique_mask, self.unique, 0.0)
-             + torch.where(self.shared_mask, self.shared, 0.0))
+        w = (
+            self.base.weight
+            + torch.where(self.unique_mask, self.unique, 0.0)
+            + torch.where(self.shared_mask, self.shared, 0.0)
+        )
         return w if self.probe is None else w + self.probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +138,9 @@ class Gate:
     def sample(self, task: int, n: int, gen: torch.Generator) -> torch.Tensor:
         return self.means[task] + self.stds[task] * torch.randn(n, self.means[task].numel(), generator=gen)
 
-    def fit(self, features: torch.Tensor, stage: int, *, seed: int, steps: int, lr: float, kl_weight: float,
-            n_pseudo: int) -> dict:
+    def fit(
+        self, features: torch.Tensor, stage: int, *, seed: int, steps: int, lr: float, kl_weight: float, n_pseudo: int
+    ) -> dict:
         """Add task `stage` from its real features; old tasks come from pseudo-features only."""
         if self.center is None:
             self.center = features.mean(0)
@@ -165,18 +169,31 @@ class Gate:
                     optimizer.step()
             loss_value = float(loss.detach())
         self.weight, self.bias = weight.detach(), bias.detach()
-        self.pseudo = torch.cat([self.sample(j, n_pseudo, generator("seta-store", seed, stage, j))
-                                 for j in range(stage + 1)])
+        self.pseudo = torch.cat(
+            [self.sample(j, n_pseudo, generator("seta-store", seed, stage, j)) for j in range(stage + 1)]
+        )
         self.outputs = torch.softmax(self.logits(self.pseudo), dim=-1)
         return {"gate_loss": loss_value}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"gate.center": self.center, "gate.scale": self.scale, "gate.weight": self.weight,
-                "gate.bias": self.bias, "gate.means": torch.stack(self.means), "gate.stds": torch.stack(self.stds),
-                "gate.pseudo": self.pseudo, "gate.outputs": self.outputs}
+        return {
+            "gate.center": self.center,
+            "gate.scale": self.scale,
+            "gate.weight": self.weight,
+            "gate.bias": self.bias,
+            "gate.means": torch.stack(self.means),
+            "gate.stds": torch.stack(self.stds),
+            "gate.pseudo": self.pseudo,
+            "gate.outputs": self.outputs,
+        }
 
     def load(self, t: dict[str, torch.Tensor]) -> None:
-        self.center, self.scale, self.weight, self.bias = t["gate.center"], t["gate.scale"], t["gate.weight"], t["gate.bias"]
+        self.center, self.scale, self.weight, self.bias = (
+            t["gate.center"],
+            t["gate.scale"],
+            t["gate.weight"],
+            t["gate.bias"],
+        )
         self.means, self.stds = list(t["gate.means"]), list(t["gate.stds"])
         self.pseudo, self.outputs = t["gate.pseudo"], t["gate.outputs"]
 
@@ -184,9 +201,19 @@ class Gate:
 class SETA(LayerMethod):
     route_reason = "gate"
 
-    def __init__(self, ctx: MethodContext, label: str = "SETA", density: float = 1.0, probe: int = 16,
-                 ewc_lambda: float = 10.0, gate_steps: int = 300, gate_lr: float = 0.05, kl_weight: float = 1.0,
-                 pseudo: int = 32, feature_queries: int = 64):
+    def __init__(
+        self,
+        ctx: MethodContext,
+        label: str = "SETA",
+        density: float = 1.0,
+        probe: int = 16,
+        ewc_lambda: float = 10.0,
+        gate_steps: int = 300,
+        gate_lr: float = 0.05,
+        kl_weight: float = 1.0,
+        pseudo: int = 32,
+        feature_queries: int = 64,
+    ):
         if density <= 0 or probe < 1 or ewc_lambda < 0 or pseudo < 1:
             raise ConfigError("SETA needs density > 0, probe >= 1, ewc_lambda >= 0 and pseudo >= 1")
         super().__init__(ctx, label)
@@ -197,9 +224,16 @@ class SETA(LayerMethod):
         self.gate = Gate()
 
     def settings(self) -> dict:
-        return {"density": self.density, "probe": self.probe, "ewc_lambda": self.ewc_lambda,
-                "gate_steps": self.gate_steps, "gate_lr": self.gate_lr, "kl_weight": self.kl_weight,
-                "pseudo": self.pseudo, "feature_queries": self.feature_queries}
+        return {
+            "density": self.density,
+            "probe": self.probe,
+            "ewc_lambda": self.ewc_lambda,
+            "gate_steps": self.gate_steps,
+            "gate_lr": self.gate_lr,
+            "kl_weight": self.kl_weight,
+            "pseudo": self.pseudo,
+            "feature_queries": self.feature_queries,
+        }
 
     def make_layer(self, linear: nn.Linear) -> SparseDeltaLinear:
         return SparseDeltaLinear(linear)
@@ -244,7 +278,7 @@ class SETA(LayerMethod):
                 loss = loss_fn(**batch) / max(example.supervised, 1)
                 grads = torch.autograd.grad(loss, [self.layers[n].probe for n in names])
                 for n, g in zip(names, grads):
-                    sums[n] += g ** 2 if square else g.abs()
+                    sums[n] += g**2 if square else g.abs()
         finally:
             for layer in self.layers.values():
                 layer.probe = None
@@ -294,11 +328,23 @@ class SETA(LayerMethod):
         for n in fisher:
             self.fisher[n] += torch.where(subspace[n], fisher[n] / norm, 0.0)
         self.activate(None)
-        gate = self.gate.fit(self.task_features(task, self.feature_queries), stage, seed=self.config.train.seed,
-                             steps=self.gate_steps, lr=self.gate_lr, kl_weight=self.kl_weight, n_pseudo=self.pseudo)
+        gate = self.gate.fit(
+            self.task_features(task, self.feature_queries),
+            stage,
+            seed=self.config.train.seed,
+            steps=self.gate_steps,
+            lr=self.gate_lr,
+            kl_weight=self.kl_weight,
+            n_pseudo=self.pseudo,
+        )
         shared = sum(int(l.shared_mask.sum()) for l in self.layers.values())
-        return {**metrics, **gate, "unique_entries": unique_n, "new_shared_entries": shared_new,
-                "shared_entries": shared}
+        return {
+            **metrics,
+            **gate,
+            "unique_entries": unique_n,
+            "new_shared_entries": shared_new,
+            "shared_entries": shared,
+        }
 
     def choose(self, features: torch.Tensor) -> list[int]:
         return self.gate.logits(self.gate.normalize(features)).argmax(1).tolist()
@@ -313,8 +359,14 @@ class SETA(LayerMethod):
         for name, layer in self.layers.items():
             shared_idx = layer.shared_mask.flatten().nonzero().squeeze(1)
             claimed_idx = self.claimed[name].flatten().nonzero().squeeze(1)
-            out.update({f"{name}.shared.idx": shared_idx, f"{name}.shared.val": layer.shared.detach().flatten()[shared_idx],
-                        f"{name}.claimed.idx": claimed_idx, f"{name}.fisher.val": self.fisher[name].flatten()[claimed_idx]})
+            out.update(
+                {
+                    f"{name}.shared.idx": shared_idx,
+                    f"{name}.shared.val": layer.shared.detach().flatten()[shared_idx],
+                    f"{name}.claimed.idx": claimed_idx,
+                    f"{name}.fisher.val": self.fisher[name].flatten()[claimed_idx],
+                }
+            )
             for k, expert in enumerate(self.uniques):
                 out[f"{name}.unique.{k}.idx"], out[f"{name}.unique.{k}.val"] = expert[name]
         return out
@@ -330,6 +382,7 @@ class SETA(LayerMethod):
                 self.claimed[name].view(-1)[t[f"{name}.claimed.idx"]] = True
                 self.fisher[name].view(-1)[t[f"{name}.claimed.idx"]] = t[f"{name}.fisher.val"]
             layer.invalidate()
-        self.uniques = [{n: (t[f"{n}.unique.{k}.idx"], t[f"{n}.unique.{k}.val"]) for n in self.layers}
-                        for k in range(n_tasks)]
+        self.uniques = [
+            {n: (t[f"{n}.unique.{k}.idx"], t[f"{n}.unique.{k}.val"]) for n in self.layers} for k in range(n_tasks)
+        ]
         self.gate.load(tensors)

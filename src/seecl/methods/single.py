@@ -49,9 +49,15 @@ class SingleAdapter:
     def key(self, instances: Sequence[Instance], init: str | None) -> str:
         cfg = self.ctx.config
         examples = [self.formatter.sft_example(i.query, i.response) for i in instances]
-        return cache_key(kind="sft", model=cfg.model.name, system=cfg.model.system_prompt,
-                         indicator=cfg.model.indicator, adapter=to_dict(cfg.adapter),
-                         run=run_fingerprint(examples, cfg.train), init=init)
+        return cache_key(
+            kind="sft",
+            model=cfg.model.name,
+            system=cfg.model.system_prompt,
+            indicator=cfg.model.indicator,
+            adapter=to_dict(cfg.adapter),
+            run=run_fingerprint(examples, cfg.train),
+            init=init,
+        )
 
     def _adapter_name(self, key: str) -> str:
         return f"a{key[:12]}"
@@ -94,8 +100,14 @@ class SingleAdapter:
             only_train(model, name)
         self.model = model
         examples = [self.formatter.sft_example(i.query, i.response) for i in instances]
-        result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
-                       checkpoint_dir=self.ctx.workdir / "checkpoints" / key, desc=desc)
+        result = train(
+            model,
+            examples,
+            cfg.train,
+            self.base.tokenizer.pad_token_id,
+            checkpoint_dir=self.ctx.workdir / "checkpoints" / key,
+            desc=desc,
+        )
         meta = {k: v for k, v in result.to_dict().items() if k != "losses"}
         meta["trainable_parameters"] = trainable_parameters(model, name)
         self.ctx.cache.put(key, lambda d: save_expert(model, name, d), meta)
@@ -107,12 +119,14 @@ class SingleAdapter:
         cfg, fmt = self.ctx.config, self.formatter
         model = self.model if self.model is not None else self.base.model
         if use_adapter or self.model is None:
-            outputs = greedy_generate(model, prompts, budgets, fmt.eos_id, self.base.tokenizer.pad_token_id,
-                                      cfg.generate.batch_size)
+            outputs = greedy_generate(
+                model, prompts, budgets, fmt.eos_id, self.base.tokenizer.pad_token_id, cfg.generate.batch_size
+            )
         else:
             with model.disable_adapter():
-                outputs = greedy_generate(model, prompts, budgets, fmt.eos_id,
-                                          self.base.tokenizer.pad_token_id, cfg.generate.batch_size)
+                outputs = greedy_generate(
+                    model, prompts, budgets, fmt.eos_id, self.base.tokenizer.pad_token_id, cfg.generate.batch_size
+                )
         return [fmt.decode(o) for o in outputs]
 
     def answer(self, queries: Sequence[str], budgets: Sequence[int]) -> list[Answer]:

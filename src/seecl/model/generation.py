@@ -16,17 +16,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> dict[str,
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "position_ids": position_ids.to(device)}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": position_ids.to(device)}
 
 
 def _batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar prompt length (less padding)."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _device(model) -> torch.device:
@@ -34,8 +33,9 @@ def _device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def last_logprobs(model, prompts: Sequence[Sequence[int]], positions: int, pad_id: int,
-                  batch_size: int = 16) -> torch.Tensor:
+def last_logprobs(
+    model, prompts: Sequence[Sequence[int]], positions: int, pad_id: int, batch_size: int = 16
+) -> torch.Tensor:
     """Log-probabilities of the next token at each of the last `positions` prompt positions.
 
     Returns a float tensor [len(prompts), positions, vocab]; only those positions get logits.
@@ -52,9 +52,15 @@ def last_logprobs(model, prompts: Sequence[Sequence[int]], positions: int, pad_i
 
 
 @torch.inference_mode()
-def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
-                    eos_id: int, pad_id: int, batch_size: int = 16,
-                    suppress: Sequence[int] = ()) -> list[list[int]]:
+def greedy_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    eos_id: int,
+    pad_id: int,
+    batch_size: int = 16,
+    suppress: Sequence[int] = (),
+) -> list[list[int]]:
     """Greedy continuation of each prompt, cut after the first end-of-turn token (excluded).
 
     `max_new_tokens` may differ per prompt; prompts are batched by budget and then by length.
@@ -67,8 +73,13 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     results: list[list[int]] = [[] for _ in prompts]
     for budget in sorted(set(budgets)):
         members = [i for i, b in enumerate(budgets) if b == budget]
-        config = GenerationConfig(do_sample=False, max_new_tokens=budget, eos_token_id=eos_id,
-                                  pad_token_id=pad_id, suppress_tokens=list(suppress) or None)
+        config = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=budget,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            suppress_tokens=list(suppress) or None,
+        )
         for batch in _batches([prompts[i] for i in members], batch_size):
             indices = [members[i] for i in batch]
             inputs = left_pad([prompts[i] for i in indices], pad_id, device)

@@ -65,8 +65,13 @@ class Indicators:
         return self.trainable_token_ids
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "pos": self.pos_text, "neg": self.neg_text,
-                "pos_ids": list(self.pos_ids), "neg_ids": list(self.neg_ids)}
+        return {
+            "kind": self.kind,
+            "pos": self.pos_text,
+            "neg": self.neg_text,
+            "pos_ids": list(self.pos_ids),
+            "neg_ids": list(self.neg_ids),
+        }
 
 
 def install_indicators(model, tokenizer, kind: str) -> Indicators:
@@ -91,7 +96,7 @@ def install_indicators(model, tokenizer, kind: str) -> Indicators:
     if kind == "added" and (len(pos_ids) != 1 or len(neg_ids) != 1):
         raise ModelError("added indicator tokens did not tokenize to single ids")
     indicators = Indicators(kind, pos_text, neg_text, pos_ids, neg_ids)
-    indicators.decision_index  # validates that the two differ
+    _ = indicators.decision_index  # validates that the two differ
     return indicators
 
 

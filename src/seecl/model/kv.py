@@ -23,11 +23,9 @@ def cache_keyword() -> str:
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
-
 def returned_cache(output):
     """The KV cache a forward returned, under the field name of the installed transformers."""
     return output.cache if cache_keyword() == "cache" else output.past_key_values
-
 
 
 def kv_cache(layers):
@@ -43,7 +41,6 @@ def kv_cache(layers):
     for layer, (k, v) in zip(cache.layers, layers):
         layer.keys, layer.values = k, v
     return cache
-
 
 
 @functools.cache
@@ -90,7 +87,6 @@ def _buffer_layer():
     return BufferLayer
 
 
-
 def kv_over(buffers, length: int):
     """A transformers cache over these per-layer (key, value) buffers [batch, heads, capacity, dim]
     whose first `length` positions are filled: forwards write their new positions in place.
@@ -102,7 +98,6 @@ def kv_over(buffers, length: int):
     cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in buffers])
     cache.layers = [_buffer_layer()(k, v, length) for k, v in buffers]
     return cache
-
 
 
 def kv_buffer(layers, capacity: int):
@@ -125,7 +120,6 @@ def kv_buffer(layers, capacity: int):
     return kv_over(buffers, length)
 
 
-
 def kv_shape(model) -> tuple[int, int, int]:
     """(layers, key/value heads, head dimension) of a decoder's KV cache, from its config."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -133,4 +127,3 @@ def kv_shape(model) -> tuple[int, int, int]:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, kv_heads, head_dim
-

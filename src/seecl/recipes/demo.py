@@ -27,8 +27,14 @@ def demo_config(overrides: list[str]) -> RunConfig:
     return load_config(overrides=DEMO_OVERRIDES + list(overrides))
 
 
-def run_demo(out: str | Path = "seecl-demo", tasks: tuple[str, ...] = DEMO_TASKS, n_train: int = 48,
-             n_eval: int = 16, overrides: list[str] | None = None, console=None) -> dict:
+def run_demo(
+    out: str | Path = "seecl-demo",
+    tasks: tuple[str, ...] = DEMO_TASKS,
+    n_train: int = 48,
+    n_eval: int = 16,
+    overrides: list[str] | None = None,
+    console=None,
+) -> dict:
     from rich.console import Console
     from rich.table import Table
 
@@ -49,15 +55,18 @@ def run_demo(out: str | Path = "seecl-demo", tasks: tuple[str, ...] = DEMO_TASKS
         task = make_task(name, "train", n_train, seed=cfg.see.seed)
         if name in ensemble.experts():
             if ensemble.store.expert_meta(name)["data_fingerprint"] != task.fingerprint():
-                raise SeeclError(f"{out}/ensemble holds an expert {name!r} trained on other data; "
-                                 "use a fresh --out directory")
+                raise SeeclError(
+                    f"{out}/ensemble holds an expert {name!r} trained on other data; use a fresh --out directory"
+                )
             console.print(f"stage {number}/{len(tasks)}: expert {name!r} already trained, skipping")
             continue
         console.print(f"stage {number}/{len(tasks)}: learning {name!r} ({len(task)} instances)")
         record = ensemble.learn(task)
         negatives = sum(record["n_negatives"].values())
-        console.print(f"  {negatives} negatives from earlier tasks, final loss "
-                      f"{record['metrics']['final_loss']:.3f}, {record['metrics']['seconds']:.0f} s")
+        console.print(
+            f"  {negatives} negatives from earlier tasks, final loss "
+            f"{record['metrics']['final_loss']:.3f}, {record['metrics']['seconds']:.0f} s"
+        )
 
     # 2. Route every eval query (and general questions no expert should claim).
     formatter = ensemble.formatter()
@@ -83,20 +92,29 @@ def run_demo(out: str | Path = "seecl-demo", tasks: tuple[str, ...] = DEMO_TASKS
     rows = []
     for name in tasks:
         idx = [i for i, o in enumerate(owners) if o == name]
-        rows.append({
-            "task": name,
-            "queries": len(idx),
-            "routing_accuracy": routing_accuracy([name] * len(idx), [answers[i].route.answered_by for i in idx]),
-            "rouge_l": mean([rouge_l(answers[i].text, refs[i]) for i in idx]),
-        })
+        rows.append(
+            {
+                "task": name,
+                "queries": len(idx),
+                "routing_accuracy": routing_accuracy([name] * len(idx), [answers[i].route.answered_by for i in idx]),
+                "rouge_l": mean([rouge_l(answers[i].text, refs[i]) for i in idx]),
+            }
+        )
     ood_idx = [i for i, o in enumerate(owners) if o == BASE]
     to_base = sum(answers[i].route.answered_by == BASE for i in ood_idx)
     task_idx = [i for i, o in enumerate(owners) if o != BASE]
     overall = routing_accuracy([owners[i] for i in task_idx], [answers[i].route.answered_by for i in task_idx])
     results = {
-        "model": cfg.model.name, "tasks": list(tasks), "n_train": n_train, "n_eval": n_eval,
-        "per_task": rows, "routing_accuracy": overall, "rouge_l": mean([r["rouge_l"] for r in rows]),
-        "ood_queries": len(ood_idx), "ood_to_base": to_base, "seconds": round(time.perf_counter() - started, 1),
+        "model": cfg.model.name,
+        "tasks": list(tasks),
+        "n_train": n_train,
+        "n_eval": n_eval,
+        "per_task": rows,
+        "routing_accuracy": overall,
+        "rouge_l": mean([r["rouge_l"] for r in rows]),
+        "ood_queries": len(ood_idx),
+        "ood_to_base": to_base,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     with open(out / "answers.jsonl", "w", encoding="utf-8") as handle:
@@ -108,13 +126,13 @@ def run_demo(out: str | Path = "seecl-demo", tasks: tuple[str, ...] = DEMO_TASKS
         table.add_column(column, justify="left" if column == "task" else "right")
     for row in rows:
         table.add_row(row["task"], str(row["queries"]), f"{row['routing_accuracy']:.1%}", f"{row['rouge_l']:.1f}")
-    table.add_row("[bold]all tasks[/bold]", str(len(task_idx)), f"[bold]{overall:.1%}[/bold]",
-                  f"{results['rouge_l']:.1f}")
+    table.add_row(
+        "[bold]all tasks[/bold]", str(len(task_idx)), f"[bold]{overall:.1%}[/bold]", f"{results['rouge_l']:.1f}"
+    )
     (out / "table.md").write_text(markdown_table(results))
     Console().print(table)
     print(f"OOD: {to_base}/{len(ood_idx)} general questions answered by the base model")
-    print(f"outputs: {out}/ (results.json, answers.jsonl, table.md, ensemble/); "
-          f"{results['seconds']:.0f} s")
+    print(f"outputs: {out}/ (results.json, answers.jsonl, table.md, ensemble/); {results['seconds']:.0f} s")
     return results
 
 
@@ -125,5 +143,7 @@ def markdown_table(results: dict) -> str:
     n = sum(r["queries"] for r in results["per_task"])
     lines.append(f"| **all tasks** | {n} | **{results['routing_accuracy']:.1%}** | {results['rouge_l']:.1f} |")
     lines.append("")
-    lines.append(f"OOD: {results['ood_to_base']}/{results['ood_queries']} general questions answered by the base model.")
+    lines.append(
+        f"OOD: {results['ood_to_base']}/{results['ood_queries']} general questions answered by the base model."
+    )
     return "\n".join(lines) + "\n"

@@ -32,15 +32,23 @@ from seecl.publish import write_json_atomic
 
 # kind and target language of the ten SuperNI tasks in ../shared/data/superni
 SUPERNI_TASKS = {
-    "qa": ("generation", "en"), "qg": ("generation", "en"), "sa": ("classification", "en"),
-    "sum": ("generation", "en"), "trans": ("generation", "es"), "dsg": ("generation", "en"),
-    "expl": ("generation", "en"), "para": ("generation", "en"), "pe": ("generation", "en"),
+    "qa": ("generation", "en"),
+    "qg": ("generation", "en"),
+    "sa": ("classification", "en"),
+    "sum": ("generation", "en"),
+    "trans": ("generation", "es"),
+    "dsg": ("generation", "en"),
+    "expl": ("generation", "en"),
+    "para": ("generation", "en"),
+    "pe": ("generation", "en"),
     "pos": ("classification", "en"),
 }
-ORDERS = {1: ["qa", "qg", "sa", "sum", "trans"], 2: ["trans", "sa", "qa", "sum", "qg"],
-          3: ["sum", "qg", "trans", "qa", "sa"]}
-DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(10%)", "SSR",
-                   "SEE(1%)", "SEE(10%)"]
+ORDERS = {
+    1: ["qa", "qg", "sa", "sum", "trans"],
+    2: ["trans", "sa", "qa", "sum", "qg"],
+    3: ["sum", "qg", "trans", "qa", "sa"],
+}
+DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(10%)", "SSR", "SEE(1%)", "SEE(10%)"]
 # Shared by every method in the comparison. The template's default system message would add ~20
 # tokens to every example and query; it carries no task information.
 BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true"]
@@ -105,8 +113,12 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     from seecl.model.base import load_base
 
     out = Path(cfg.out)
-    run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), BENCH_OVERRIDES + [
-        f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.run).items()]))
+    run_config = from_dict(
+        RunConfig,
+        merge_overrides(
+            to_dict(RunConfig()), BENCH_OVERRIDES + [f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.run).items()]
+        ),
+    )
     base = load_base(run_config.model)
     formatter = PromptFormatter(base.tokenizer, None, run_config.model.system_prompt)
     release(base)
@@ -115,31 +127,40 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     cache = AdapterCache(out / "cache", [Path(p) / "cache" for p in cfg.reuse_experts])
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"methods": {}}
-    summary["config"] = {**to_dict(cfg), "run_config": to_dict(run_config),
-                         "ood_split": {"test": f"first {cfg.n_ood} queries of {cfg.ood_file}",
-                                       "general_negatives_pool": general.source}}
+    summary["config"] = {
+        **to_dict(cfg),
+        "run_config": to_dict(run_config),
+        "ood_split": {"test": f"first {cfg.n_ood} queries of {cfg.ood_file}", "general_negatives_pool": general.source},
+    }
     summary["description"] = (
         f"Order {' -> '.join(cfg.order)}; {cfg.n_train} training and {cfg.n_eval} {cfg.eval_split} instances per "
         f"task; {cfg.n_ood} OOD queries ({cfg.ood_file}); base model {run_config.model.name}; "
-        f"ROUGE-L x100 (Unicode tokenizer for trans); routing metrics on 0-1.")
+        f"ROUGE-L x100 (Unicode tokenizer for trans); routing metrics on 0-1."
+    )
     log(f"seecl bench superni: {len(cfg.methods)} methods x {len(tasks)} tasks -> {out}/")
     total = time.perf_counter()
     for label in cfg.methods:
         started = time.perf_counter()
-        ctx = MethodContext(run_config, out / "methods" / method_dirname(label), cache, general,
-                            extra={"general_negatives": cfg.general_negatives})
+        ctx = MethodContext(
+            run_config,
+            out / "methods" / method_dirname(label),
+            cache,
+            general,
+            extra={"general_negatives": cfg.general_negatives},
+        )
         method = build_method(label, ctx)
         log(f"== {label}")
-        result = Protocol(method, tasks, evals, ctx.workdir, ood if method.routed else (),
-                          cfg.full_matrix, log).run()
+        result = Protocol(method, tasks, evals, ctx.workdir, ood if method.routed else (), cfg.full_matrix, log).run()
         method.close()
         release(method)
         summary["methods"][label] = result
         write_json_atomic(summary_path, summary)
         write_report(summary, out)
-        log(f"== {label}: AR {result['AR']:.2f}, BWT {result['BWT'] if result['BWT'] is None else round(result['BWT'], 2)}, "
+        log(
+            f"== {label}: AR {result['AR']:.2f}, BWT {_rounded(result['BWT'])}, "
             f"{(time.perf_counter() - started) / 60:.1f} min this session "
-            f"({sum(result['seconds'].values()) / 60:.1f} min in all)")
+            f"({sum(result['seconds'].values()) / 60:.1f} min in all)"
+        )
     log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
     return summary
 
@@ -158,3 +179,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def method_dirname(label: str) -> str:
     """Directory name of a method label inside `OUT/methods` (e.g. `SEE(10%)-aLoRA` -> `SEE_10__-aLoRA`)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label).strip("_")
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)

@@ -35,8 +35,9 @@ class SeeEnsemble:
     """A SEE ensemble on disk: `learn` appends an expert, `ask` routes queries."""
 
     @classmethod
-    def open(cls, root: str | Path, overrides: list[str] | None = None, path: str | None = None,
-             preset: str | None = None) -> SeeEnsemble:
+    def open(
+        cls, root: str | Path, overrides: list[str] | None = None, path: str | None = None, preset: str | None = None
+    ) -> SeeEnsemble:
         """An ensemble with its stored base-model settings; `overrides` change the rest.
 
         A new directory takes the model settings from the overrides (or the defaults).
@@ -61,12 +62,14 @@ class SeeEnsemble:
         if self.store.exists():
             manifest = self.store.manifest()
             wanted = self.config.model
-            if config is not None and (manifest["model"]["name"] != wanted.name
-                                       or manifest["indicators"]["kind"] != wanted.indicator):
+            if config is not None and (
+                manifest["model"]["name"] != wanted.name or manifest["indicators"]["kind"] != wanted.indicator
+            ):
                 raise StoreError(
                     f"{self.store.root} was built on {manifest['model']['name']!r} with "
                     f"{manifest['indicators']['kind']!r} indicators; got model.name={wanted.name!r}, "
-                    f"model.indicator={wanted.indicator!r}")
+                    f"model.indicator={wanted.indicator!r}"
+                )
             stored = dict(manifest["model"], device=wanted.device, dtype=wanted.dtype)
             self.config.model = type(wanted)(**stored)
 
@@ -74,14 +77,22 @@ class SeeEnsemble:
     def base(self) -> Base:
         if self._base is None:
             self._base = load_base(self.config.model)
-            self.store.create(to_dict(self.config.model), self._base.indicators.to_dict(),
-                              len(self._base.tokenizer), self._base.tokenizer)
+            self.store.create(
+                to_dict(self.config.model),
+                self._base.indicators.to_dict(),
+                len(self._base.tokenizer),
+                self._base.tokenizer,
+            )
             self.store.clean_staging()
         return self._base
 
     def formatter(self, max_length: int | None = None) -> PromptFormatter:
-        return PromptFormatter(self.base.tokenizer, self.base.indicators, self.config.model.system_prompt,
-                               max_length or self.config.train.max_length)
+        return PromptFormatter(
+            self.base.tokenizer,
+            self.base.indicators,
+            self.config.model.system_prompt,
+            max_length or self.config.train.max_length,
+        )
 
     @property
     def model(self):
@@ -99,8 +110,9 @@ class SeeEnsemble:
         names = self.store.expert_names() if self.store.exists() else []
         return names if self.visible is None else names[: self.visible]
 
-    def learn(self, task: Task, name: str | None = None, general: Task | None = None,
-              cache: AdapterCache | None = None) -> dict:
+    def learn(
+        self, task: Task, name: str | None = None, general: Task | None = None, cache: AdapterCache | None = None
+    ) -> dict:
         """Train and publish the expert for `task`; returns its manifest record.
 
         With a cache, an expert trained before on exactly the same reconstruction and settings
@@ -108,18 +120,30 @@ class SeeEnsemble:
         """
         cfg = self.config
         name = name or task.name
-        self.base  # creates the ensemble directory on first use
+        _ = self.base  # creates the ensemble directory on first use
         if name in self.store.expert_names():
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
-        rec = reconstruct(task, memories, cfg.see.tau, cfg.see.seed,
-                          general.instances if general else (), cfg.see.general_negatives,
-                          cfg.see.negatives == "pseudo", general.name if general else "general")
+        rec = reconstruct(
+            task,
+            memories,
+            cfg.see.tau,
+            cfg.see.seed,
+            general.instances if general else (),
+            cfg.see.general_negatives,
+            cfg.see.negatives == "pseudo",
+            general.name if general else "general",
+        )
         examples = rec.examples(formatter)
-        key = cache_key(kind="see-expert", model=cfg.model.name, system=cfg.model.system_prompt,
-                        indicators=self.base.indicators.to_dict(), adapter=to_dict(cfg.adapter),
-                        run=run_fingerprint(examples, cfg.train))
+        key = cache_key(
+            kind="see-expert",
+            model=cfg.model.name,
+            system=cfg.model.system_prompt,
+            indicators=self.base.indicators.to_dict(),
+            adapter=to_dict(cfg.adapter),
+            run=run_fingerprint(examples, cfg.train),
+        )
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             trained = cache.meta(key)
@@ -133,8 +157,14 @@ class SeeEnsemble:
             model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
-            result = train(model, examples, cfg.train, self.base.tokenizer.pad_token_id,
-                           checkpoint_dir=self.store.root / ".work" / name, desc=f"expert {name}")
+            result = train(
+                model,
+                examples,
+                cfg.train,
+                self.base.tokenizer.pad_token_id,
+                checkpoint_dir=self.store.root / ".work" / name,
+                desc=f"expert {name}",
+            )
             metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
             losses, parameters = result.losses, trainable_parameters(model, name)
 
@@ -146,10 +176,17 @@ class SeeEnsemble:
             self._loaded.append(name)
         memory = build_memory(task, cfg.see.memory_tau, cfg.see.seed)
         counts = {source: len(ids) for source, ids in rec.negative_ids().items()}
-        record = {"n_positives": len(rec.positives), "n_negatives": counts, "tau": cfg.see.tau,
-                  "data_fingerprint": task.fingerprint(), "adapter_kind": cfg.adapter.kind,
-                  "trainable_parameters": parameters, "metrics": metrics, "config": to_dict(cfg),
-                  "from_cache": cached is not None}
+        record = {
+            "n_positives": len(rec.positives),
+            "n_negatives": counts,
+            "tau": cfg.see.tau,
+            "data_fingerprint": task.fingerprint(),
+            "adapter_kind": cfg.adapter.kind,
+            "trainable_parameters": parameters,
+            "metrics": metrics,
+            "config": to_dict(cfg),
+            "from_cache": cached is not None,
+        }
         meta = {**record, "negative_ids": rec.negative_ids(), "losses": losses, "data_source": task.source}
 
         def write(directory: Path) -> None:
@@ -179,8 +216,12 @@ class SeeEnsemble:
         missing = [name for name in self.experts() if name not in thresholds]
         for name in missing:
             queries = [item.query for item in self.store.memory(name).items]
-            checks = [route.checks[0] for route in RoutingEngine(
-                self.model, self.formatter(), [name], None, self.config.generate.batch_size, 0).route(queries)]
+            checks = [
+                route.checks[0]
+                for route in RoutingEngine(
+                    self.model, self.formatter(), [name], None, self.config.generate.batch_size, 0
+                ).route(queries)
+            ]
             thresholds[name] = calibrate_threshold(checks, see.calibration_quantile, see.calibration_margin)
         if missing:
             write_json_atomic(path, {**saved, setting: thresholds})
@@ -188,17 +229,25 @@ class SeeEnsemble:
 
     def router(self, threshold: Thresholds = None) -> SequentialRouter:
         threshold = self.thresholds() if threshold is None else threshold
-        return SequentialRouter(self.model, self.formatter(), self.experts(), threshold,
-                                self.config.generate.batch_size)
+        return SequentialRouter(
+            self.model, self.formatter(), self.experts(), threshold, self.config.generate.batch_size
+        )
 
     def engine(self) -> RoutingEngine:
         """The fast engine over the current experts (kept while they do not change: its prefix cache)."""
         gen = self.config.generate
         experts = self.experts()
         if self._engine is None or self._engine.experts != experts:
-            self._engine = RoutingEngine(self.model, self.formatter(), experts, self.thresholds(),
-                                         gen.batch_size, gen.prefix_cache_tokens, gen.prefix_block,
-                                         gen.prefill_tokens)
+            self._engine = RoutingEngine(
+                self.model,
+                self.formatter(),
+                experts,
+                self.thresholds(),
+                gen.batch_size,
+                gen.prefix_cache_tokens,
+                gen.prefix_block,
+                gen.prefill_tokens,
+            )
         return self._engine
 
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
@@ -210,7 +259,6 @@ class SeeEnsemble:
         if self.config.generate.engine == "fast":
             return self.engine().route(list(queries))
         return self.router().route(list(queries))[1]
-
 
 
 def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float) -> float:
@@ -226,4 +274,3 @@ def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float)
     position = min(len(odds) - 1, int(quantile * len(odds)))
     threshold = 1.0 / (1.0 + math.exp(-(odds[position] - margin)))
     return min(0.999, max(0.5, threshold))
-

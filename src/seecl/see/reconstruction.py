@@ -23,11 +23,9 @@ def negatives_count(tau: float, total: int) -> int:
     return int(math.floor(tau * total + 0.5 + 1e-9))
 
 
-
 def memory_size(memory_tau: float, total: int) -> int:
     """Queries kept per task: enough for negatives_count(tau) for every tau <= memory_tau."""
     return min(total, max(negatives_count(memory_tau, total), math.ceil(round(memory_tau * total, 6))))
-
 
 
 def build_memory(task: Task, memory_tau: float, seed: int) -> QueryMemory:
@@ -35,7 +33,6 @@ def build_memory(task: Task, memory_tau: float, seed: int) -> QueryMemory:
     rng = random.Random(f"memory:{seed}:{task.name}")
     chosen = rng.sample(list(task.instances), memory_size(memory_tau, len(task)))
     return QueryMemory(task.name, len(task), tuple(MemoryItem(i.id, i.query) for i in chosen))
-
 
 
 @dataclass
@@ -52,9 +49,9 @@ class Reconstruction:
         return out
 
     def examples(self, formatter: PromptFormatter) -> list[Example]:
-        return ([formatter.see_example(i.query, i.response) for i in self.positives]
-                + [formatter.see_example(item.query, None) for _, item in self.negatives])
-
+        return [formatter.see_example(i.query, i.response) for i in self.positives] + [
+            formatter.see_example(item.query, None) for _, item in self.negatives
+        ]
 
 
 def _sample(items: Sequence[MemoryItem], k: int, key: str) -> list[MemoryItem]:
@@ -64,10 +61,16 @@ def _sample(items: Sequence[MemoryItem], k: int, key: str) -> list[MemoryItem]:
     return order[:k]
 
 
-
-def reconstruct(task: Task, memories: Sequence[QueryMemory], tau: float, seed: int = 0,
-                general: Sequence[Instance] = (), n_general: int = 0, pseudo: bool = False,
-                general_name: str = "general") -> Reconstruction:
+def reconstruct(
+    task: Task,
+    memories: Sequence[QueryMemory],
+    tau: float,
+    seed: int = 0,
+    general: Sequence[Instance] = (),
+    n_general: int = 0,
+    pseudo: bool = False,
+    general_name: str = "general",
+) -> Reconstruction:
     """Build D̂_i for `task` given the query memories of the earlier tasks (oldest first).
 
     Each earlier task j contributes exactly negatives_count(tau, |D_j|) queries. With `pseudo`,
@@ -79,8 +82,10 @@ def reconstruct(task: Task, memories: Sequence[QueryMemory], tau: float, seed: i
     for memory in memories:
         k = negatives_count(tau, memory.total)
         if k > len(memory.items):
-            raise StoreError(f"tau={tau} needs {k} queries of task {memory.task!r} but its memory keeps "
-                             f"{len(memory.items)}; lower tau or rebuild with a larger see.memory_tau")
+            raise StoreError(
+                f"tau={tau} needs {k} queries of task {memory.task!r} but its memory keeps "
+                f"{len(memory.items)}; lower tau or rebuild with a larger see.memory_tau"
+            )
         wanted += k
         if not pseudo:
             for item in _sample(memory.items, k, f"neg:{seed}:{task.name}:{memory.task}"):
@@ -93,4 +98,3 @@ def reconstruct(task: Task, memories: Sequence[QueryMemory], tau: float, seed: i
         for item in _sample(pool, extra, f"general:{seed}:{task.name}"):
             result.negatives.append((general_name, item))
     return result
-

@@ -128,8 +128,7 @@ class EnsembleStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def create(self, model: dict[str, Any], indicators: dict[str, Any], vocab_size: int,
-               tokenizer: Any) -> None:
+    def create(self, model: dict[str, Any], indicators: dict[str, Any], vocab_size: int, tokenizer: Any) -> None:
         """Start an empty ensemble for a base model (no-op check if it already exists)."""
         with self._lock():
             if self.exists():
@@ -137,20 +136,34 @@ class EnsembleStore:
                 if current["model"]["name"] != model["name"] or current["indicators"] != indicators:
                     raise StoreError(
                         f"{self.root} already holds an ensemble for model {current['model']['name']!r} "
-                        f"with indicators {current['indicators']['kind']!r}")
+                        f"with indicators {current['indicators']['kind']!r}"
+                    )
                 return
             staging = self.root / f".tokenizer-{uuid.uuid4().hex}"
             tokenizer.save_pretrained(staging)
             shutil.rmtree(self.tokenizer_dir(), ignore_errors=True)
             os.replace(staging, self.tokenizer_dir())
             (self.root / "experts").mkdir(exist_ok=True)
-            write_json_atomic(self.manifest_path, {
-                "format": FORMAT, "created": now(), "model": model, "indicators": indicators,
-                "vocab_size": vocab_size, "experts": [],
-            })
+            write_json_atomic(
+                self.manifest_path,
+                {
+                    "format": FORMAT,
+                    "created": now(),
+                    "model": model,
+                    "indicators": indicators,
+                    "vocab_size": vocab_size,
+                    "experts": [],
+                },
+            )
 
-    def commit_expert(self, name: str, write: Callable[[Path], None], meta: dict[str, Any],
-                      memory: QueryMemory, record: dict[str, Any]) -> Path:
+    def commit_expert(
+        self,
+        name: str,
+        write: Callable[[Path], None],
+        meta: dict[str, Any],
+        memory: QueryMemory,
+        record: dict[str, Any],
+    ) -> Path:
         """Write an expert through `write(staging_dir)` and publish it atomically.
 
         `write` must put the PEFT adapter files into the directory it is given. `meta` goes to
@@ -160,8 +173,9 @@ class EnsembleStore:
         with self._lock():
             manifest = self.manifest()
             if name in [e["name"] for e in manifest["experts"]]:
-                raise StoreError(f"expert {name!r} already exists in {self.root}; experts are never "
-                                 "overwritten (use another --name)")
+                raise StoreError(
+                    f"expert {name!r} already exists in {self.root}; experts are never overwritten (use another --name)"
+                )
             final = self.expert_dir(name)
             staging = final.with_name(f".staging-{name}-{uuid.uuid4().hex}")
             staging.mkdir(parents=True)
@@ -173,17 +187,24 @@ class EnsembleStore:
                 with open(staging / "memory.jsonl", "w", encoding="utf-8") as handle:
                     for item in memory.items:
                         handle.write(json.dumps({"id": item.id, "query": item.query}, ensure_ascii=False) + "\n")
-                write_json_atomic(staging / "expert.json", {**meta, "name": name, "task": memory.task,
-                                                             "memory": {"total": memory.total,
-                                                                        "size": len(memory.items)}})
+                write_json_atomic(
+                    staging / "expert.json",
+                    {
+                        **meta,
+                        "name": name,
+                        "task": memory.task,
+                        "memory": {"total": memory.total, "size": len(memory.items)},
+                    },
+                )
                 if final.exists():  # an orphan of a crash between rename and manifest update
                     shutil.rmtree(final)
                 os.replace(staging, final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            manifest["experts"].append({**record, "name": name, "task": memory.task,
-                                        "created": now(), "dir": f"experts/{name}"})
+            manifest["experts"].append(
+                {**record, "name": name, "task": memory.task, "created": now(), "dir": f"experts/{name}"}
+            )
             write_json_atomic(self.manifest_path, manifest)
         return final
 

@@ -48,8 +48,7 @@ class Rows:
             layer.rewind(self.length)
         return self
 
-    def view(self, first: int, stop: int, column: int, length: int, mask: torch.Tensor,
-             next_pos: torch.Tensor) -> Rows:
+    def view(self, first: int, stop: int, column: int, length: int, mask: torch.Tensor, next_pos: torch.Tensor) -> Rows:
         """Rows `first:stop` from position `column` on, as a state of their own whose forwards
         write into this state's buffers, with its first `length` positions counted as filled."""
         buffers = [(k[first:stop, :, column:], v[first:stop, :, column:]) for k, v in self.buffers()]
@@ -74,8 +73,11 @@ class Rows:
         """Zero positions `start:stop` of `rows` in every buffer (columns a mask leaves out)."""
         if stop <= start:
             return
-        index = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long,
-                                                                           device=self.mask.device)
+        index = (
+            rows
+            if isinstance(rows, torch.Tensor)
+            else torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        )
         for k, v in self.buffers():
             k[:, :, start:stop].index_fill_(0, index, 0)
             v[:, :, start:stop].index_fill_(0, index, 0)
@@ -85,10 +87,15 @@ def allocate(like: torch.Tensor, shape: tuple[int, int, int], rows: int, positio
     """An empty state of `rows` rows with room for `positions` positions, for a model whose KV
     `shape` is (layers, key/value heads, head dimension); dtype and device of `like`."""
     layers, heads, dim = shape
-    buffers = [(like.new_empty((rows, heads, positions, dim)), like.new_empty((rows, heads, positions, dim)))
-               for _ in range(layers)]
-    return Rows(kv_over(buffers, 0), torch.zeros((rows, 0), dtype=torch.long, device=like.device),
-                torch.zeros(rows, dtype=torch.long, device=like.device))
+    buffers = [
+        (like.new_empty((rows, heads, positions, dim)), like.new_empty((rows, heads, positions, dim)))
+        for _ in range(layers)
+    ]
+    return Rows(
+        kv_over(buffers, 0),
+        torch.zeros((rows, 0), dtype=torch.long, device=like.device),
+        torch.zeros(rows, dtype=torch.long, device=like.device),
+    )
 
 
 def _ranges(rows: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -109,8 +116,13 @@ def gather(parts: Sequence[tuple[Rows, Sequence[int]]], room: int) -> Rows:
     total = sum(len(rows) for _, rows in parts)
     first = parts[0][0]
     device = first.mask.device
-    buffers = [(k.new_empty((total, *k.shape[1:2], width + room, k.shape[3])),
-                v.new_empty((total, *v.shape[1:2], width + room, v.shape[3]))) for k, v in first.buffers()]
+    buffers = [
+        (
+            k.new_empty((total, *k.shape[1:2], width + room, k.shape[3])),
+            v.new_empty((total, *v.shape[1:2], width + room, v.shape[3])),
+        )
+        for k, v in first.buffers()
+    ]
     mask = torch.zeros((total, width), dtype=first.mask.dtype, device=device)
     next_pos = torch.empty(total, dtype=first.next_pos.dtype, device=device)
     at = 0

@@ -58,9 +58,17 @@ from seecl.serving.routing import (
 class RoutingEngine:
     """Batched SEE routing and generation over a PEFT model holding one adapter per expert."""
 
-    def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
-                 threshold: Thresholds = None, batch_size: int = 16, prefix_cache_tokens: int = 4096,
-                 prefix_block: int = 8, prefill_tokens: int = 512):
+    def __init__(
+        self,
+        model,
+        formatter: PromptFormatter,
+        experts: Sequence[str],
+        threshold: Thresholds = None,
+        batch_size: int = 16,
+        prefix_cache_tokens: int = 4096,
+        prefix_block: int = 8,
+        prefill_tokens: int = 512,
+    ):
         self.model, self.formatter = model, formatter
         self.indicators = formatter.indicators
         self.experts = list(experts)
@@ -74,8 +82,9 @@ class RoutingEngine:
         self._kv_like = model.get_input_embeddings().weight  # dtype and device of the KV buffers
         # aLoRA experts act only from their invocation tokens (the assistant-turn header) on
         configs = getattr(model, "peft_config", {})
-        self.alora = {name: list(getattr(configs[name], "alora_invocation_tokens", None) or [])
-                      for name in self.experts}
+        self.alora = {
+            name: list(getattr(configs[name], "alora_invocation_tokens", None) or []) for name in self.experts
+        }
         invocations = {tuple(v) for v in self.alora.values()}
         # Shared-body routing needs every expert to be aLoRA with one invocation sequence.
         self.invocation = list(next(iter(invocations))) if len(invocations) == 1 and () not in invocations else None
@@ -98,8 +107,9 @@ class RoutingEngine:
             yield
 
     # -- forward passes -----------------------------------------------------------------------------
-    def _extend(self, state: Rows | None, chunks: Sequence[Sequence[int]], keep: int,
-                tail: int | Sequence[int] | None = None) -> tuple[Rows, torch.Tensor]:
+    def _extend(
+        self, state: Rows | None, chunks: Sequence[Sequence[int]], keep: int, tail: int | Sequence[int] | None = None
+    ) -> tuple[Rows, torch.Tensor]:
         """Feed one chunk of new tokens per row (left-padded among themselves) on top of `state`.
 
         Returns the new state and log-probs [rows, keep, vocab] at the last `keep` positions. For an
@@ -112,24 +122,35 @@ class RoutingEngine:
         ids = torch.full((len(chunks), width), self.pad_id, dtype=torch.long)
         new_mask = torch.zeros((len(chunks), width), dtype=torch.long)
         for row, chunk in enumerate(chunks):
-            ids[row, width - len(chunk):] = torch.tensor(list(chunk), dtype=torch.long)
-            new_mask[row, width - len(chunk):] = 1
+            ids[row, width - len(chunk) :] = torch.tensor(list(chunk), dtype=torch.long)
+            new_mask[row, width - len(chunk) :] = 1
         ids, new_mask = ids.to(self.device), new_mask.to(self.device)
         if state is None:
-            state = Rows(DynamicCache(), new_mask[:, :0], torch.zeros(len(chunks), dtype=torch.long,
-                                                                      device=self.device))
+            state = Rows(
+                DynamicCache(), new_mask[:, :0], torch.zeros(len(chunks), dtype=torch.long, device=self.device)
+            )
         positions = state.next_pos[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
         mask = torch.cat([state.mask, new_mask], dim=1)
-        offsets = [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
+        offsets = (
+            [width] * len(chunks) if tail is None else [tail] * len(chunks) if isinstance(tail, int) else list(tail)
+        )
         kwargs = {"alora_offsets": offsets} if self._active_alora else {}
         with grouped_kv_heads(self.device):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=keep, **{cache_keyword(): state.cache}, **kwargs)
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=keep,
+                **{cache_keyword(): state.cache},
+                **kwargs,
+            )
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         return Rows(returned_cache(out), mask, state.next_pos + new_mask.sum(-1)), logprobs
 
-    def _head(self, owner: str, prompts: Sequence[Sequence[int]], keep: int, tail: int | None
-              ) -> tuple[int, list | None, int]:
+    def _head(
+        self, owner: str, prompts: Sequence[Sequence[int]], keep: int, tail: int | None
+    ) -> tuple[int, list | None, int]:
         """The cached head of prompts prefilled together: (its length, per-layer KV or None, and
         how much of the prompt to store once its own pass has computed it, or 0).
 
@@ -146,16 +167,23 @@ class RoutingEngine:
             return length, layers, 0
         if len(prompts) == 1:
             return length, layers, aligned
-        head = None if layers is None else Rows(kv_cache(layers), torch.ones((1, length), dtype=torch.long,
-                                                                               device=self.device),
-                                                torch.full((1,), length, dtype=torch.long, device=self.device))
+        head = (
+            None
+            if layers is None
+            else Rows(
+                kv_cache(layers),
+                torch.ones((1, length), dtype=torch.long, device=self.device),
+                torch.full((1,), length, dtype=torch.long, device=self.device),
+            )
+        )
         head, _ = self._extend(head, [prompts[0][length:aligned]], 1, 0)
         layers = [(layer.keys, layer.values) for layer in head.cache.layers]
         self.prefix_cache.store(owner, prompts[0][:aligned], layers)
         return aligned, layers, 0
 
-    def _prefill(self, owner: str, prompts: Sequence[Sequence[int]], keep: int,
-                 tail: int | None = None, room: int = 0) -> tuple[Rows, torch.Tensor]:
+    def _prefill(
+        self, owner: str, prompts: Sequence[Sequence[int]], keep: int, tail: int | None = None, room: int = 0
+    ) -> tuple[Rows, torch.Tensor]:
         """Fresh prefill of `prompts` by `owner` (already active): returns the rows' state, with
         `room` free positions for what will follow, and log-probs at the last `keep` positions.
 
@@ -163,8 +191,11 @@ class RoutingEngine:
         from their own cached head; each run is fed in chunks of at most `prefill_tokens`, every
         chunk writing into its rows of the batch's buffers (left-padded to the longest row).
         """
-        runs = (shared_runs(prompts, self.prefix_cache.block) if self.prefix_cache.max_tokens and len(prompts) > 1
-                else [list(range(len(prompts)))])
+        runs = (
+            shared_runs(prompts, self.prefix_cache.block)
+            if self.prefix_cache.max_tokens and len(prompts) > 1
+            else [list(range(len(prompts)))]
+        )
         heads = [self._head(owner, [prompts[r] for r in run], keep, tail) for run in runs]
         total = max(len(p) for p in prompts)
         state = allocate(self._kv_like, self.kv_shape, len(prompts), total + room)
@@ -184,23 +215,37 @@ class RoutingEngine:
                     v[first:stop, :, :at] = 0
                 if layers is not None:
                     for (k, v), (head_k, head_v) in zip(buffers, layers):
-                        k[first:stop, :, at: at + length] = head_k
-                        v[first:stop, :, at: at + length] = head_v
-                    mask[first:stop, at: at + length] = 1
-                rows = state.view(first, stop, at, length, mask[first:stop, at: at + length],
-                                  torch.full((stop - first,), length, dtype=torch.long, device=self.device))
+                        k[first:stop, :, at : at + length] = head_k
+                        v[first:stop, :, at : at + length] = head_v
+                    mask[first:stop, at : at + length] = 1
+                rows = state.view(
+                    first,
+                    stop,
+                    at,
+                    length,
+                    mask[first:stop, at : at + length],
+                    torch.full((stop - first,), length, dtype=torch.long, device=self.device),
+                )
                 rows, chunk_logprobs = self._extend(rows, [prompts[r][length:] for r in range(first, stop)], keep, tail)
                 mask[first:stop, at:], next_pos[first:stop] = rows.mask, rows.next_pos
                 logprobs.append(chunk_logprobs)
                 if store:  # a run of one prompt, unpadded: its first `store` positions are the head
-                    self.prefix_cache.store(owner, prompts[first][:store],
-                                            [(k[first:stop, :, at: at + store], v[first:stop, :, at: at + store])
-                                             for k, v in buffers])
+                    self.prefix_cache.store(
+                        owner,
+                        prompts[first][:store],
+                        [(k[first:stop, :, at : at + store], v[first:stop, :, at : at + store]) for k, v in buffers],
+                    )
         return Rows(kv_over(buffers, total), mask, next_pos), torch.cat(logprobs)
 
     @torch.inference_mode()
-    def _decode(self, state: Rows, first: Sequence[Sequence[int]], budgets: Sequence[int],
-                ignore_eos: bool = False, owners: list[str] | None = None) -> list[list[int]]:
+    def _decode(
+        self,
+        state: Rows,
+        first: Sequence[Sequence[int]],
+        budgets: Sequence[int],
+        ignore_eos: bool = False,
+        owners: list[str] | None = None,
+    ) -> list[list[int]]:
         """Greedy continuation: feed `first` tokens per row, then generate up to each row's budget
         (exactly that many tokens with `ignore_eos`), in the state's own buffers. `owners` (the
         rows' owners under `_use_rows`) is kept in step with the rows as they finish."""
@@ -230,8 +275,9 @@ class RoutingEngine:
             state, logprobs = self._extend(state, [[t] for t in tokens], 1)
         return results
 
-    def _answer(self, owners: list[str], queries: list[int], state: Rows, first: list[list[int]],
-                budgets, texts) -> None:
+    def _answer(
+        self, owners: list[str], queries: list[int], state: Rows, first: list[list[int]], budgets, texts
+    ) -> None:
         """Greedy answers of one batch's routed queries, decoded together whichever owner each has.
 
         One decode of all of them streams the weights once per step, where a decode per expert
@@ -248,15 +294,20 @@ class RoutingEngine:
         """LoRA experts: every check is a prefill of the open prompts by that expert. The claimed
         rows keep their check's KV; the batch's answers are then decoded together."""
         prefix = list(self.indicators.shared_prefix)
-        continuation = list(self.indicators.pos_ids[len(prefix):])
+        continuation = list(self.indicators.pos_ids[len(prefix) :])
         budget = max(budgets[i] for i in chunk)
         groups: list[tuple[str, list[int], Rows, list[list[int]]]] = []  # owner, queries, state, first tokens
 
         def check(expert: str, idx: list[int]) -> list[Check]:
             batch = [chunk[i] for i in idx]
             with self._use(expert):
-                state, logprobs = self._prefill(expert, [prompts[i] + prefix for i in batch], len(prefix) + 1,
-                                                len(self.alora[expert]) + len(prefix), len(continuation) + budget)
+                state, logprobs = self._prefill(
+                    expert,
+                    [prompts[i] + prefix for i in batch],
+                    len(prefix) + 1,
+                    len(self.alora[expert]) + len(prefix),
+                    len(continuation) + budget,
+                )
             checks = self._verdicts(expert, logprobs)
             claimed = [row for row, c in enumerate(checks) if c.verdict == "pos" and budgets[batch[row]] > 0]
             if claimed:
@@ -271,8 +322,11 @@ class RoutingEngine:
             groups.append((BASE, unclaimed, state, [list(prompts[i][-1:]) for i in unclaimed]))
         if groups:
             room = max(len(f) for *_, firsts in groups for f in firsts) + budget
-            state = (groups[0][2].take(range(len(groups[0][1])), room) if len(groups) == 1
-                     else gather([(s, range(len(q))) for _, q, s, _ in groups], room))
+            state = (
+                groups[0][2].take(range(len(groups[0][1])), room)
+                if len(groups) == 1
+                else gather([(s, range(len(q))) for _, q, s, _ in groups], room)
+            )
             owners = [owner for owner, queries, _, _ in groups for _ in queries]
             queries = [index for _, batch, _, _ in groups for index in batch]
             first = [tokens for *_, firsts in groups for tokens in firsts]
@@ -292,15 +346,22 @@ class RoutingEngine:
             if len(prompts[i]) <= n or list(prompts[i][-n:]) != self.invocation:
                 raise ValueError("aLoRA routing needs every prompt to end with the invocation tokens")
         prefix = list(self.indicators.shared_prefix)
-        continuation = list(self.indicators.pos_ids[len(prefix):])
+        continuation = list(self.indicators.pos_ids[len(prefix) :])
         tail = n + len(prefix)
         budget = max(budgets[i] for i in chunk)
         # The newest expert's check is the bodies' own pass: an aLoRA adapter leaves every position
         # before its invocation to the base, so the bodies' KV is the base's.
         newest = self.experts[-1]
         with self._use(newest):
-            first_check = list(self._prefill(newest, [prompts[i] + prefix for i in chunk], len(prefix) + 1, tail,
-                                             room=max(n, len(continuation)) + budget))
+            first_check = list(
+                self._prefill(
+                    newest,
+                    [prompts[i] + prefix for i in chunk],
+                    len(prefix) + 1,
+                    tail,
+                    room=max(n, len(continuation)) + budget,
+                )
+            )
         body = first_check[0].length - tail
         bodies = Rows(first_check[0].cache, first_check[0].mask[:, :body], first_check[0].next_pos - tail)
         claims = []  # (rows of the chunk, per-layer KV of their check's tail)
@@ -317,9 +378,18 @@ class RoutingEngine:
             claimed = [row for row, c in enumerate(checks) if c.verdict == "pos"]
             if claimed:
                 index = torch.tensor(claimed, device=self.device)
-                claims.append(([idx[r] for r in claimed],
-                               [(layer.keys[:, :, body:].index_select(0, index),
-                                 layer.values[:, :, body:].index_select(0, index)) for layer in state.cache.layers]))
+                claims.append(
+                    (
+                        [idx[r] for r in claimed],
+                        [
+                            (
+                                layer.keys[:, :, body:].index_select(0, index),
+                                layer.values[:, :, body:].index_select(0, index),
+                            )
+                            for layer in state.cache.layers
+                        ],
+                    )
+                )
             return checks
 
         routes = walk(len(chunk), self.experts[::-1], check)
@@ -332,13 +402,15 @@ class RoutingEngine:
             index = torch.tensor(rows, device=self.device)
             claimed[index] = 1
             for (k, v), (tail_k, tail_v) in zip(bodies.buffers(), layers):
-                k[:, :, body: body + tail].index_copy_(0, index, tail_k)
-                v[:, :, body: body + tail].index_copy_(0, index, tail_v)
+                k[:, :, body : body + tail].index_copy_(0, index, tail_k)
+                v[:, :, body : body + tail].index_copy_(0, index, tail_v)
         unclaimed = (claimed == 0).nonzero().flatten()
         bodies.zero(unclaimed, body, body + tail)
-        state = Rows(kv_over(bodies.buffers(), body + tail),
-                     torch.cat([bodies.mask, claimed[:, None].expand(-1, tail)], dim=1),
-                     bodies.next_pos + tail * claimed)
+        state = Rows(
+            kv_over(bodies.buffers(), body + tail),
+            torch.cat([bodies.mask, claimed[:, None].expand(-1, tail)], dim=1),
+            bodies.next_pos + tail * claimed,
+        )
         state = state.take(answering)
         owners = [routes[row].answered_by for row in answering]
         first = [continuation if owner != BASE else list(self.invocation) for owner in owners]
@@ -358,13 +430,19 @@ class RoutingEngine:
         order = batch_order(prompts, self.prefix_cache.block)
         route = self._route_shared_body if self.invocation else self._route_prompts
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start: start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             for index, chunk_route in zip(chunk, route(chunk, prompts, budgets, texts)):
                 routes[index] = chunk_route
         return texts, routes  # type: ignore[return-value]
 
-    def generate(self, owner: str, queries: Sequence[str], max_new_tokens: int | Sequence[int],
-                 forced: Sequence[int] = (), ignore_eos: bool = False) -> list[str]:
+    def generate(
+        self,
+        owner: str,
+        queries: Sequence[str],
+        max_new_tokens: int | Sequence[int],
+        forced: Sequence[int] = (),
+        ignore_eos: bool = False,
+    ) -> list[str]:
         """Greedy answers of one adapter (or BASE) without routing, after the `forced` tokens.
 
         The single-model baseline: the same batching, prefix cache and decoding as routed queries;
@@ -378,17 +456,17 @@ class RoutingEngine:
         tail = len(self.alora[owner]) + len(forced) - 1 if self.alora.get(owner) else None
         with torch.inference_mode(), self._use(owner):
             for start in range(0, len(order), self.batch_size):
-                batch = order[start: start + self.batch_size]
+                batch = order[start : start + self.batch_size]
                 budget = max(budgets[i] for i in batch)
                 state, _ = self._prefill(owner, [prompts[i][:-1] for i in batch], 1, tail, room=1 + budget)
-                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch],
-                                       ignore_eos)
+                answers = self._decode(state, [prompts[i][-1:] for i in batch], [budgets[i] for i in batch], ignore_eos)
                 for index, tokens in zip(batch, answers):
                     texts[index] = self.formatter.decode(tokens)
         return texts
 
-    def response_nll(self, queries: Sequence[str], responses: Sequence[str], owners: Sequence[str]
-                     ) -> list[tuple[float, int]]:
+    def response_nll(
+        self, queries: Sequence[str], responses: Sequence[str], owners: Sequence[str]
+    ) -> list[tuple[float, int]]:
         """(summed negative log-likelihood, tokens) of each response and its end-of-turn token.
 
         An expert scores (q, `<<pos>>`, r) with the indicator as given context; BASE scores (q, r).
@@ -399,14 +477,14 @@ class RoutingEngine:
             members = [i for i, o in enumerate(owners) if o == owner]
             with torch.inference_mode(), self._use(owner):
                 for start in range(0, len(members), self.batch_size):
-                    batch = members[start: start + self.batch_size]
+                    batch = members[start : start + self.batch_size]
                     prompts = [self.formatter.prompt_ids(queries[i]) + (pos if owner != BASE else []) for i in batch]
                     targets = [self.formatter.text_ids(responses[i]) + [self.eos_id] for i in batch]
                     width = max(len(t) for t in targets)
                     tail = [len(self.alora.get(owner) or []) + len(pos) + len(t) for t in targets]
                     _, logprobs = self._extend(None, [p + t for p, t in zip(prompts, targets)], width + 1, tail)
                     for row, (index, target) in enumerate(zip(batch, targets)):
-                        predicting = logprobs[row, width - len(target): width]  # positions before each target token
+                        predicting = logprobs[row, width - len(target) : width]  # positions before each target token
                         nll = -predicting.gather(1, torch.tensor(target)[:, None].to(predicting.device)).sum()
                         out[index] = (float(nll), len(target))
         return out
@@ -419,4 +497,3 @@ class RoutingEngine:
         budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         texts, routes = self.run(list(queries), budgets)
         return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
-

@@ -55,8 +55,7 @@ def dense_head_input(model) -> None:
 def use_owner(model, owner: str):
     """`owner`'s adapter active (its indicator rows merged), or the bare base for BASE."""
     if owner == BASE:
-        with (model.disable_adapter() if hasattr(model, "disable_adapter")
-              else contextlib.nullcontext()):
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
             yield
         return
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
@@ -66,8 +65,11 @@ def use_owner(model, owner: str):
     # place and the layers marked merged, so their forward uses the plain weight. PEFT's own
     # merge would allocate a new [vocab x hidden] matrix per switch, and allocated inside
     # inference mode it could not take part in a later training step.
-    layers = [m for m in model.modules()
-              if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta and not m.merged]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, TrainableTokensLayer) and owner in m.trainable_tokens_delta and not m.merged
+    ]
     saved = {}
     with torch.no_grad():
         for layer in layers:
@@ -129,8 +131,11 @@ def use_row_owners(model, owners: list[str]):
         return output
 
     token_layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
-    hooks = [m.register_forward_pre_hook(adapter_names, with_kwargs=True)
-             for m in model.modules() if isinstance(m, LoraLayer)]
+    hooks = [
+        m.register_forward_pre_hook(adapter_names, with_kwargs=True)
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+    ]
     hooks += [layer.register_forward_hook(substitute) for layer in token_layers]
     for layer in token_layers:  # marked merged with nothing written: their forward is the base's
         layer.merged_adapters.append(BASE)

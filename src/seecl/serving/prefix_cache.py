@@ -83,8 +83,10 @@ class PrefixCache:
         for head in self._head_keys(old):
             if self.heads.get(head) == old:
                 # another entry may start with the same head: keep it reachable
-                survivor = next((key for key in reversed(self.entries) if key[0] == head[0]
-                                 and key[1][: len(head[1])] == head[1]), None)
+                survivor = next(
+                    (key for key in reversed(self.entries) if key[0] == head[0] and key[1][: len(head[1])] == head[1]),
+                    None,
+                )
                 if survivor is None:
                     del self.heads[head]
                 else:

@@ -28,8 +28,14 @@ from seecl.serving.routing import (
 class SequentialRouter:
     """Reference router over a PEFT model holding one adapter per expert (oldest first)."""
 
-    def __init__(self, model, formatter: PromptFormatter, experts: Sequence[str],
-                 threshold: Thresholds = None, batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        formatter: PromptFormatter,
+        experts: Sequence[str],
+        threshold: Thresholds = None,
+        batch_size: int = 16,
+    ):
         self.model = model
         self.formatter = formatter
         self.indicators: Indicators = formatter.indicators  # type: ignore[assignment]
@@ -41,23 +47,24 @@ class SequentialRouter:
     def _use(self, expert: str | None):
         """Context with `expert`'s adapter active, or the plain base model for None."""
         if expert is None:
-            return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") \
-                else contextlib.nullcontext()
+            return self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
         self.model.set_adapter(expert)
         return contextlib.nullcontext()
 
     def check(self, expert: str, prompts: list[list[int]]) -> list[Check]:
         prefix = list(self.indicators.shared_prefix)
         with self._use(expert):
-            logprobs = last_logprobs(self.model, [p + prefix for p in prompts], len(prefix) + 1,
-                                     self.pad_id, self.batch_size)
+            logprobs = last_logprobs(
+                self.model, [p + prefix for p in prompts], len(prefix) + 1, self.pad_id, self.batch_size
+            )
         threshold = threshold_for(self.threshold, expert)
         return [Check(expert, *decide(lp, self.indicators, threshold)) for lp in logprobs]
 
     def route(self, queries: Sequence[str]) -> tuple[list[list[int]], list[Route]]:
         prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(len(queries), self.experts[::-1],
-                      lambda expert, idx: self.check(expert, [prompts[i] for i in idx]))
+        routes = walk(
+            len(queries), self.experts[::-1], lambda expert, idx: self.check(expert, [prompts[i] for i in idx])
+        )
         return prompts, routes
 
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
@@ -71,10 +78,15 @@ class SequentialRouter:
                 continue
             pos = list(self.indicators.pos_ids) if responder != BASE else []
             with self._use(None if responder == BASE else responder):
-                outputs = greedy_generate(self.model, [prompts[i] + pos for i in members],
-                                          [budgets[i] for i in members], self.formatter.eos_id,
-                                          self.pad_id, self.batch_size, self.indicators.blocked_in_answers)
+                outputs = greedy_generate(
+                    self.model,
+                    [prompts[i] + pos for i in members],
+                    [budgets[i] for i in members],
+                    self.formatter.eos_id,
+                    self.pad_id,
+                    self.batch_size,
+                    self.indicators.blocked_in_answers,
+                )
             for index, tokens in zip(members, outputs):
                 texts[index] = self.formatter.decode(tokens)
         return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
-

@@ -18,7 +18,6 @@ from seecl.model.indicators import Indicators
 BASE = "base"
 
 
-
 @dataclass
 class Check:
     """One expert's look at one query."""
@@ -29,13 +28,11 @@ class Check:
     p_neg: float
 
 
-
 @dataclass
 class Route:
     answered_by: str  # expert name or "base"
     reason: str  # "claimed" | "all_negative" | "exception" | "no_experts"
     checks: list[Check] = field(default_factory=list)
-
 
 
 @dataclass
@@ -45,9 +42,13 @@ class Answer:
     route: Route
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "answer": self.text, "answered_by": self.route.answered_by,
-                "reason": self.route.reason, "checks": [asdict(c) for c in self.route.checks]}
-
+        return {
+            "query": self.query,
+            "answer": self.text,
+            "answered_by": self.route.answered_by,
+            "reason": self.route.reason,
+            "checks": [asdict(c) for c in self.route.checks],
+        }
 
 
 def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | None = None) -> tuple[str, float, float]:
@@ -70,9 +71,9 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
     return indicator_verdict(int(final.argmax()), p_pos, p_neg, indicators, threshold), p_pos, p_neg
 
 
-
-def indicator_verdict(top: int, p_pos: float, p_neg: float, indicators: Indicators,
-                      threshold: float | None = None) -> str:
+def indicator_verdict(
+    top: int, p_pos: float, p_neg: float, indicators: Indicators, threshold: float | None = None
+) -> str:
     """The rule at the decision position (after the shared prefix was produced), given its argmax
     token `top`: neither indicator -> "neither"; otherwise the argmax, or with a threshold "pos"
     iff P(pos) / (P(pos) + P(neg)) >= threshold. Shared by every backend."""
@@ -84,19 +85,15 @@ def indicator_verdict(top: int, p_pos: float, p_neg: float, indicators: Indicato
     return "pos" if top == indicators.pos_id else "neg"
 
 
-
 CheckFn = Callable[[str, list[int]], list[Check]]
-
 
 
 # One threshold for every expert, one per expert (calibrated), or None for the greedy indicator.
 Thresholds = float | dict[str, float] | None
 
 
-
 def threshold_for(thresholds: Thresholds, expert: str) -> float | None:
     return thresholds.get(expert) if isinstance(thresholds, dict) else thresholds
-
 
 
 def walk(n_queries: int, experts_newest_first: Sequence[str], check: CheckFn) -> list[Route]:
@@ -122,4 +119,3 @@ def walk(n_queries: int, experts_newest_first: Sequence[str], check: CheckFn) ->
     for index in open_queries:
         routes[index] = Route(BASE, reason, trails[index])
     return routes  # type: ignore[return-value]
-

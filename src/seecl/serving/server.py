@@ -65,14 +65,22 @@ class Answerer(Protocol):
 class ApiError(Exception):
     """A client error, answered in OpenAI's error shape."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.kind = message, status, param, code, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
 
 
 def count_words(text: str) -> int:  # stand-in token count without a tokenizer (fake answerers)
@@ -96,7 +104,7 @@ def token_pieces(tokenizer) -> Callable[[str], list[str]]:
             before = tokenizer.decode(ids[prefix:read])
             after = tokenizer.decode(ids[prefix:end])
             if len(after) > len(before) and after.startswith(before) and not after.endswith("\ufffd"):
-                pieces.append(after[len(before):])
+                pieces.append(after[len(before) :])
                 prefix, read = read, end
             else:
                 pieces.append("")
@@ -104,7 +112,7 @@ def token_pieces(tokenizer) -> Callable[[str], list[str]]:
         if not pieces or not text.startswith(joined):
             # Decoding does not reproduce the text (e.g. it normalizes spaces): one whole piece.
             return [text] + [""] * (len(ids) - 1) if text else []
-        pieces[-1] += text[len(joined):]
+        pieces[-1] += text[len(joined) :]
         return pieces
 
     return split
@@ -171,15 +179,22 @@ class Batcher:
             start = 0
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_result(answers[start:start + len(job.queries)])
+                    job.future.set_result(answers[start : start + len(job.queries)])
                 start += len(job.queries)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-_JSON_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
-               dict: "an object", type(None): "null"}
+_JSON_TYPES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+    type(None): "null",
+}
 
 
 def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
@@ -189,8 +204,11 @@ def _get(body: dict, name: str, kinds: tuple[type, ...], default: Any) -> Any:
         return default
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         wanted = " or ".join(_JSON_TYPES[k] for k in kinds)
-        raise ApiError(f"'{name}' must be {wanted}, got {_JSON_TYPES.get(type(value), type(value).__name__)}",
-                       param=name, code="invalid_type")
+        raise ApiError(
+            f"'{name}' must be {wanted}, got {_JSON_TYPES.get(type(value), type(value).__name__)}",
+            param=name,
+            code="invalid_type",
+        )
     return value
 
 
@@ -219,22 +237,28 @@ def _prompts(body: dict, limits: ServerLimits) -> list[str]:
         raise ApiError("missing required field 'prompt'", param="prompt", code="missing_field")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ApiError("'prompt' must be a string or an array of strings (token-id prompts are not supported)",
-                       param="prompt", code="invalid_type")
+        raise ApiError(
+            "'prompt' must be a string or an array of strings (token-id prompts are not supported)",
+            param="prompt",
+            code="invalid_type",
+        )
     if not 1 <= len(prompts) <= limits.max_prompts:
-        raise ApiError(f"'prompt' holds {len(prompts)} prompts; this server takes 1 to {limits.max_prompts} "
-                       "per request", param="prompt", code="invalid_value")
+        raise ApiError(
+            f"'prompt' holds {len(prompts)} prompts; this server takes 1 to {limits.max_prompts} per request",
+            param="prompt",
+            code="invalid_value",
+        )
     return prompts
 
 
 def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
-    raise ApiError("message content must be a string or an array of text parts", param="messages",
-                   code="invalid_type")
+    raise ApiError("message content must be a string or an array of text parts", param="messages", code="invalid_type")
 
 
 def _chat_query(body: dict) -> str:
@@ -242,16 +266,19 @@ def _chat_query(body: dict) -> str:
     if messages is None:
         raise ApiError("missing required field 'messages'", param="messages", code="missing_field")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError("'messages' must be a non-empty array of message objects", param="messages",
-                       code="invalid_type")
+        raise ApiError("'messages' must be a non-empty array of message objects", param="messages", code="invalid_type")
     roles = [m.get("role") for m in messages]
     for role in roles:
         if role not in ("system", "developer", "user", "assistant", "tool", "function"):
             raise ApiError(f"unknown message role {role!r}", param="messages", code="invalid_value")
     # System messages are dropped: the ensemble applies the system prompt its experts learned with.
     if roles.count("user") != 1 or {"assistant", "tool", "function"} & set(roles):
-        raise ApiError("SEE routes single-turn queries: send exactly one user message and no assistant or "
-                       "tool turns (system messages are ignored)", param="messages", code="multi_turn")
+        raise ApiError(
+            "SEE routes single-turn queries: send exactly one user message and no assistant or "
+            "tool turns (system messages are ignored)",
+            param="messages",
+            code="multi_turn",
+        )
     return _message_text(messages[roles.index("user")].get("content"))
 
 
@@ -265,41 +292,60 @@ class _Options:
 def _options(body: dict, limits: ServerLimits, model_id: str, experts: Callable[[], list[str]]) -> _Options:
     model = _get(body, "model", (str,), model_id)
     if model != model_id:
-        detail = ("every query is routed through the whole ensemble" if model in [*experts(), BASE]
-                  else f"this server serves {model_id!r}")
-        raise ApiError(f"model {model!r} not found: {detail}; send model={model_id!r} or omit it", 404,
-                       param="model", code="model_not_found")
+        detail = (
+            "every query is routed through the whole ensemble"
+            if model in [*experts(), BASE]
+            else f"this server serves {model_id!r}"
+        )
+        raise ApiError(
+            f"model {model!r} not found: {detail}; send model={model_id!r} or omit it",
+            404,
+            param="model",
+            code="model_not_found",
+        )
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _get(body, name, (int,), limits.default_max_tokens)
     if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(f"'{name}' must be between 1 and {limits.max_tokens}, got {max_tokens}",
-                       param=name, code="invalid_value")
+        raise ApiError(
+            f"'{name}' must be between 1 and {limits.max_tokens}, got {max_tokens}", param=name, code="invalid_value"
+        )
     temperature = _get(body, "temperature", (int, float), 0)
     if temperature != 0:
-        raise ApiError(f"temperature={temperature} is not supported: seecl decodes greedily (send 0 or omit it)",
-                       param="temperature", code="unsupported_value")
+        raise ApiError(
+            f"temperature={temperature} is not supported: seecl decodes greedily (send 0 or omit it)",
+            param="temperature",
+            code="unsupported_value",
+        )
     if _get(body, "n", (int,), 1) != 1:
-        raise ApiError("'n' must be 1: greedy decoding gives one answer per prompt", param="n",
-                       code="unsupported_value")
+        raise ApiError(
+            "'n' must be 1: greedy decoding gives one answer per prompt", param="n", code="unsupported_value"
+        )
     if body.get("stop") not in (None, "", []):
-        raise ApiError("stop sequences are not supported: answers end at the model's end of turn",
-                       param="stop", code="unsupported_value")
+        raise ApiError(
+            "stop sequences are not supported: answers end at the model's end of turn",
+            param="stop",
+            code="unsupported_value",
+        )
     stream = _get(body, "stream", (bool,), False)
     stream_options = _get(body, "stream_options", (dict,), {})
     return _Options(max_tokens, stream, bool(stream_options.get("include_usage")))
 
 
 def _route(answer: Answer) -> dict:
-    return {"answered_by": answer.route.answered_by, "reason": answer.route.reason,
-            "checks": [asdict(check) for check in answer.route.checks]}
+    return {
+        "answered_by": answer.route.answered_by,
+        "reason": answer.route.reason,
+        "checks": [asdict(check) for check in answer.route.checks],
+    }
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _chunks(chat: bool, header: dict, answers: list[Answer], pieces: list[list[str]],
-                  finishes: list[str], usage: dict | None) -> AsyncIterator[str]:
+async def _chunks(
+    chat: bool, header: dict, answers: list[Answer], pieces: list[list[str]], finishes: list[str], usage: dict | None
+) -> AsyncIterator[str]:
     head = {**header, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def chunk(index: int, text: str | None, finish: str | None = None, **extra: Any) -> str:
@@ -322,9 +368,13 @@ async def _chunks(chat: bool, header: dict, answers: list[Answer], pieces: list[
     yield "data: [DONE]\n\n"
 
 
-def create_app(answerer: Answerer, model_id: str, limits: ServerLimits | None = None,
-               count_tokens: Callable[[str], int] = count_words,
-               split_tokens: Callable[[str], list[str]] = split_words) -> FastAPI:
+def create_app(
+    answerer: Answerer,
+    model_id: str,
+    limits: ServerLimits | None = None,
+    count_tokens: Callable[[str], int] = count_words,
+    split_tokens: Callable[[str], list[str]] = split_words,
+) -> FastAPI:
     """The server app. `count_tokens(query)` is a query's prompt length in tokens (with the system
     prompt and chat template); `split_tokens(text)` an answer as one text piece per token."""
     limits = limits or ServerLimits()
@@ -362,28 +412,46 @@ def create_app(answerer: Answerer, model_id: str, limits: ServerLimits | None = 
         counts = [count_tokens(query) for query in queries]
         for index, tokens in enumerate(counts):
             if tokens > limits.max_prompt_tokens:
-                raise ApiError(f"prompt {index} has {tokens} tokens (with the chat template); this server "
-                               f"accepts at most {limits.max_prompt_tokens}", param="messages" if chat else "prompt",
-                               code="context_length_exceeded")
+                raise ApiError(
+                    f"prompt {index} has {tokens} tokens (with the chat template); this server "
+                    f"accepts at most {limits.max_prompt_tokens}",
+                    param="messages" if chat else "prompt",
+                    code="context_length_exceeded",
+                )
         prompt_tokens = sum(counts)
         answers = await request.app.state.batcher.ask(queries, [options.max_tokens] * len(queries))
         pieces = [split_tokens(answer.text) for answer in answers]
         finishes = ["length" if len(p) >= options.max_tokens else "stop" for p in pieces]
         completion_tokens = sum(len(p) for p in pieces)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        header = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                  "model": model_id}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        header = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model_id,
+        }
         if options.stream:
             return StreamingResponse(
                 _chunks(chat, header, answers, pieces, finishes, usage if options.include_usage else None),
-                media_type="text/event-stream", headers={"cache-control": "no-cache"})
-        content = (lambda a: {"message": {"role": "assistant", "content": a.text}}) if chat \
-            else (lambda a: {"text": a.text})
-        choices = [{"index": i, **content(a), "logprobs": None, "finish_reason": finishes[i], "route": _route(a)}
-                   for i, a in enumerate(answers)]
-        return {**header, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": usage}
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
+        content = (
+            (lambda a: {"message": {"role": "assistant", "content": a.text}}) if chat else (lambda a: {"text": a.text})
+        )
+        choices = [
+            {"index": i, **content(a), "logprobs": None, "finish_reason": finishes[i], "route": _route(a)}
+            for i, a in enumerate(answers)
+        ]
+        return {
+            **header,
+            "object": "chat.completion" if chat else "text_completion",
+            "choices": choices,
+            "usage": usage,
+        }
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -412,8 +480,13 @@ def ensemble_app(ensemble, limits: ServerLimits | None = None, model_id: str | N
     """The app over a SeeEnsemble: its id is the directory name, tokens are its tokenizer's."""
     formatter = ensemble.formatter()
     model_id = model_id or Path(ensemble.store.root).resolve().name
-    return create_app(ensemble, model_id, limits, lambda query: len(formatter.prompt_ids(query)),
-                      token_pieces(ensemble.base.tokenizer))
+    return create_app(
+        ensemble,
+        model_id,
+        limits,
+        lambda query: len(formatter.prompt_ids(query)),
+        token_pieces(ensemble.base.tokenizer),
+    )
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:

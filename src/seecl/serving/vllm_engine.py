@@ -58,8 +58,10 @@ from seecl.serving.routing import BASE, Answer, Check, Route, indicator_verdict,
 INSTALL_HINT = "pip install seecl[vllm]"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DEFAULT_TOP_K = 20  # vLLM's default max_logprobs: the fallback without logprob_token_ids
-SERVABLE_HINT = ("train vLLM-servable experts with adapter.train_indicator_rows=false (or build the "
-                 "ensemble with model.indicator=nonsemantic|semantic)")
+SERVABLE_HINT = (
+    "train vLLM-servable experts with adapter.train_indicator_rows=false (or build the "
+    "ensemble with model.indicator=nonsemantic|semantic)"
+)
 
 LoraTuple = tuple[str, int, str]  # LoRARequest(lora_name, lora_int_id, lora_path)
 
@@ -123,13 +125,17 @@ def check_servable(name: str, directory: str | Path) -> None:
         extra.append(f"modules_to_save={config['modules_to_save']}")
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        raise SeeclError(f"expert {name!r} cannot be served with vLLM: its adapter carries per-adapter "
-                         f"token rows or embedding weights ({shown}) that vLLM ignores, so its routing "
-                         f"would silently change; {SERVABLE_HINT}")
+        raise SeeclError(
+            f"expert {name!r} cannot be served with vLLM: its adapter carries per-adapter "
+            f"token rows or embedding weights ({shown}) that vLLM ignores, so its routing "
+            f"would silently change; {SERVABLE_HINT}"
+        )
     if config.get("alora_invocation_tokens"):
         # vLLM would apply an activated LoRA to the whole prompt: different outputs than PEFT.
-        raise SeeclError(f"expert {name!r} is an activated LoRA (adapter.kind=alora), which this backend "
-                         "does not serve; use the PEFT engine or train it with adapter.kind=lora")
+        raise SeeclError(
+            f"expert {name!r} is an activated LoRA (adapter.kind=alora), which this backend "
+            "does not serve; use the PEFT engine or train it with adapter.kind=lora"
+        )
 
 
 @dataclass(frozen=True)
@@ -152,8 +158,12 @@ class LoraSettings:
         # Every generate call uses one expert, so one GPU slot suffices; more slots and a CPU cache
         # of all experts avoid reloading adapters from disk at every switch.
         slots = max(1, min(self.n_experts, self.max_loras_cap))
-        return {"enable_lora": True, "max_lora_rank": self.vllm_rank, "max_loras": slots,
-                "max_cpu_loras": max(slots, self.n_experts)}
+        return {
+            "enable_lora": True,
+            "max_lora_rank": self.vllm_rank,
+            "max_loras": slots,
+            "max_cpu_loras": max(slots, self.n_experts),
+        }
 
 
 def lora_settings(expert_dirs: Sequence[str | Path]) -> LoraSettings:
@@ -188,8 +198,10 @@ def export_base(ensemble_dir: str | Path, out_dir: str | Path, dtype: str = "flo
         raise SeeclError(f"{out} already exists; export the base into a new directory")
     base = load_base(ModelConfig(**{**manifest["model"], "device": "cpu", "dtype": dtype}))
     if base.indicators.to_dict() != manifest["indicators"] or len(base.tokenizer) != manifest["vocab_size"]:
-        raise SeeclError(f"the base model {manifest['model']['name']!r} no longer resizes to the vocabulary "
-                         f"of {store.root} (indicators or vocabulary size differ)")
+        raise SeeclError(
+            f"the base model {manifest['model']['name']!r} no longer resizes to the vocabulary "
+            f"of {store.root} (indicators or vocabulary size differ)"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
     try:
@@ -207,14 +219,15 @@ def check_base(base_dir: str | Path, tokenizer, manifest: dict[str, Any]) -> Non
     ind = manifest["indicators"]
     for text, ids in ((ind["pos"], ind["pos_ids"]), (ind["neg"], ind["neg_ids"])):
         if tokenizer.encode(text, add_special_tokens=False) != list(ids):
-            raise SeeclError(f"{base_dir}: tokenizer does not map {text!r} to {ids}; run export_base "
-                             "for this ensemble")
+            raise SeeclError(f"{base_dir}: tokenizer does not map {text!r} to {ids}; run export_base for this ensemble")
     config = Path(base_dir) / "config.json"
     if config.is_file():
         vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
         if vocab is not None and vocab < manifest["vocab_size"]:
-            raise SeeclError(f"{base_dir}: vocabulary of {vocab} rows, the ensemble needs "
-                             f"{manifest['vocab_size']}; run export_base for this ensemble")
+            raise SeeclError(
+                f"{base_dir}: vocabulary of {vocab} rows, the ensemble needs "
+                f"{manifest['vocab_size']}; run export_base for this ensemble"
+            )
 
 
 # -- requests (pure) --------------------------------------------------------------------------------------
@@ -238,8 +251,13 @@ def check_params(indicators: Indicators, specific_ids: bool, top_k: int = DEFAUL
     return params
 
 
-def check_requests(prompts: Sequence[Sequence[int]], indicators: Indicators, lora: LoraTuple,
-                   specific_ids: bool, top_k: int = DEFAULT_TOP_K) -> list[Request]:
+def check_requests(
+    prompts: Sequence[Sequence[int]],
+    indicators: Indicators,
+    lora: LoraTuple,
+    specific_ids: bool,
+    top_k: int = DEFAULT_TOP_K,
+) -> list[Request]:
     """n decision requests (prompt + shared prefix); with a shared prefix, then n prefix requests."""
     prefix = list(indicators.shared_prefix)
     params = check_params(indicators, specific_ids, top_k)
@@ -251,18 +269,34 @@ def check_requests(prompts: Sequence[Sequence[int]], indicators: Indicators, lor
 
 
 def generation_params(budget: int, eos_id: int) -> dict[str, Any]:
-    return {"max_tokens": budget, "temperature": 0.0, "stop_token_ids": [eos_id], "ignore_eos": True,
-            "detokenize": False}
+    return {
+        "max_tokens": budget,
+        "temperature": 0.0,
+        "stop_token_ids": [eos_id],
+        "ignore_eos": True,
+        "detokenize": False,
+    }
 
 
-def answer_requests(prompts: Sequence[Sequence[int]], budgets: Sequence[int], eos_id: int,
-                    indicator_ids: Sequence[int] = (), lora: LoraTuple | None = None) -> list[Request]:
+def answer_requests(
+    prompts: Sequence[Sequence[int]],
+    budgets: Sequence[int],
+    eos_id: int,
+    indicator_ids: Sequence[int] = (),
+    lora: LoraTuple | None = None,
+) -> list[Request]:
     """Greedy answers; an expert continues after its `<<pos>>` tokens, the base from the bare prompt."""
     return [Request([*p, *indicator_ids], generation_params(b, eos_id), lora) for p, b in zip(prompts, budgets)]
 
 
-def verdict(expert: str, sampled: int, logprobs: dict[int, float], indicators: Indicators,
-            prefix_tokens: Sequence[int] | None = None, threshold: float | None = None) -> Check:
+def verdict(
+    expert: str,
+    sampled: int,
+    logprobs: dict[int, float],
+    indicators: Indicators,
+    prefix_tokens: Sequence[int] | None = None,
+    threshold: float | None = None,
+) -> Check:
     """`routing.decide` on what vLLM returns: the greedy token, indicator logprobs, greedy prefix."""
     p_pos = math.exp(logprobs[indicators.pos_id]) if indicators.pos_id in logprobs else 0.0
     p_neg = math.exp(logprobs[indicators.neg_id]) if indicators.neg_id in logprobs else 0.0
@@ -291,9 +325,17 @@ class VllmEngine:
     dicts and tuples instead of SamplingParams / LoRARequest objects.
     """
 
-    def __init__(self, ensemble_dir: str | Path, base_dir: str | Path, *, threshold: float | None = None,
-                 llm=None, logprob_token_ids: bool | None = None, top_k: int = DEFAULT_TOP_K,
-                 **llm_kwargs: Any):
+    def __init__(
+        self,
+        ensemble_dir: str | Path,
+        base_dir: str | Path,
+        *,
+        threshold: float | None = None,
+        llm=None,
+        logprob_token_ids: bool | None = None,
+        top_k: int = DEFAULT_TOP_K,
+        **llm_kwargs: Any,
+    ):
         vllm = require_vllm() if llm is None or vllm_available() else None
         from transformers import AutoTokenizer
 
@@ -305,8 +347,7 @@ class VllmEngine:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         check_base(base_dir, tokenizer, manifest)
         ind = manifest["indicators"]
-        self.indicators = Indicators(ind["kind"], ind["pos"], ind["neg"], tuple(ind["pos_ids"]),
-                                     tuple(ind["neg_ids"]))
+        self.indicators = Indicators(ind["kind"], ind["pos"], ind["neg"], tuple(ind["pos_ids"]), tuple(ind["neg_ids"]))
         self.formatter = PromptFormatter(tokenizer, self.indicators, manifest["model"].get("system_prompt"))
         self.threshold, self.top_k = threshold, top_k
         self.loras = lora_table(store.root, self._experts)
@@ -316,8 +357,7 @@ class VllmEngine:
         self._vllm = vllm
         self._lora_objects: dict[LoraTuple, Any] = {}
         if llm is None:
-            settings = lora_settings([store.expert_dir(n) for n in self._experts]).llm_kwargs() \
-                if self._experts else {}
+            settings = lora_settings([store.expert_dir(n) for n in self._experts]).llm_kwargs() if self._experts else {}
             kwargs = {**settings, "enable_prefix_caching": True, **llm_kwargs}
             if not self.specific_ids:
                 kwargs.setdefault("max_logprobs", top_k)
@@ -342,33 +382,44 @@ class VllmEngine:
         prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
         params = [self._vllm.SamplingParams(**r.params) if self._vllm else dict(r.params) for r in requests]
         loras = [self._lora(r.lora) for r in requests]
-        outputs = self.llm.generate(prompts, sampling_params=params,
-                                    lora_request=None if all(x is None for x in loras) else loras,
-                                    use_tqdm=False)
+        outputs = self.llm.generate(
+            prompts,
+            sampling_params=params,
+            lora_request=None if all(x is None for x in loras) else loras,
+            use_tqdm=False,
+        )
         return list(outputs)
 
     def _check(self, expert: str, prompts: list[list[int]]) -> list[Check]:
-        outputs = self._generate(check_requests(prompts, self.indicators, self.loras[expert],
-                                                self.specific_ids, self.top_k))
+        outputs = self._generate(
+            check_requests(prompts, self.indicators, self.loras[expert], self.specific_ids, self.top_k)
+        )
         n = len(prompts)
         prefixes = [_tokens(o) for o in outputs[n:]] if self.indicators.shared_prefix else [None] * n
-        return [verdict(expert, *_first_token(o), self.indicators, prefix, self.threshold)
-                for o, prefix in zip(outputs[:n], prefixes)]
+        return [
+            verdict(expert, *_first_token(o), self.indicators, prefix, self.threshold)
+            for o, prefix in zip(outputs[:n], prefixes)
+        ]
 
     def run(self, queries: Sequence[str], budgets: Sequence[int]) -> tuple[list[str], list[Route]]:
         """Texts and routes; a budget of 0 only routes the query (no answer is generated)."""
         prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(len(prompts), self._experts[::-1],
-                      lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
+        routes = walk(
+            len(prompts), self._experts[::-1], lambda expert, idx: self._check(expert, [prompts[i] for i in idx])
+        )
         texts = [""] * len(prompts)
         for responder in [*self._experts, BASE]:
             members = [i for i, r in enumerate(routes) if r.answered_by == responder and budgets[i] > 0]
             if not members:
                 continue
             expert = responder != BASE
-            requests = answer_requests([prompts[i] for i in members], [budgets[i] for i in members],
-                                       self.formatter.eos_id, self.indicators.pos_ids if expert else (),
-                                       self.loras[responder] if expert else None)
+            requests = answer_requests(
+                [prompts[i] for i in members],
+                [budgets[i] for i in members],
+                self.formatter.eos_id,
+                self.indicators.pos_ids if expert else (),
+                self.loras[responder] if expert else None,
+            )
             for index, output in zip(members, self._generate(requests)):
                 texts[index] = self.formatter.decode(_tokens(output))
         return texts, routes
