@@ -232,5 +232,5 @@ def test_a_see_run_rebuilds_its_ensemble_when_a_task_changed(tmp_path):
     edited = [_changed(train[0]), train[1]]
     method = build_method("SEE(25%)", ctx)
     Protocol(method, edited, evals, ctx.workdir, log=lambda _: None).run()
-    experts = method.ensemble.store.experts()
+    experts = method.ensemble.store.records()
     assert [e["data_fingerprint"] for e in experts] == [t.fingerprint() for t in edited]

@@ -60,7 +60,7 @@ def scripted(verdicts):
 
 def test_walk_asks_newest_first_and_stops_at_the_first_claim():
     check, calls = scripted({"e3": {0: "pos"}, "e2": {1: "pos", 2: "neither"}, "e1": {3: "pos"}})
-    routes = walk(5, ["e3", "e2", "e1"], check)
+    routes = walk(5, ["e1", "e2", "e3"], check)
     assert [r.answered_by for r in routes] == ["e3", "e2", BASE, "e1", BASE]
     assert [r.reason for r in routes] == ["claimed", "claimed", "exception", "claimed", "all_negative"]
     assert calls == [("e3", [0, 1, 2, 3, 4]), ("e2", [1, 2, 3, 4]), ("e1", [3, 4])]

@@ -37,6 +37,7 @@ from seecl.evaluation.metrics import (
 )
 from seecl.methods.base import Method
 from seecl.publish import write_json_atomic
+from seecl.serving.routing import ScoresPerplexity
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class Protocol:
                     self.state["cells"].pop(f"{final_stage}:{name}", None)
         # routing and perplexity are scored on the final model, so its stage must be (re)loaded
         final_pending = (self.method.routed and "routing" not in self.state) or (
-            hasattr(self.method, "perplexity") and "perplexity" not in self.state
+            isinstance(self.method, ScoresPerplexity) and "perplexity" not in self.state
         )
         for stage, tasks in self.stages():
             todo = [t for t in self.cells_for(stage) if f"{stage}:{t}" not in self.state["cells"]]
@@ -181,7 +182,7 @@ class Protocol:
                 self._score_cell(stage, task)
         if self.method.routed and "routing" not in self.state:
             self._score_routing()
-        if hasattr(self.method, "perplexity") and "perplexity" not in self.state:
+        if isinstance(self.method, ScoresPerplexity) and "perplexity" not in self.state:
             started = time.perf_counter()
             self.state["perplexity"] = {
                 name: self.method.perplexity(

@@ -100,7 +100,7 @@ class SubExpertLinear(nn.Module):
         self._effective: tuple | None = None
 
     @property
-    def experts(self) -> int:
+    def pool_size(self) -> int:
         return self.A.shape[0]
 
     def grow(self, gen: torch.Generator) -> None:
@@ -122,7 +122,7 @@ class SubExpertLinear(nn.Module):
             {
                 "scores_A": nn.Parameter(torch.rand(self.A.shape, generator=gen).to(w)),
                 "scores_B": nn.Parameter(torch.rand(self.B.shape, generator=gen).to(w)),
-                "router": nn.Parameter((torch.randn(self.experts, w.shape[1], generator=gen) * 0.02).to(w)),
+                "router": nn.Parameter((torch.randn(self.pool_size, w.shape[1], generator=gen) * 0.02).to(w)),
             }
         )
         self.A.requires_grad_(True)
@@ -218,11 +218,11 @@ class MoSEs(LayerMethod):
     def grow(self) -> None:
         seed = self.config.train.seed
         for name, layer in self.layers.items():
-            layer.grow(generator("moses-expert", seed, name, layer.experts))
+            layer.grow(generator("moses-expert", seed, name, layer.pool_size))
 
     @property
-    def experts(self) -> int:
-        return next(iter(self.layers.values())).experts
+    def pool_size(self) -> int:
+        return next(iter(self.layers.values())).pool_size
 
     def free_fraction(self) -> float:
         total = sum(l.claimed_A.numel() + l.claimed_B.numel() for l in self.layers.values())
@@ -246,7 +246,7 @@ class MoSEs(LayerMethod):
             **metrics,
             "free_fraction_before": free,
             "grew": grew,
-            "experts": self.experts,
+            "experts": self.pool_size,
             "new_claims": claims,
             "free_fraction": self.free_fraction(),
             "mask_bits": bits,

@@ -8,7 +8,6 @@ the on-disk format and the routing rule live in training.py, store.py and routin
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Sequence
 
@@ -35,7 +34,7 @@ class SeeMethod:
     def learn(self, tasks: Sequence[Task]) -> dict:
         task, seen = tasks[-1], [t.name for t in tasks]
         stored = self.ensemble.store.expert_names() if self.ensemble.store.exists() else []
-        trained_on = {e["name"]: e.get("data_fingerprint") for e in self.ensemble.store.experts()} if stored else {}
+        trained_on = {e["name"]: e.get("data_fingerprint") for e in self.ensemble.store.records()} if stored else {}
         changed = [t.name for t in tasks if t.name in trained_on and trained_on[t.name] != t.fingerprint()]
         if changed:
             # The run's ensemble is a working copy: every finished expert is also in the adapter
@@ -56,7 +55,7 @@ class SeeMethod:
             )
         self.ensemble.visible = len(seen)  # later experts of a resumed run stay out of this stage
         if task.name in stored:
-            record = next(e for e in self.ensemble.store.experts() if e["name"] == task.name)
+            record = next(e for e in self.ensemble.store.records() if e["name"] == task.name)
             return {**record["metrics"], "cached": True}
         record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
         return {**record["metrics"], "cached": record["from_cache"], "negatives": sum(record["n_negatives"].values())}
@@ -68,15 +67,11 @@ class SeeMethod:
         return self.ensemble.route(list(queries))
 
     def perplexity(self, queries, responses) -> float:
-        """Ensemble perplexity (DESIGN §3): each (q, r) scored by the expert q is routed to."""
-        engine = self.ensemble.engine()
-        owners = [route.answered_by for route in engine.route(list(queries))]
-        scored = engine.response_nll(list(queries), list(responses), owners)
-        return math.exp(sum(n for n, _ in scored) / max(1, sum(t for _, t in scored)))
+        return self.ensemble.engine().perplexity(list(queries), list(responses))
 
     def trainable_parameters(self) -> int:
         routed = set(self.ensemble.experts())
-        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.experts() if e["name"] in routed)
+        return sum(int(e.get("trainable_parameters", 0)) for e in self.ensemble.store.records() if e["name"] in routed)
 
     def close(self) -> None:
         self.ensemble = None

@@ -237,7 +237,7 @@ class SeeEnsemble:
         """The fast engine over the current experts (kept while they do not change: its prefix cache)."""
         gen = self.config.generate
         experts = self.experts()
-        if self._engine is None or self._engine.experts != experts:
+        if self._engine is None or self._engine.experts() != experts:
             self._engine = RoutingEngine(
                 self.model,
                 self.formatter(),
@@ -258,7 +258,7 @@ class SeeEnsemble:
     def route(self, queries: Sequence[str]) -> list[Route]:
         if self.config.generate.engine == "fast":
             return self.engine().route(list(queries))
-        return self.router().route(list(queries))[1]
+        return self.router().route(list(queries))
 
 
 def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float) -> float:

@@ -86,12 +86,12 @@ class EnsembleStore:
             raise StoreError(f"{self.manifest_path}: unsupported format {data.get('format')!r}")
         return data
 
-    def experts(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         """Manifest records of the experts, oldest first."""
         return list(self.manifest()["experts"])
 
     def expert_names(self) -> list[str]:
-        return [e["name"] for e in self.experts()]
+        return [e["name"] for e in self.records()]
 
     def expert_dir(self, name: str) -> Path:
         return self.root / "experts" / validate_expert_name(name)

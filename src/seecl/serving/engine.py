@@ -29,6 +29,7 @@ how a forward runs under one expert or a per-row mix of them (`owners`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,7 @@ from seecl.serving.routing import (
     Check,
     Route,
     Thresholds,
+    budgets_for,
     decide,
     threshold_for,
     walk,
@@ -71,7 +73,7 @@ class RoutingEngine:
     ):
         self.model, self.formatter = model, formatter
         self.indicators = formatter.indicators
-        self.experts = list(experts)
+        self._experts = list(experts)
         self.threshold, self.batch_size, self.prefill_tokens = threshold, batch_size, prefill_tokens
         self.pad_id = formatter.tokenizer.pad_token_id
         self.eos_id = formatter.eos_id
@@ -83,7 +85,7 @@ class RoutingEngine:
         # aLoRA experts act only from their invocation tokens (the assistant-turn header) on
         configs = getattr(model, "peft_config", {})
         self.alora = {
-            name: list(getattr(configs[name], "alora_invocation_tokens", None) or []) for name in self.experts
+            name: list(getattr(configs[name], "alora_invocation_tokens", None) or []) for name in self._experts
         }
         invocations = {tuple(v) for v in self.alora.values()}
         # Shared-body routing needs every expert to be aLoRA with one invocation sequence.
@@ -314,7 +316,7 @@ class RoutingEngine:
                 groups.append((expert, [batch[r] for r in claimed], state.take(claimed), [continuation] * len(claimed)))
             return checks
 
-        routes = walk(len(chunk), self.experts[::-1], check)
+        routes = walk(len(chunk), self._experts, check)
         unclaimed = [i for i, r in zip(chunk, routes) if r.answered_by == BASE and budgets[i] > 0]
         if unclaimed:
             with self._use(BASE):
@@ -351,7 +353,7 @@ class RoutingEngine:
         budget = max(budgets[i] for i in chunk)
         # The newest expert's check is the bodies' own pass: an aLoRA adapter leaves every position
         # before its invocation to the base, so the bodies' KV is the base's.
-        newest = self.experts[-1]
+        newest = self._experts[-1]
         with self._use(newest):
             first_check = list(
                 self._prefill(
@@ -392,7 +394,7 @@ class RoutingEngine:
                 )
             return checks
 
-        routes = walk(len(chunk), self.experts[::-1], check)
+        routes = walk(len(chunk), self._experts, check)
         answering = [row for row, i in enumerate(chunk) if budgets[i] > 0]
         if not answering:
             return routes
@@ -448,7 +450,7 @@ class RoutingEngine:
         The single-model baseline: the same batching, prefix cache and decoding as routed queries;
         `ignore_eos` decodes exactly `max_new_tokens` per query (equal work for a timing baseline).
         """
-        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        budgets = budgets_for(len(queries), max_new_tokens)
         prompts = [self.formatter.prompt_ids(q) + list(forced) for q in queries]
         texts = [""] * len(queries)
         order = batch_order(prompts, self.prefix_cache.block)
@@ -489,11 +491,20 @@ class RoutingEngine:
                         out[index] = (float(nll), len(target))
         return out
 
+    def experts(self) -> list[str]:
+        return list(self._experts)
+
     def route(self, queries: Sequence[str]) -> list[Route]:
         return self.run(queries, [0] * len(queries))[1]
 
+    def perplexity(self, queries: Sequence[str], responses: Sequence[str]) -> float:
+        """Ensemble perplexity (docs/design.md §3): each (q, r) scored by the expert q is routed to."""
+        owners = [route.answered_by for route in self.route(list(queries))]
+        scored = self.response_nll(list(queries), list(responses), owners)
+        return math.exp(sum(n for n, _ in scored) / max(1, sum(t for _, t in scored)))
+
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
         """Answer a batch of queries; every answer carries its route."""
-        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        budgets = budgets_for(len(queries), max_new_tokens)
         texts, routes = self.run(list(queries), budgets)
         return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]

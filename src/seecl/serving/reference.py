@@ -19,6 +19,7 @@ from seecl.serving.routing import (
     Check,
     Route,
     Thresholds,
+    budgets_for,
     decide,
     threshold_for,
     walk,
@@ -39,7 +40,7 @@ class SequentialRouter:
         self.model = model
         self.formatter = formatter
         self.indicators: Indicators = formatter.indicators  # type: ignore[assignment]
-        self.experts = list(experts)
+        self._experts = list(experts)
         self.threshold = threshold
         self.batch_size = batch_size
         self.pad_id = formatter.tokenizer.pad_token_id
@@ -60,20 +61,23 @@ class SequentialRouter:
         threshold = threshold_for(self.threshold, expert)
         return [Check(expert, *decide(lp, self.indicators, threshold)) for lp in logprobs]
 
-    def route(self, queries: Sequence[str]) -> tuple[list[list[int]], list[Route]]:
-        prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(
-            len(queries), self.experts[::-1], lambda expert, idx: self.check(expert, [prompts[i] for i in idx])
-        )
-        return prompts, routes
+    def experts(self) -> list[str]:
+        return list(self._experts)
+
+    def _walk(self, prompts: list[list[int]]) -> list[Route]:
+        return walk(len(prompts), self._experts, lambda expert, idx: self.check(expert, [prompts[i] for i in idx]))
+
+    def route(self, queries: Sequence[str]) -> list[Route]:
+        return self._walk([self.formatter.prompt_ids(q) for q in queries])
 
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
         """Answer a batch of queries; every answer carries its route."""
-        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        prompts, routes = self.route(queries)
+        budgets = budgets_for(len(queries), max_new_tokens)
+        prompts = [self.formatter.prompt_ids(q) for q in queries]
+        routes = self._walk(prompts)
         texts = [""] * len(queries)
-        for responder in [*self.experts, BASE]:
-            members = [i for i, r in enumerate(routes) if r.answered_by == responder]
+        for responder in [*self._experts, BASE]:
+            members = [i for i, r in enumerate(routes) if r.answered_by == responder and budgets[i] > 0]
             if not members:
                 continue
             pos = list(self.indicators.pos_ids) if responder != BASE else []

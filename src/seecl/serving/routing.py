@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -65,19 +66,23 @@ def decide(logprobs: torch.Tensor, indicators: Indicators, threshold: float | No
     final = logprobs[len(prefix)]
     p_pos = math.exp(float(final[indicators.pos_id]))
     p_neg = math.exp(float(final[indicators.neg_id]))
-    for position, token in enumerate(prefix):
-        if int(logprobs[position].argmax()) != token:
-            return "neither", p_pos, p_neg
-    return indicator_verdict(int(final.argmax()), p_pos, p_neg, indicators, threshold), p_pos, p_neg
+    produced = all(int(logprobs[position].argmax()) == token for position, token in enumerate(prefix))
+    return indicator_verdict(int(final.argmax()), p_pos, p_neg, indicators, threshold, produced), p_pos, p_neg
 
 
 def indicator_verdict(
-    top: int, p_pos: float, p_neg: float, indicators: Indicators, threshold: float | None = None
+    top: int,
+    p_pos: float,
+    p_neg: float,
+    indicators: Indicators,
+    threshold: float | None = None,
+    prefix_produced: bool = True,
 ) -> str:
-    """The rule at the decision position (after the shared prefix was produced), given its argmax
-    token `top`: neither indicator -> "neither"; otherwise the argmax, or with a threshold "pos"
-    iff P(pos) / (P(pos) + P(neg)) >= threshold. Shared by every backend."""
-    if top not in (indicators.pos_id, indicators.neg_id):
+    """The decision rule, shared by every backend: `top` is the argmax token at the decision
+    position and `prefix_produced` whether the indicators' shared prefix (if any) was the greedy
+    continuation before it. Neither indicator, or no prefix -> "neither"; otherwise the argmax, or
+    with a threshold "pos" iff P(pos) / (P(pos) + P(neg)) >= threshold."""
+    if not prefix_produced or top not in (indicators.pos_id, indicators.neg_id):
         return "neither"
     if threshold is not None:
         total = p_pos + p_neg
@@ -96,12 +101,13 @@ def threshold_for(thresholds: Thresholds, expert: str) -> float | None:
     return thresholds.get(expert) if isinstance(thresholds, dict) else thresholds
 
 
-def walk(n_queries: int, experts_newest_first: Sequence[str], check: CheckFn) -> list[Route]:
-    """Route every query: `check(expert, query_indices)` is asked for the still-open queries."""
+def walk(n_queries: int, experts: Sequence[str], check: CheckFn) -> list[Route]:
+    """Route every query through `experts` (oldest first, as an ensemble lists them), asking the
+    newest first: `check(expert, query_indices)` is asked for the still-open queries only."""
     trails: list[list[Check]] = [[] for _ in range(n_queries)]
     routes: list[Route | None] = [None] * n_queries
     open_queries = list(range(n_queries))
-    for expert in experts_newest_first:
+    for expert in reversed(experts):
         if not open_queries:
             break
         results = check(expert, open_queries)
@@ -115,7 +121,40 @@ def walk(n_queries: int, experts_newest_first: Sequence[str], check: CheckFn) ->
             else:
                 routes[index] = Route(BASE, "exception", trails[index])
         open_queries = still_open
-    reason = "all_negative" if experts_newest_first else "no_experts"
+    reason = "all_negative" if experts else "no_experts"
     for index in open_queries:
         routes[index] = Route(BASE, reason, trails[index])
     return routes  # type: ignore[return-value]
+
+
+Budget = int | Sequence[int]  # max new tokens: one for every query, or one per query
+
+
+def budgets_for(n_queries: int, max_new_tokens: Budget) -> list[int]:
+    budgets = [max_new_tokens] * n_queries if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != n_queries:
+        raise ValueError(f"{len(budgets)} budgets for {n_queries} queries")
+    return budgets
+
+
+@runtime_checkable
+class RoutingBackend(Protocol):
+    """What answers queries through a SEE ensemble: the reference router, the fast engine, the
+    vLLM engine and `SeeEnsemble` itself. One return type each; a query's route is the same
+    whichever backend computes it (tested in tests/test_backends.py)."""
+
+    def experts(self) -> list[str]:
+        """The experts routing asks, oldest first (newest is asked first)."""
+
+    def route(self, queries: Sequence[str]) -> list[Route]:
+        """Only the routing decisions, no answers."""
+
+    def ask(self, queries: Sequence[str], max_new_tokens: Budget = 64) -> list[Answer]:
+        """Answers with their routes; a budget of 0 only routes the query."""
+
+
+@runtime_checkable
+class ScoresPerplexity(Protocol):
+    """Backends (and methods) that score reference responses: each (q, r) by the expert q is routed to."""
+
+    def perplexity(self, queries: Sequence[str], responses: Sequence[str]) -> float: ...

@@ -53,7 +53,7 @@ from seecl.data.prompts import PromptFormatter
 from seecl.errors import SeeclError
 from seecl.model.indicators import Indicators
 from seecl.see.store import EnsembleStore
-from seecl.serving.routing import BASE, Answer, Check, Route, indicator_verdict, walk
+from seecl.serving.routing import BASE, Answer, Check, Route, budgets_for, indicator_verdict, walk
 
 INSTALL_HINT = "pip install seecl[vllm]"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -300,9 +300,8 @@ def verdict(
     """`routing.decide` on what vLLM returns: the greedy token, indicator logprobs, greedy prefix."""
     p_pos = math.exp(logprobs[indicators.pos_id]) if indicators.pos_id in logprobs else 0.0
     p_neg = math.exp(logprobs[indicators.neg_id]) if indicators.neg_id in logprobs else 0.0
-    if indicators.shared_prefix and list(prefix_tokens or ()) != list(indicators.shared_prefix):
-        return Check(expert, "neither", p_pos, p_neg)
-    return Check(expert, indicator_verdict(sampled, p_pos, p_neg, indicators, threshold), p_pos, p_neg)
+    produced = not indicators.shared_prefix or list(prefix_tokens or ()) == list(indicators.shared_prefix)
+    return Check(expert, indicator_verdict(sampled, p_pos, p_neg, indicators, threshold, produced), p_pos, p_neg)
 
 
 def _first_token(output) -> tuple[int, dict[int, float]]:
@@ -404,9 +403,7 @@ class VllmEngine:
     def run(self, queries: Sequence[str], budgets: Sequence[int]) -> tuple[list[str], list[Route]]:
         """Texts and routes; a budget of 0 only routes the query (no answer is generated)."""
         prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(
-            len(prompts), self._experts[::-1], lambda expert, idx: self._check(expert, [prompts[i] for i in idx])
-        )
+        routes = walk(len(prompts), self._experts, lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
         texts = [""] * len(prompts)
         for responder in [*self._experts, BASE]:
             members = [i for i, r in enumerate(routes) if r.answered_by == responder and budgets[i] > 0]
@@ -429,6 +426,6 @@ class VllmEngine:
 
     def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
         """Answer a batch of queries; every answer carries its route."""
-        budgets = [max_new_tokens] * len(queries) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        budgets = budgets_for(len(queries), max_new_tokens)
         texts, routes = self.run(list(queries), budgets)
         return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
