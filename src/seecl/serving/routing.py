@@ -36,11 +36,40 @@ class Route:
     checks: list[Check] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How one answer is decoded once routing has chosen who answers. The routing decision itself
+    is always the greedy (or thresholded) indicator, whatever these say."""
+
+    max_tokens: int = 64  # 0: route only, generate nothing
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None  # a fixed seed gives the same sample on every call
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and the top k alternatives
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p <= 0
+
+
 @dataclass
 class Answer:
     query: str
     text: str
     route: Route
+    token_ids: list[int] = field(default_factory=list)  # the answer's generated ids (no indicator, no end-of-turn)
+    finish_reason: str = "stop"  # "stop" (end of turn or a stop string) | "length" (budget exhausted)
 
     def to_dict(self) -> dict:
         return {
@@ -127,14 +156,24 @@ def walk(n_queries: int, experts: Sequence[str], check: CheckFn) -> list[Route]:
     return routes  # type: ignore[return-value]
 
 
-Budget = int | Sequence[int]  # max new tokens: one for every query, or one per query
+# How to answer: a greedy token budget or a Sampling, for every query or one per query.
+Budget = int | Sampling | Sequence[int | Sampling]
 
 
-def budgets_for(n_queries: int, max_new_tokens: Budget) -> list[int]:
-    budgets = [max_new_tokens] * n_queries if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != n_queries:
-        raise ValueError(f"{len(budgets)} budgets for {n_queries} queries")
-    return budgets
+def samplings_for(n_queries: int, budget: Budget) -> list[Sampling]:
+    items = [budget] * n_queries if isinstance(budget, (int, Sampling)) else list(budget)
+    if len(items) != n_queries:
+        raise ValueError(f"{len(items)} budgets for {n_queries} queries")
+    return [item if isinstance(item, Sampling) else Sampling(max_tokens=item) for item in items]
+
+
+def budgets_for(n_queries: int, budget: Budget) -> list[int]:
+    """Greedy token budgets, for backends that decode greedily only."""
+    samplings = samplings_for(n_queries, budget)
+    for sampling in samplings:
+        if not sampling.greedy or sampling.stop or sampling.logprobs is not None:
+            raise ValueError("this backend decodes greedily without stop strings or logprobs")
+    return [s.max_tokens for s in samplings]
 
 
 @runtime_checkable
@@ -150,7 +189,7 @@ class RoutingBackend(Protocol):
         """Only the routing decisions, no answers."""
 
     def ask(self, queries: Sequence[str], max_new_tokens: Budget = 64) -> list[Answer]:
-        """Answers with their routes; a budget of 0 only routes the query."""
+        """Answers with their routes; a budget of 0 only routes the query. An int is a greedy budget."""
 
 
 @runtime_checkable
