@@ -5,7 +5,8 @@ import torch
 
 from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
-from seecl.serving.engine import PrefixCache, RoutingEngine
+from seecl.serving.engine import RoutingEngine
+from seecl.serving.prefix_cache import PrefixCache
 from seecl.serving.routing import BASE
 
 NAMES = ["reverse_list", "uppercase", "add"]
@@ -83,9 +84,9 @@ def test_a_batch_decodes_its_answers_together_whoever_claimed_them(learned):
     owners_per_decode = []
     plain_decode = engine._decode
 
-    def spy(state, first, budgets, ignore_eos=False, owners=None):
+    def spy(state, first, rows, ignore_eos=False, owners=None):
         owners_per_decode.append(list(owners))
-        return plain_decode(state, first, budgets, ignore_eos, owners)
+        return plain_decode(state, first, rows, ignore_eos, owners)
 
     engine._decode = spy
     answers = engine.ask(queries, 6)
@@ -411,10 +412,9 @@ def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     decoded: list[list[int]] = []
     plain_decode = engine._decode
 
-    def spy(*args, **kwargs):
-        out = plain_decode(*args, **kwargs)
-        decoded.extend(out)
-        return out
+    def spy(state, first, rows, *args, **kwargs):
+        plain_decode(state, first, rows, *args, **kwargs)
+        decoded.extend(row.ids for row in rows)
 
     engine._decode = spy
     queries, budget = _queries(), 12

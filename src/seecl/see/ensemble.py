@@ -9,6 +9,7 @@ live in training.py, see/store.py and serving/routing.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -24,10 +25,10 @@ from seecl.errors import StoreError
 from seecl.model.base import Base, load_base
 from seecl.publish import write_json_atomic
 from seecl.see.reconstruction import build_memory, reconstruct
-from seecl.see.store import ADAPTER_FILES, EnsembleStore
+from seecl.see.store import ADAPTER_FILES, EnsembleStore, validate_expert_name
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
-from seecl.serving.routing import Answer, Check, Route, Thresholds
+from seecl.serving.routing import Answer, Budget, Check, OnToken, Query, Route, Thresholds
 from seecl.training import run_fingerprint, train
 
 
@@ -83,7 +84,6 @@ class SeeEnsemble:
                 len(self._base.tokenizer),
                 self._base.tokenizer,
             )
-            self.store.clean_staging()
         return self._base
 
     def formatter(self, max_length: int | None = None) -> PromptFormatter:
@@ -118,10 +118,21 @@ class SeeEnsemble:
         With a cache, an expert trained before on exactly the same reconstruction and settings
         (SEE's first expert is the same for every tau) is copied instead of retrained.
         """
+        # The name becomes paths under the ensemble: checked before anything is loaded or written.
+        name = validate_expert_name(name or task.name)
+        from accelerate import PartialState
+
+        main = PartialState().is_main_process  # under `accelerate launch`, every process trains; one publishes
+        with self.store.learning(f"`seecl learn` of expert {name!r}") if main else contextlib.nullcontext():
+            return self._learn(task, name, general, cache, main)
+
+    def _learn(self, task: Task, name: str, general: Task | None, cache: AdapterCache | None, main: bool) -> dict:
         cfg = self.config
-        name = name or task.name
         _ = self.base  # creates the ensemble directory on first use
-        if name in self.store.expert_names():
+        if main:
+            self.store.clean_staging()  # leftovers of an interrupted commit; only a learner may remove them
+        before = self.store.expert_names()
+        if name in before:
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
@@ -157,14 +168,19 @@ class SeeEnsemble:
             model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
+            work = self.store.work_dir(name)
             result = train(
                 model,
                 examples,
                 cfg.train,
                 self.base.tokenizer.pad_token_id,
-                checkpoint_dir=self.store.root / ".work" / name,
+                checkpoint_dir=work,
                 desc=f"expert {name}",
             )
+            # A finished training needs no checkpoint: nothing of it stays behind.
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.parent.rmdir()  # only when no other expert's checkpoint is in it
             metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
             losses, parameters = result.losses, trainable_parameters(model, name)
 
@@ -195,10 +211,9 @@ class SeeEnsemble:
 
         from accelerate import PartialState
 
-        state = PartialState()  # under `accelerate launch`, every process trained; one publishes
-        if state.is_main_process:
-            self.store.commit_expert(name, write, meta, memory, record)
-        state.wait_for_everyone()
+        if main:
+            self.store.commit_expert(name, write, meta, memory, record, after=before)
+        PartialState().wait_for_everyone()
         return record
 
     def thresholds(self) -> Thresholds:
@@ -250,15 +265,18 @@ class SeeEnsemble:
             )
         return self._engine
 
-    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
-        budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
-        runner = self.engine() if self.config.generate.engine == "fast" else self.router()
-        return runner.ask(list(queries), budget)
+    def backend(self) -> RoutingEngine | SequentialRouter:
+        """What answers queries over the current experts: the fast engine or the reference router."""
+        return self.engine() if self.config.generate.engine == "fast" else self.router()
 
-    def route(self, queries: Sequence[str]) -> list[Route]:
-        if self.config.generate.engine == "fast":
-            return self.engine().route(list(queries))
-        return self.router().route(list(queries))
+    def ask(
+        self, queries: Sequence[str | Query], max_new_tokens: Budget | None = None, on_token: OnToken | None = None
+    ) -> list[Answer]:
+        budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self.backend().ask(list(queries), budget, on_token)
+
+    def route(self, queries: Sequence[str | Query]) -> list[Route]:
+        return self.backend().route(list(queries))
 
 
 def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float) -> float:
