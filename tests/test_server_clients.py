@@ -46,7 +46,8 @@ def client(url):
 
 
 def queries() -> list[str]:
-    return [inst.query for name in ("reverse_list", "uppercase", "add") for inst in make_task(name, "eval", 2).instances]
+    names = ("reverse_list", "uppercase", "add")
+    return [inst.query for name in names for inst in make_task(name, "eval", 2).instances]
 
 
 def test_the_openai_client_lists_models_and_completes(client, ensemble):
@@ -97,7 +98,8 @@ def test_a_conversation_is_answered_after_its_history(client, ensemble):
     [expected] = ensemble.ask([Query(add, (("user", upper), ("assistant", "FINE")))], 6)
     assert chat.choices[0].message.content == expected.text
     assert chat.choices[0].route["answered_by"] == ensemble.route([add])[0].answered_by, "routed on the last turn"
-    assert chat.usage.prompt_tokens == len(ensemble.formatter().chat_ids([("user", upper), ("assistant", "FINE"), ("user", add)]))
+    turns = [("user", upper), ("assistant", "FINE"), ("user", add)]
+    assert chat.usage.prompt_tokens == len(ensemble.formatter().chat_ids(turns)), "the conversation counts whole"
 
 
 def test_a_request_may_name_an_expert_or_the_base(client, ensemble):
@@ -185,7 +187,7 @@ def test_metrics_count_requests_routes_and_batches(url, ensemble):
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     requests = samples[("seecl_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))]
     assert requests >= 2
-    answered = {dict(labels)["answered_by"]: v for (name, labels), v in samples.items() if name == "seecl_queries_total"}
+    answered = {dict(labels)["answered_by"] for (name, labels) in samples if name == "seecl_queries_total"}
     routes = [a.route for a in ensemble.ask(qs, 1)]
     assert set(answered) >= {r.answered_by for r in routes}
     verdicts = {tuple(dict(labels).values()) for (name, labels), _ in samples.items() if name == "seecl_checks_total"}
