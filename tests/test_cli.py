@@ -50,7 +50,7 @@ def test_bad_data_is_one_clear_line_without_traceback(tmp_path, capsys):
     code = main(["learn", "--ensemble", str(tmp_path / "e"), "--data", str(bad), *TINY])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err and "at at" not in err
 
 
 def test_bad_override_and_missing_ensemble(tmp_path, capsys):
@@ -182,3 +182,25 @@ def test_a_killed_learn_resumes_from_its_checkpoint(tmp_path):
     [record] = EnsembleStore(ens).records()
     assert record["metrics"]["resumed_from_step"] >= 50
     assert not (ens / ".work").exists()
+
+
+def test_serve_takes_server_settings_and_a_key_from_the_environment(small_ensemble, monkeypatch, capsys):
+    import seecl.serving.server
+
+    served = []
+    monkeypatch.setattr(seecl.serving.server, "serve", lambda app, host, port: served.append((app, host, port)))
+    monkeypatch.setenv("SEECL_API_KEY", "from-env")
+    args = ["serve", "--ensemble", small_ensemble, "--set", "server.max_tokens=7", "--set", "see.threshold=0.9"]
+    assert main(args) == 0
+    [(app, host, port)] = served
+    config = app.state.config
+    assert (config.max_tokens, config.default_max_tokens, config.api_key) == (7, 7, "from-env")
+    assert config.allowed_hosts == ["localhost", "127.0.0.1", "::1"] and (host, port) == ("127.0.0.1", 8000)
+    assert "API key required" in capsys.readouterr().out
+    assert main([*args, "--set", "server.default_max_tokens=5", "--api-key", "flag", "--host", "0.0.0.0"]) == 0
+    config = served[-1][0].state.config
+    assert (config.max_tokens, config.default_max_tokens, config.api_key, config.allowed_hosts) == (7, 5, "flag", ["*"])
+    assert main([*args, "--set", "server.nope=1"]) == 2
+    assert "unknown field" in capsys.readouterr().err
+    assert main(["config"]) == 0
+    assert "server.api_key" in capsys.readouterr().out

@@ -376,3 +376,34 @@ def test_serve_without_an_ensemble_is_a_one_line_error(tmp_path, capsys):
 
     assert main(["serve", "--ensemble", str(tmp_path / "nothing")]) == 2
     assert "no ensemble" in capsys.readouterr().err
+
+
+class Endless:
+    """A fake streaming answerer that goes on until its callback says stop."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+
+    def ask(self, queries, samplings, on_token=None):
+        tokens = 0
+        while on_token(0, Delta("word ", tokens)) is not False:
+            tokens += 1
+            assert tokens < 100_000, "the answer was never cancelled"
+            self.stopped.wait(0.001)
+        self.stopped.set()
+        answer = Answer(queries[0], "word " * tokens, Route("base", "no_experts", []), list(range(tokens)), "cancelled")
+        on_token(0, Delta("", None, None, answer))
+        return [answer]
+
+    def experts(self):
+        return []
+
+
+def test_a_client_that_leaves_stops_its_answer():
+    fake = Endless()
+    with running(create_app(fake, "fake")) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/completions", json={"prompt": "q", "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+        wait_until(fake.stopped.is_set, "the answer to stop after the client left")
+        assert httpx.get(f"{base_url}/health").status_code == 200

@@ -127,7 +127,7 @@ def create_app(
             tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="seecl", lifespan=lifespan, openapi_url=None)
-    app.state.metrics = metrics
+    app.state.metrics, app.state.config = metrics, cfg
     app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=cfg.allowed_hosts, allowed_origins=cfg.allowed_origins)
     if cfg.allowed_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -287,18 +287,16 @@ def ensemble_app(
 ) -> FastAPI:
     """The app over a SeeEnsemble, picking up experts learned while it serves: its id is the
     directory name, tokens are its tokenizer's, the answer budget its generate.max_new_tokens
-    unless server.default_max_tokens says otherwise; Host checks follow the `bind` address."""
+    (within server.max_tokens) unless server.default_max_tokens says otherwise; Host checks follow
+    the `bind` address."""
     import dataclasses
 
     from seecl.serving.live import LiveEnsemble
 
     cfg = config or ServerConfig()
-    default = cfg.default_max_tokens or ensemble.config.generate.max_new_tokens
+    default = cfg.default_max_tokens or min(ensemble.config.generate.max_new_tokens, cfg.max_tokens)
     cfg = dataclasses.replace(
-        cfg,
-        default_max_tokens=default,
-        max_tokens=max(cfg.max_tokens, default),
-        allowed_hosts=list(cfg.allowed_hosts) or default_hosts(bind),
+        cfg, default_max_tokens=default, allowed_hosts=list(cfg.allowed_hosts) or default_hosts(bind)
     )
     formatter = ensemble.formatter()
     tokenizer = ensemble.base.tokenizer
