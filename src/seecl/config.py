@@ -46,6 +46,12 @@ class ModelConfig:
         "in-vocabulary strings) or 'semantic' (Yes/No).",
         "added",
     )
+    indicator_rows: Literal["per_expert", "shared"] = doc(
+        "Added indicator tokens' embedding rows: 'per_expert' (every expert trains its own copy) or "
+        "'shared' (the first expert trains them, then the whole ensemble shares them and every "
+        "expert is a plain LoRA adapter, servable by vLLM). Fixed when the ensemble is created.",
+        "per_expert",
+    )
     system_prompt: str | None = doc(
         "System message for every prompt; null keeps the chat template's own default.", None
     )

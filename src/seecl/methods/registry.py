@@ -4,7 +4,8 @@
 SEE variants (each one config switch): `pseudo` (negatives from the general instruction set
 instead of earlier tasks), `nonsemantic` / `semantic` (indicator type), `general` (general
 negatives for every expert), `aLoRA` (activated-LoRA experts), `calibrated` (per-expert
-P(pos) thresholds calibrated on the experts' own queries; reuses the SEE(x%) experts).
+P(pos) thresholds calibrated on the experts' own queries; reuses the SEE(x%) experts), `shared`
+(indicator rows trained by the first expert and shared by the ensemble: plain LoRA experts).
 Variants combine in a label, `SEE(10%)-general-calibrated`, each switch applied once.
 """
 
@@ -24,6 +25,7 @@ SEE_VARIANTS = {
     "general": [],  # see.general_negatives comes from the context (count set by the benchmark)
     "aLoRA": ["adapter.kind=alora"],
     "calibrated": ["see.calibrate=true"],  # same experts as SEE(x%): only routing changes
+    "shared": ["model.indicator_rows=shared"],  # plain LoRA experts over rows the first expert trained
 }
 
 

@@ -163,11 +163,14 @@ class EnsembleStore:
         meta: dict[str, Any],
         memory: QueryMemory,
         record: dict[str, Any],
+        shared_rows: tuple[list[int], dict[str, Any]] | None = None,
     ) -> Path:
         """Write an expert through `write(staging_dir)` and publish it atomically.
 
         `write` must put the PEFT adapter files into the directory it is given. `meta` goes to
-        expert.json, `record` into the manifest's expert list.
+        expert.json, `record` into the manifest's expert list. `shared_rows` (token ids, rows), given
+        with the first expert of a shared-rows ensemble, become the ensemble's indicator rows in the
+        same manifest update.
         """
         validate_expert_name(name)
         with self._lock():
@@ -202,6 +205,15 @@ class EnsembleStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
+            if shared_rows is not None:
+                if manifest.get("indicator_rows"):
+                    raise StoreError(f"{self.root} already has shared indicator rows")
+                from seecl.see.shared_rows import ROWS_FILE, save_rows
+
+                staging_rows = self.root / f".{ROWS_FILE}.{uuid.uuid4().hex}"
+                digest = save_rows(staging_rows, *shared_rows)
+                os.replace(staging_rows, self.root / ROWS_FILE)
+                manifest["indicator_rows"] = {"file": ROWS_FILE, "digest": digest, "trained_by": name}
             manifest["experts"].append(
                 {**record, "name": name, "task": memory.task, "created": now(), "dir": f"experts/{name}"}
             )
@@ -210,9 +222,20 @@ class EnsembleStore:
 
     def clean_staging(self) -> None:
         """Remove leftovers of interrupted writes (never touches published experts)."""
+        for child in self.root.glob(".rows-*"):
+            shutil.rmtree(child, ignore_errors=True)
         experts = self.root / "experts"
         if experts.is_dir():
             listed = set(self.expert_names())
             for child in experts.iterdir():
                 if child.name.startswith(".staging-") or (child.is_dir() and child.name not in listed):
                     shutil.rmtree(child, ignore_errors=True)
+
+    def shared_rows(self) -> tuple[list[int], dict[str, Any], str] | None:
+        """The ensemble's shared indicator rows (token ids, rows, digest), if it has any."""
+        entry = self.manifest().get("indicator_rows") if self.exists() else None
+        if not entry:
+            return None
+        from seecl.see.shared_rows import load_rows
+
+        return (*load_rows(self.root / entry["file"]), entry["digest"])
