@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from seecl.config import TrainConfig
 from seecl.data.prompts import IGNORE, Example
 from seecl.loss import TOKEN_ROWS, SupervisedLoss
+from seecl.publish import publish_dir
 
 MEGABATCH = 16  # batches whose members are regrouped by length together
 
@@ -154,26 +154,20 @@ def run_fingerprint(examples: list[Example], cfg: TrainConfig) -> str:
 
 
 def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses, fingerprint: str) -> None:
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(
-        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(staging / "trainable.safetensors")
-    )
-    torch.save(
-        {
+    def write(staging: Path) -> None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
+        save_file(trainable, str(staging / "trainable.safetensors"))
+        state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "losses": losses,
             "fingerprint": fingerprint,
-        },
-        staging / "state.pt",
-    )
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+        }
+        torch.save(state, staging / "state.pt")
+
+    publish_dir(directory, write, replace=True)
 
 
 def _load_checkpoint(directory: Path, model, optimizer, scheduler, fingerprint: str) -> tuple[int, list[float]]:

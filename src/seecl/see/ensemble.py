@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -191,7 +192,7 @@ class SeeEnsemble:
             self._loaded.append(name)
         shared_rows = None
         if first_shared:  # the rows leave the first expert's adapter and become the ensemble's
-            staged = Path(tempfile.mkdtemp(prefix=".rows-", dir=self.store.root))
+            staged = Path(tempfile.mkdtemp(prefix=f".rows-{os.getpid()}-", dir=self.store.root))
             save(staged)
             shared_rows = take_rows(staged)
 
