@@ -188,6 +188,25 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, fingerprint: 
     return int(state["step"]), list(state["losses"])
 
 
+class TrainingForbidden(RuntimeError):
+    """Raised by `train` inside `forbid_training()`: something trained that should have been loaded."""
+
+
+_forbidden = 0
+
+
+@contextlib.contextmanager
+def forbid_training():
+    """Within this block every call of `train` raises: the one seam through which a resumed run,
+    a cached stage or a re-scoring is shown to train nothing (every method trains through `train`)."""
+    global _forbidden
+    _forbidden += 1
+    try:
+        yield
+    finally:
+        _forbidden -= 1
+
+
 def train(
     model: torch.nn.Module,
     examples: list[Example],
@@ -206,6 +225,8 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    if _forbidden:
+        raise TrainingForbidden(f"{desc}: trained inside forbid_training()")
     if not examples:
         raise ValueError("no training examples")
     cpu = not torch.cuda.is_available()

@@ -18,9 +18,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from seecl import training
 from seecl.adapters import add_expert, load_expert, save_expert, trainable_parameters
 from seecl.cache import AdapterCache, cache_key
 from seecl.config import RunConfig, load_config, save_config, to_dict
+from seecl.data.general import load_general
 from seecl.data.prompts import PromptFormatter
 from seecl.data.task import Task
 from seecl.errors import StoreError
@@ -32,7 +34,7 @@ from seecl.see.store import ADAPTER_FILES, EnsembleStore
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
 from seecl.serving.routing import Answer, Check, Route, Thresholds
-from seecl.training import run_fingerprint, train
+from seecl.training import run_fingerprint
 
 
 class SeeEnsemble:
@@ -139,6 +141,8 @@ class SeeEnsemble:
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
+        if general is None and (cfg.see.general_negatives or cfg.see.negatives == "pseudo"):
+            general = load_general(cfg.see.general_negatives_file)
         rec = reconstruct(
             task,
             memories,
@@ -173,7 +177,7 @@ class SeeEnsemble:
             model = add_expert(self.model, name, adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
-            result = train(
+            result = training.train(
                 model,
                 examples,
                 cfg.train,
@@ -214,6 +218,8 @@ class SeeEnsemble:
             "from_cache": cached is not None,
         }
         meta = {**record, "negative_ids": rec.negative_ids(), "losses": losses, "data_source": task.source}
+        if general is not None and rec.negative_ids().get(general.name):
+            meta["general_pool"] = {"source": general.source, "fingerprint": general.fingerprint()}
 
         def write(directory: Path) -> None:
             save(directory)
