@@ -131,7 +131,7 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     del base
     _, general = load_ood(cfg)
     ctx = MethodContext(
-        run_config, workdir, AdapterCache(RUN / "cache"), general, extra={"general_negatives": cfg.general_negatives}
+        run_config, workdir, AdapterCache(RUN / "cache"), general, general_negatives=cfg.general_negatives
     )
     method = build_method(label, ctx)
     for stage in range(len(tasks)):

@@ -16,7 +16,10 @@ def _learn(root, *overrides):
     from conftest import TINY
     from seecl.config import load_config
 
-    ens = SeeEnsemble(root, load_config(overrides=TINY + list(overrides)))
+    # the paper's recipe: greedy indicators, so the reference router and the engine built here agree
+    ens = SeeEnsemble(
+        root, load_config(overrides=TINY + ["see.calibrate=false", "see.general_negatives=0", *overrides])
+    )
     for name in NAMES:
         ens.learn(make_task(name, "train", 48))
     return ens

@@ -45,9 +45,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
     ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
     task = load_task(args.data, name=args.task, split=args.split, limit=args.limit)
-    general_file = ensemble.config.see.general_negatives_file
-    general = load_task(general_file, name="general") if general_file else None
-    record = ensemble.learn(task, name=args.name, general=general)
+    record = ensemble.learn(task, name=args.name)
     metrics = record["metrics"]
     from accelerate import PartialState
 
@@ -78,7 +76,7 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
     if args.file:
         from seecl.data.formats import load_instances
 
-        queries += [inst.query for inst in load_instances(args.file)]
+        queries += [inst.query for inst in load_instances(args.file, responses=False)]
     if not queries and not sys.stdin.isatty():
         queries = _stdin_queries()
     if not queries:

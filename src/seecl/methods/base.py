@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -53,10 +53,10 @@ class Method(Protocol):
 @dataclass
 class MethodContext:
     config: RunConfig
-    workdir: Path
-    cache: AdapterCache
-    general: Task | None = None  # general instructions (pseudo/general negatives), when configured
-    extra: dict = field(default_factory=dict)
+    workdir: Path  # the method's own state lives here
+    cache: AdapterCache  # trained adapters, shared between methods and runs
+    general: Task | None = None  # a benchmark's general instructions (SEE's -general and -pseudo variants)
+    general_negatives: int = 10  # general negatives per expert for SEE's -general variant
 
 
 def unrouted(answers_text: Sequence[str], queries: Sequence[str]) -> list[Answer]:

@@ -24,10 +24,12 @@ class SeeMethod:
     schedule = "sequential"
     routed = True
 
-    def __init__(self, ctx, label: str, overrides: list[str] | None = None):
+    def __init__(self, ctx, label: str, overrides: list[str] | None = None, general: Task | None = None):
+        """`overrides` turn the run config into this label's recipe; `general` is the general
+        instruction set its general or pseudo negatives come from (None: the ensemble's own)."""
         from seecl.config import from_dict, merge_overrides
 
-        self.ctx, self.label = ctx, label
+        self.ctx, self.label, self.general = ctx, label, general
         config = from_dict(RunConfig, merge_overrides(to_dict(ctx.config), overrides or []))
         self.ensemble = SeeEnsemble(ctx.workdir / "ensemble", config)
 
@@ -57,7 +59,7 @@ class SeeMethod:
         if task.name in stored:
             record = next(e for e in self.ensemble.store.records() if e["name"] == task.name)
             return {**record["metrics"], "cached": True}
-        record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
+        record = self.ensemble.learn(task, general=self.general, cache=self.ctx.cache)
         return {**record["metrics"], "cached": record["from_cache"], "negatives": sum(record["n_negatives"].values())}
 
     def answer(self, queries, budgets) -> list[Answer]:

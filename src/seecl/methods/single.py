@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from seecl import training
 from seecl.adapters import (
     add_expert,
     load_expert,
@@ -25,7 +26,7 @@ from seecl.methods.base import MODEL, MethodContext, unrouted
 from seecl.model.base import Base, load_base
 from seecl.model.generation import greedy_generate
 from seecl.serving.routing import Answer, Route
-from seecl.training import run_fingerprint, train
+from seecl.training import run_fingerprint
 
 
 class SingleAdapter:
@@ -100,7 +101,7 @@ class SingleAdapter:
             only_train(model, name)
         self.model = model
         examples = [self.formatter.sft_example(i.query, i.response) for i in instances]
-        result = train(
+        result = training.train(
             model,
             examples,
             cfg.train,

@@ -50,8 +50,9 @@ ORDERS = {
 }
 DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(10%)", "SSR", "SEE(1%)", "SEE(10%)"]
 # Shared by every method in the comparison. The template's default system message would add ~20
-# tokens to every example and query; it carries no task information.
-BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true"]
+# tokens to every example and query; it carries no task information. The run config records the
+# paper's SEE recipe (no general negatives, greedy indicators); SEE labels pin it themselves.
+BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true", "see.general_negatives=0", "see.calibrate=false"]
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             out / "methods" / method_dirname(label),
             cache,
             general,
-            extra={"general_negatives": cfg.general_negatives},
+            general_negatives=cfg.general_negatives,
         )
         method = build_method(label, ctx)
         log(f"== {label}")
