@@ -67,3 +67,23 @@ def test_a_new_expert_is_served_without_a_restart(tmp_path):
         assert "ens/add" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
         metrics = httpx.get(f"{url}/metrics").text
         assert "seecl_ensemble_reloads_total 1.0" in metrics
+
+
+def test_a_served_ensemble_gets_the_rows_its_first_expert_shares(tmp_path):
+    """With model.indicator_rows=shared the first expert's indicator rows move into the base: a
+    server that opened the ensemble before that expert existed must write them in when it loads it."""
+    from seecl.serving.live import LiveEnsemble
+
+    settings = [*TINY, "model.indicator_rows=shared"]
+    served = SeeEnsemble(tmp_path / "ens", load_config(overrides=settings))
+    _ = served.base  # the ensemble exists, without experts, when the server starts
+    live = LiveEnsemble(served)
+    assert live.experts() == [] and not live.refresh()
+    SeeEnsemble.open(tmp_path / "ens", settings[1:]).learn(make_task("add", "train", 32))
+    assert live.refresh() and live.experts() == ["add"]
+    queries = [inst.query for inst in make_task("add", "eval", 3).instances] + ["Hi there"]
+    fresh = SeeEnsemble.open(tmp_path / "ens").ask(queries, 4)
+    answers = live.ask(queries, 4)
+    assert [(a.route.answered_by, a.route.checks, a.text) for a in answers] == [
+        (a.route.answered_by, a.route.checks, a.text) for a in fresh
+    ]

@@ -64,6 +64,7 @@ class SeeEnsemble:
         self._model = None
         self._loaded: list[str] = []
         self._engine = None
+        self._rows_digest: str | None = None  # the shared indicator rows written into the base, if any
         # Route through the first `visible` experts only (None: all). A continual run that is
         # scored again after every expert exists sees each stage's ensemble as it was then.
         self.visible: int | None = None
@@ -98,10 +99,16 @@ class SeeEnsemble:
                 self._base.tokenizer,
             )
             self.store.clean_staging()
-            shared = self.store.shared_rows()
-            if shared is not None:
-                apply_rows(self._base.model, shared[0], shared[1])
+            self._apply_shared_rows()
         return self._base
+
+    def _apply_shared_rows(self) -> None:
+        """Write the ensemble's shared indicator rows into the base, once they exist (a reader that
+        opened the ensemble before its first expert was committed gets them with that expert)."""
+        shared = self.store.shared_rows()
+        if shared is not None and shared[2] != self._rows_digest:
+            apply_rows(self._base.model, shared[0], shared[1])
+            self._rows_digest = shared[2]
 
     def formatter(self, max_length: int | None = None) -> PromptFormatter:
         return PromptFormatter(
@@ -115,7 +122,10 @@ class SeeEnsemble:
     def model(self):
         """The base with every published expert loaded (as PEFT adapters named after the experts)."""
         model = self._model if self._model is not None else self.base.model
-        for name in self.store.expert_names():
+        names = self.store.expert_names()
+        if self._rows_digest is None and any(name not in self._loaded for name in names):
+            self._apply_shared_rows()
+        for name in names:
             if name not in self._loaded:
                 model = load_expert(model, name, self.store.expert_dir(name))
                 self._loaded.append(name)
