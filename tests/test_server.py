@@ -407,3 +407,18 @@ def test_a_client_that_leaves_stops_its_answer():
             assert next(line for line in lines if line).startswith("data: ")
         wait_until(fake.stopped.is_set, "the answer to stop after the client left")
         assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+class Greedy(Recorder):
+    greedy_only = True
+
+
+def test_a_greedy_only_backend_refuses_sampling_before_batching():
+    fake = Greedy()
+    fake.release.set()
+    with running(create_app(fake, "fake")) as base_url:
+        for extra in ({"temperature": 0.7}, {"stop": "x"}, {"logprobs": 1}):
+            response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", **extra})
+            assert response.status_code == 400 and "decodes greedily" in response.json()["error"]["message"]
+        assert httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "n": 2}).status_code == 200
+    assert fake.batches == [["hi", "hi"]], "refused requests never reached a batch"

@@ -227,7 +227,8 @@ class ServerConfig:
     batch_window_s: float = doc("How long the first waiting request waits for others to share its batch.", 0.01)
     max_batch_queries: int = doc("Queries per engine call (a larger request goes alone).", 32)
     reload_interval_s: float = doc(
-        "How often an idle server looks for experts learned meanwhile (it also looks before every batch); 0: never.",
+        "How often an idle server looks for experts learned meanwhile; it also looks before every batch "
+        "(0: only then).",
         1.0,
     )
     api_key: str | None = doc(

@@ -147,9 +147,9 @@ class SeeEnsemble:
         """
         # The name becomes paths under the ensemble: checked before anything is loaded or written.
         name = validate_expert_name(name or task.name)
-        from accelerate import PartialState
-
-        main = PartialState().is_main_process  # under `accelerate launch`, every process trains; one publishes
+        # Under `accelerate launch` or torchrun every process trains and one, rank 0, publishes. The
+        # rank comes from the launcher's environment: accelerate's state is made by the training.
+        main = int(os.environ.get("RANK", "0")) == 0
         with self.store.learning(f"`seecl learn` of expert {name!r}") if main else contextlib.nullcontext():
             return self._learn(task, name, general, cache, main)
 

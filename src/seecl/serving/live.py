@@ -31,6 +31,14 @@ class LiveEnsemble:
     def experts(self) -> list[str]:
         return list(self._experts)
 
+    @property
+    def greedy_only(self) -> bool:
+        """Whether the backend decodes greedily only (the reference router): the server then
+        refuses sampled requests before they join a batch."""
+        from seecl.serving.engine import RoutingEngine
+
+        return not isinstance(self._backend, RoutingEngine)
+
     def refresh(self) -> bool:
         """Serve the experts committed since the last look; whether the expert list changed."""
         stamp = self.ensemble.store.manifest_stamp()

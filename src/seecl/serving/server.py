@@ -81,8 +81,8 @@ async def _read_json(request: Request, limit: int) -> dict:
 
 def _failure(exc: BaseException) -> ApiError:
     """What a failed batch tells its requests."""
-    if isinstance(exc, UnsupportedSampling):
-        return ApiError(f"{exc} (generate.engine=fast samples)", 400, code="unsupported_value")
+    if isinstance(exc, UnsupportedSampling):  # a backend that said nothing of being greedy-only
+        return ApiError(str(exc), 400, code="unsupported_value")
     return ApiError(f"internal error: {type(exc).__name__}: {exc}", 500, kind="server_error")
 
 
@@ -171,6 +171,15 @@ def create_app(
         arrived = time.perf_counter()
         body = await _read_json(request, cfg.max_body_bytes)
         parsed = parse(body, chat, cfg, model_id, answerer.experts())
+        if getattr(answerer, "greedy_only", False) and any(
+            not s.greedy or s.stop or s.logprobs is not None for s in parsed.samplings
+        ):
+            # refused alone, rather than failing the batch it would have joined
+            raise ApiError(
+                "this server decodes greedily (generate.engine=reference): send temperature 0 and no "
+                "stop or logprobs, or serve with generate.engine=fast",
+                code="unsupported_value",
+            )
         prompt_total = await prompt_tokens(parsed)
         job = request.app.state.batcher.submit(parsed.queries, parsed.samplings, stream=parsed.stream)
         header = {
