@@ -63,7 +63,11 @@ def unrouted(answers_text: Sequence[str], queries: Sequence[str]) -> list[Answer
     return [Answer(q, t, Route(MODEL, "direct")) for q, t in zip(queries, answers_text)]
 
 
-def release(*objects) -> None:
-    """Drop references to models and give the memory back before the next method loads one."""
-    del objects
+def free_memory() -> None:
+    """Give the memory of dropped models back before the next method loads one (callers drop their
+    references first: `method.close()`, then `del method`)."""
+    import torch
+
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
