@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §3): a method learns tasks in order and is scored after stages.
+"""The evaluation protocol (docs/design.md §3): a method learns tasks in order and is scored after stages.
 
 Owns the stage x task score matrix and its resumable state. After stage i a sequential method is
 scored on task i (the diagonal a[i][i]) and, after the last stage, on every task (the final row);

@@ -1,4 +1,4 @@
-"""SEE, the Sequential Ensemble of Experts (DESIGN §1), over an ensemble directory.
+"""SEE, the Sequential Ensemble of Experts (docs/design.md §1), over an ensemble directory.
 
 Owns task reconstruction (positives with `<<pos>>`, tau-sampled `<<neg>>` queries of every earlier
 task from the ensemble's query memory), training one fresh LoRA expert per task on the frozen base,
