@@ -174,14 +174,20 @@ class Protocol:
                 f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage for t in self.cells_for(s)
             )
             needed = todo or later or (final_pending and stage == final_stage)
-            if not needed and str(stage) in self.state["stages"]:
+            recorded = self.state["stages"].get(str(stage))
+            # a stage trained before cache keys were recorded is loaded once more to record its key
+            unkeyed = self.method.stage_cache and recorded is not None and not recorded.get("cache_key")
+            if not needed and recorded is not None and not unkeyed:
                 continue
             started = time.perf_counter()
             metrics = self.method.learn(tasks)
             metrics["trainable_parameters"] = self.method.trainable_parameters()
-            if str(stage) not in self.state["stages"] or not metrics.get("cached"):
+            if recorded is None or not metrics.get("cached"):
                 self.state["stages"][str(stage)] = {**metrics, "fingerprint": self.stage_fingerprint(stage)}
                 self.state["seconds"]["train"] += time.perf_counter() - started
+                self._save()
+            elif unkeyed and metrics.get("cache_key"):
+                recorded["cache_key"] = metrics["cache_key"]
                 self._save()
             for task in todo:
                 self._score_cell(stage, task)

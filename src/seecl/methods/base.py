@@ -33,6 +33,7 @@ class Method(Protocol):
     label: str
     schedule: Schedule
     routed: bool
+    stage_cache: bool  # each stage's trained adapter lives in the adapter cache under its metrics' cache_key
 
     def learn(self, tasks: Sequence[Task]) -> dict:
         """Train on the last of `tasks` (or all of them, for joint methods); returns stage metrics."""
