@@ -229,3 +229,31 @@ def test_a_see_run_rebuilds_its_ensemble_when_a_task_changed(tmp_path):
     Protocol(method, edited, evals, ctx.workdir, log=lambda _: None).run()
     experts = method.ensemble.store.records()
     assert [e["data_fingerprint"] for e in experts] == [t.fingerprint() for t in edited]
+
+
+def test_evaluation_reports_progress_per_batch(tmp_path, monkeypatch):
+    """Long evaluations show counts and ETA: every scored cell, the OOD routing and the perplexity
+    get a bar that finished batches advance by the queries they held."""
+    import seecl.progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.desc, self.total, self.n = desc, total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(seecl.progress, "make_bar", Bar)
+    run_protocol(tmp_path, "SEE(25%)", progress=True)
+    names = [b.desc for b in bars]
+    assert names[:3] == ["SEE(25%) stage 1 uppercase", "SEE(25%) stage 2 uppercase", "SEE(25%) stage 2 add"]
+    assert "SEE(25%) OOD routing" in names and "SEE(25%) perplexity" in names
+    assert all(b.n == b.total > 0 for b in bars if b.desc != "SEE(25%) perplexity"), [
+        (b.desc, b.n, b.total) for b in bars
+    ]

@@ -1,4 +1,4 @@
-"""Readers for the task formats seecl accepts (DESIGN §4), with errors that name file and line.
+"""Readers for the task formats seecl accepts (docs/design.md §4), with errors that name file and line.
 
 - SSR-style JSONL: one object per line with `full_prompt`, `output`, `id` (`task_name` optional).
 - Official SuperNI task JSON: `Definition` (list), `Instances` with `input` and `output` (list);

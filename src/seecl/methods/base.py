@@ -33,6 +33,7 @@ class Method(Protocol):
     label: str
     schedule: Schedule
     routed: bool
+    stage_cache: bool  # each stage's trained adapter lives in the adapter cache under its metrics' cache_key
 
     def learn(self, tasks: Sequence[Task]) -> dict:
         """Train on the last of `tasks` (or all of them, for joint methods); returns stage metrics."""
@@ -63,7 +64,11 @@ def unrouted(answers_text: Sequence[str], queries: Sequence[str]) -> list[Answer
     return [Answer(q, t, Route(MODEL, "direct")) for q, t in zip(queries, answers_text)]
 
 
-def release(*objects) -> None:
-    """Drop references to models and give the memory back before the next method loads one."""
-    del objects
+def free_memory() -> None:
+    """Give the memory of dropped models back before the next method loads one (callers drop their
+    references first: `method.close()`, then `del method`)."""
+    import torch
+
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -114,6 +114,7 @@ class LayerMethod:
 
     schedule = "sequential"
     routed = True
+    stage_cache = False  # stage snapshots live in the workdir (6-21 MB each), not in the adapter cache
     route_reason = "task_inference"
 
     def __init__(self, ctx: MethodContext, label: str):

@@ -1,4 +1,4 @@
-"""MoSEs, Mixtures of SubExperts (DESIGN §2), and the layer-wrapping scaffolding SETA reuses.
+"""MoSEs, Mixtures of SubExperts (docs/design.md §2), and the layer-wrapping scaffolding SETA reuses.
 
 This module owns (1) `LayerMethod`, the scaffolding shared with seta.py: plain-torch wrappers
 injected around the base model's target nn.Linear layers, frozen-base query features, per-stage

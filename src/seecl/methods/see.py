@@ -1,4 +1,4 @@
-"""SEE, the Sequential Ensemble of Experts (DESIGN §1), over an ensemble directory.
+"""SEE, the Sequential Ensemble of Experts (docs/design.md §1), over an ensemble directory.
 
 Owns task reconstruction (positives with `<<pos>>`, tau-sampled `<<neg>>` queries of every earlier
 task from the ensemble's query memory), training one fresh LoRA expert per task on the frozen base,
@@ -23,6 +23,7 @@ class SeeMethod:
 
     schedule = "sequential"
     routed = True
+    stage_cache = True
 
     def __init__(self, ctx, label: str, overrides: list[str] | None = None, general: Task | None = None):
         """`overrides` turn the run config into this label's recipe; `general` is the general
@@ -58,9 +59,15 @@ class SeeMethod:
         self.ensemble.visible = len(seen)  # later experts of a resumed run stay out of this stage
         if task.name in stored:
             record = next(e for e in self.ensemble.store.records() if e["name"] == task.name)
-            return {**record["metrics"], "cached": True}
+            return {**record["metrics"], "cached": True, "cache_key": record.get("cache_key")}
         record = self.ensemble.learn(task, general=self.general, cache=self.ctx.cache)
-        return {**record["metrics"], "cached": record["from_cache"], "negatives": sum(record["n_negatives"].values())}
+        negatives = sum(record["n_negatives"].values())
+        return {
+            **record["metrics"],
+            "cached": record["from_cache"],
+            "negatives": negatives,
+            "cache_key": record["cache_key"],
+        }
 
     def answer(self, queries, budgets) -> list[Answer]:
         return self.ensemble.ask(list(queries), list(budgets))

@@ -1,4 +1,4 @@
-"""SETA: a shared expert plus one unique sparse expert per task, chosen by a gate (DESIGN §2).
+"""SETA: a shared expert plus one unique sparse expert per task, chosen by a gate (docs/design.md §2).
 
 This module owns SETA's sparse delta layers, subspace selection, elastic anchoring, the gate and
 its routing-aware regularisation, and SETA's snapshots. Layer wrapping, frozen-base features,

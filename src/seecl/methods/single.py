@@ -89,7 +89,7 @@ class SingleAdapter:
         key = self.key(instances, init)
         if self.ctx.cache.get(key) is not None:
             self.activate(key)
-            return key, {**self.ctx.cache.meta(key), "cached": True}
+            return key, {**self.ctx.cache.meta(key), "cached": True, "cache_key": key}
         cfg = self.ctx.config
         name = self._adapter_name(key)
         model = self.model if self.model is not None else self.base.model
@@ -114,7 +114,7 @@ class SingleAdapter:
         self.ctx.cache.put(key, lambda d: save_expert(model, name, d), meta)
         self.active = key
         self._drop_others(name)
-        return key, {**meta, "cached": False}
+        return key, {**meta, "cached": False, "cache_key": key}
 
     def generate(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], use_adapter: bool = True) -> list[str]:
         cfg, fmt = self.ctx.config, self.formatter
@@ -146,6 +146,7 @@ class OneModelMethod:
     """What the unrouted baselines share: one `SingleAdapter` that answers every query directly."""
 
     routed = False
+    stage_cache = True
 
     def __init__(self, ctx: MethodContext, label: str):
         self.ctx, self.label = ctx, label

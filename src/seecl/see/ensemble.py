@@ -241,6 +241,7 @@ class SeeEnsemble:
             "metrics": metrics,
             "config": to_dict(cfg),
             "from_cache": cached is not None,
+            "cache_key": key,
         }
         meta = {**record, "negative_ids": rec.negative_ids(), "losses": losses, "data_source": task.source}
         if general is not None and rec.negative_ids().get(general.name):

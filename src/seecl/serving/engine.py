@@ -34,6 +34,7 @@ import torch
 
 from seecl.data.prompts import PromptFormatter
 from seecl.model.kv import kv_over
+from seecl.progress import advance
 from seecl.serving.batch_kv import Rows, gather
 from seecl.serving.decoding import AnswerDecoding, choose_tokens, decodings_for
 from seecl.serving.forwards import BatchForwards
@@ -323,7 +324,9 @@ class RoutingEngine(BatchForwards):
         # Each batch walks the experts alone, so memory stays bounded by one batch's KV.
         order = batch_order(prompts, self.prefix_cache.block)
         for start in range(0, len(order), self.batch_size):
-            self._run_chunk(order[start : start + self.batch_size], prompts, answer_prompts, decodings)
+            chunk = order[start : start + self.batch_size]
+            self._run_chunk(chunk, prompts, answer_prompts, decodings)
+            advance(len(chunk))
         return [decoding.answer for decoding in decodings]
 
     def _piece(self, ids: list[int]) -> str:
