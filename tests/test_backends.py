@@ -94,6 +94,10 @@ def test_routes_and_greedy_answers_equal_the_reference(make, ensemble, threshold
     answers = backend.ask(qs, 6)
     same_routes([a.route for a in answers], [a.route for a in expected])
     assert [a.text for a in answers] == [a.text for a in expected]
+    # usage and finish reasons come from the generated ids, which every backend reports alike
+    assert [a.token_ids for a in answers] == [a.token_ids for a in expected]
+    assert [a.finish_reason for a in answers] == [a.finish_reason for a in expected]
+    assert all(a.finish_reason == ("length" if len(a.token_ids) == 6 else "stop") for a in answers)
     if threshold is None:
         assert {a.route.answered_by for a in expected} >= set(NAMES), "every expert answers some query"
     else:

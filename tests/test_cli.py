@@ -1,7 +1,15 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-from conftest import TINY
+import pytest
+
+from conftest import TINY, wait_until
 from seecl.cli import main
+
+ENV = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"), OMP_NUM_THREADS="1")
 
 
 def test_learn_then_ask_through_the_cli(tmp_path, capsys):
@@ -42,7 +50,7 @@ def test_bad_data_is_one_clear_line_without_traceback(tmp_path, capsys):
     code = main(["learn", "--ensemble", str(tmp_path / "e"), "--data", str(bad), *TINY])
     err = capsys.readouterr().err
     assert code == 2
-    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err
+    assert f"{bad}:2: malformed JSON" in err and "Traceback" not in err and "at at" not in err
 
 
 def test_bad_override_and_missing_ensemble(tmp_path, capsys):
@@ -56,3 +64,143 @@ def test_config_command_lists_documented_fields(capsys):
     assert main(["config"]) == 0
     out = capsys.readouterr().out
     assert "see.tau" in out and "Rehearsal ratio" in out
+
+
+@pytest.fixture(scope="module")
+def small_ensemble(tmp_path_factory):
+    ens = str(tmp_path_factory.mktemp("cli") / "ens")
+    assert main(["learn", "--ensemble", ens, "--data", "synthetic:add", "--limit", "8", *TINY, "train.epochs=1"]) == 0
+    return ens
+
+
+@pytest.mark.parametrize("option,value", [("--name", None), ("--name", "../x"), ("--name", "a/b"), ("--task", "../t")])
+def test_names_are_checked_before_anything_is_loaded_or_written(tmp_path, capsys, option, value):
+    """Regression: `--name /some/abs/dir` trained, then deleted /some/abs/dir/checkpoint."""
+    outside = tmp_path / "outside"
+    (outside / "checkpoint").mkdir(parents=True)
+    (outside / "checkpoint" / "keep.txt").write_text("mine")
+    ens = tmp_path / "ens"
+    code = main(["learn", "--ensemble", str(ens), "--data", "synthetic:add", option, value or str(outside), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid" in err and "name" in err and "Traceback" not in err
+    assert (outside / "checkpoint" / "keep.txt").read_text() == "mine"
+    assert not ens.exists(), "nothing was created"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
+
+
+def test_a_second_learner_fails_at_once_naming_the_first(small_ensemble, capsys):
+    """Regression: two `seecl learn` on one ensemble both succeeded, the later expert trained
+    without the earlier one's queries as negatives."""
+    from seecl.see.store import EnsembleStore
+
+    store = EnsembleStore(small_ensemble)
+    before = store.manifest_path.read_text()
+    with store.learning("`seecl learn` of expert 'first'"):
+        code = main(["learn", "--ensemble", small_ensemble, "--data", "synthetic:uppercase", "--limit", "8", *TINY[1:]])
+    err = capsys.readouterr().err
+    assert code == 2 and "is busy" in err and "expert 'first'" in err and f"pid {os.getpid()}" in err
+    assert store.manifest_path.read_text() == before
+
+
+def test_a_commit_is_refused_when_the_ensemble_changed_meanwhile(small_ensemble):
+    from seecl.errors import StoreError
+    from seecl.see.store import EnsembleStore, QueryMemory
+
+    store = EnsembleStore(small_ensemble)
+    with pytest.raises(StoreError, match="changed while expert 'late' was trained"):
+        store.commit_expert("late", lambda d: None, {}, QueryMemory("late", 1, ()), {}, after=[])
+
+
+def test_non_utf8_data_and_queries_are_one_line_errors(small_ensemble, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    assert main(["learn", "--ensemble", str(tmp_path / "e"), "--data", str(bad), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8" in err and "Traceback" not in err
+    assert main(["ask", "--ensemble", small_ensemble, "--file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8" in err and "Traceback" not in err
+    result = subprocess.run(
+        [sys.executable, "-m", "seecl.cli", "ask", "--ensemble", small_ensemble],
+        input=b"fine\n\xff\xfe broken\n",
+        capture_output=True,
+        env=ENV,
+    )
+    assert result.returncode == 2 and b"<stdin>:2: not UTF-8" in result.stderr and b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused(tmp_path, capsys, limit):
+    """Regression: `--limit 0` with synthetic data meant 64, `--limit -1` dropped the last line."""
+    assert main(["learn", "--ensemble", str(tmp_path / "e"), "--data", "synthetic:add", "--limit", limit, *TINY]) == 2
+    assert "limit must be a positive number" in capsys.readouterr().err
+
+
+def test_ask_refuses_a_negative_budget_and_empty_queries(small_ensemble, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--ensemble", small_ensemble, "--max-new-tokens", "-5", "hi"])
+    assert exit_info.value.code == 2 and "must be >= 0" in capsys.readouterr().err
+    assert main(["ask", "--ensemble", small_ensemble, "hi", "  "]) == 2
+    assert "query 2 is empty" in capsys.readouterr().err
+    assert main(["ask", "--ensemble", small_ensemble, "--json", "--max-new-tokens", "0", "hi"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["answer"] == "" and answer["answered_by"] in ("add", "base"), "0 routes without answering"
+
+
+def test_a_closed_pipe_is_not_a_traceback(small_ensemble):
+    """Regression: `seecl info | head` raised BrokenPipeError."""
+    for command in (["info", "--ensemble", small_ensemble, "--json"], ["config"]):
+        process = subprocess.Popen(
+            [sys.executable, "-m", "seecl.cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+        )
+        process.stdout.close()  # the reader is gone before the first line is written
+        _, err = process.communicate(timeout=120)
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+        assert process.returncode == 141
+
+
+def test_learn_leaves_no_work_directory_and_checkpoints_by_default(small_ensemble):
+    from seecl.config import TrainConfig
+
+    assert not (Path(small_ensemble) / ".work").exists(), "regression: an empty .work/<name> stayed behind"
+    assert TrainConfig().checkpoint_every > 0
+
+
+def test_a_killed_learn_resumes_from_its_checkpoint(tmp_path):
+    """Regression: checkpoints were off by default, so a killed learn restarted from step 0."""
+    ens = tmp_path / "ens"
+    args = ["learn", "--ensemble", str(ens), "--data", "synthetic:add", "--limit", "64", *TINY, "train.epochs=40"]
+    process = subprocess.Popen([sys.executable, "-m", "seecl.cli", *args], env=ENV, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: (ens / ".work" / "add" / "checkpoint" / "state.pt").exists(), "a checkpoint", 300)
+    finally:
+        process.kill()
+        process.communicate()
+    assert main(args) == 0
+    from seecl.see.store import EnsembleStore
+
+    [record] = EnsembleStore(ens).records()
+    assert record["metrics"]["resumed_from_step"] >= 50
+    assert not (ens / ".work").exists()
+
+
+def test_serve_takes_server_settings_and_a_key_from_the_environment(small_ensemble, monkeypatch, capsys):
+    import seecl.serving.server
+
+    served = []
+    monkeypatch.setattr(seecl.serving.server, "serve", lambda app, host, port: served.append((app, host, port)))
+    monkeypatch.setenv("SEECL_API_KEY", "from-env")
+    args = ["serve", "--ensemble", small_ensemble, "--set", "server.max_tokens=7", "--set", "see.threshold=0.9"]
+    assert main(args) == 0
+    [(app, host, port)] = served
+    config = app.state.config
+    assert (config.max_tokens, config.default_max_tokens, config.api_key) == (7, 7, "from-env")
+    assert config.allowed_hosts == ["localhost", "127.0.0.1", "::1"] and (host, port) == ("127.0.0.1", 8000)
+    assert "API key required" in capsys.readouterr().out
+    assert main([*args, "--set", "server.default_max_tokens=5", "--api-key", "flag", "--host", "0.0.0.0"]) == 0
+    config = served[-1][0].state.config
+    assert (config.max_tokens, config.default_max_tokens, config.api_key, config.allowed_hosts) == (7, 5, "flag", ["*"])
+    assert main([*args, "--set", "server.nope=1"]) == 2
+    assert "unknown field" in capsys.readouterr().err
+    assert main(["config"]) == 0
+    assert "server.api_key" in capsys.readouterr().out

@@ -5,8 +5,9 @@ import torch
 
 from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
-from seecl.serving.engine import PrefixCache, RoutingEngine
-from seecl.serving.routing import BASE
+from seecl.serving.engine import RoutingEngine
+from seecl.serving.prefix_cache import PrefixCache
+from seecl.serving.routing import BASE, Query
 
 NAMES = ["reverse_list", "uppercase", "add"]
 
@@ -86,9 +87,9 @@ def test_a_batch_decodes_its_answers_together_whoever_claimed_them(learned):
     owners_per_decode = []
     plain_decode = engine._decode
 
-    def spy(state, first, budgets, ignore_eos=False, owners=None):
+    def spy(state, first, rows, ignore_eos=False, owners=None):
         owners_per_decode.append(list(owners))
-        return plain_decode(state, first, budgets, ignore_eos, owners)
+        return plain_decode(state, first, rows, ignore_eos, owners)
 
     engine._decode = spy
     answers = engine.ask(queries, 6)
@@ -414,10 +415,9 @@ def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     decoded: list[list[int]] = []
     plain_decode = engine._decode
 
-    def spy(*args, **kwargs):
-        out = plain_decode(*args, **kwargs)
-        decoded.extend(out)
-        return out
+    def spy(state, first, rows, *args, **kwargs):
+        plain_decode(state, first, rows, *args, **kwargs)
+        decoded.extend(row.ids for row in rows)
 
     engine._decode = spy
     queries, budget = _queries(), 12
@@ -527,3 +527,30 @@ def test_answers_never_hold_an_indicator_token(tmp_path):
         handle.remove()
     assert [a.text for a in fast] == ["aaaaaa", "aaaaaa"], "without the mask every token would be <<pos>>"
     _assert_same(fast, reference)
+
+
+@pytest.mark.parametrize("fixture", ["learned", "learned_alora"])
+def test_conversations_and_named_owners_equal_the_reference(fixture, request):
+    """A conversation is routed on its last user turn and answered after all of its turns; a query
+    naming its owner skips routing. Mixed in one batch with plain queries, as the server sends them."""
+    ens = request.getfixturevalue(fixture)
+    plain = _queries()[::3]
+    add, upper = make_task("add", "eval", 2).instances[1].query, make_task("uppercase", "eval", 2).instances[1].query
+    mixed = plain + [
+        Query(add, (("user", upper), ("assistant", "FINE"))),
+        Query(upper, (("user", "Hi"), ("assistant", "Hello! How can I help?"))),
+        Query(add, (), "uppercase"),
+        Query(upper, (), BASE),
+        Query(upper, (("user", add), ("assistant", "42")), "add"),
+    ]
+    reference = ens.router().ask(mixed, 6)
+    answers = _engine(ens, batch_size=4).ask(mixed, 6)
+    _assert_same(answers, reference)
+    assert [a.token_ids for a in answers] == [a.token_ids for a in reference]
+    routes = ens.router().route([add, upper])
+    assert [a.route.answered_by for a in answers[-5:-3]] == [r.answered_by for r in routes], "last turn routes"
+    assert [(a.route.answered_by, a.route.reason, a.route.checks) for a in answers[-3:]] == [
+        ("uppercase", "requested", []),
+        (BASE, "requested", []),
+        ("add", "requested", []),
+    ]

@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import uvicorn
 
+from conftest import running, wait_until
+from seecl.config import ServerConfig
 from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
-from seecl.serving.routing import Answer, Check, Route
-from seecl.serving.server import ServerLimits, create_app, ensemble_app, token_pieces
+from seecl.serving.routing import Answer, Check, Delta, Route
+from seecl.serving.server import create_app, ensemble_app
 
-LIMITS = ServerLimits(max_prompt_tokens=300, max_tokens=32, default_max_tokens=5, max_body_bytes=64_000, max_prompts=8)
-
-
-def wait_until(condition, what: str, deadline_s: float = 30.0) -> None:
-    """Poll until `condition()`; the deadline only turns a hang into a failure."""
-    end = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def running(app):
-    """The app under uvicorn in a background thread, on a free port chosen by the OS."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), "the server to start")
-    assert server.started, "the server did not start"
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
+LIMITS = ServerConfig(max_prompt_tokens=300, max_tokens=32, default_max_tokens=5, max_body_bytes=64_000, max_prompts=8)
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +88,12 @@ def test_completions_equal_ensemble_ask(url, ensemble):
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     for choice, answer in zip(body["choices"], expected):
         assert choice["text"] == answer.text
-        assert choice["finish_reason"] in ("stop", "length")
+        assert choice["finish_reason"] == answer.finish_reason
         assert_route(choice["route"], answer)
     formatter = ensemble.formatter()
     usage = body["usage"]
     assert usage["prompt_tokens"] == sum(len(formatter.prompt_ids(q)) for q in qs)
-    assert usage["completion_tokens"] == sum(
-        len(ensemble.base.tokenizer.encode(a.text, add_special_tokens=False)) for a in expected
-    )
+    assert usage["completion_tokens"] == sum(len(a.token_ids) for a in expected)  # generated ids, not re-tokenized
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -173,14 +143,14 @@ def test_streaming_sends_the_same_answers_in_pieces(url, ensemble):
     assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
     [answer] = ensemble.ask([query], 8)
     assert "".join(d.get("content", "") for d in deltas) == answer.text
-    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-1]["choices"][0]["finish_reason"] == answer.finish_reason
     assert_route(events[-1]["choices"][0]["route"], answer)
 
 
 def test_models_and_health(url):
     models = httpx.get(f"{url}/v1/models").json()
     assert models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == ["ens", "add", "uppercase", "base"]
+    assert [m["id"] for m in models["data"]] == ["ens", "ens/add", "ens/uppercase", "ens/base"]
     assert all(m["object"] == "model" for m in models["data"])
     assert all(m["parent"] == "ens" for m in models["data"][1:])
     assert httpx.get(f"{url}/health").json() == {"status": "ok", "model": "ens", "experts": ["add", "uppercase"]}
@@ -205,6 +175,10 @@ def test_concurrent_requests_get_their_own_answers(url, ensemble):
         assert_route(choice["route"], answer)
 
 
+def chat(*turns: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in turns]
+
+
 BAD = [
     ("/v1/completions", b'{"prompt": "hi"', 400, "not valid JSON"),
     ("/v1/completions", b'["hi"]', 400, "must be a JSON object"),
@@ -213,41 +187,56 @@ BAD = [
     ("/v1/completions", {"prompt": [[1, 2, 3]]}, 400, "token-id prompts are not supported"),
     ("/v1/completions", {"prompt": []}, 400, "holds 0 prompts"),
     ("/v1/completions", {"prompt": ["a"] * 9}, 400, "takes 1 to 8 per request"),
+    ("/v1/completions", {"prompt": "  "}, 400, "prompt 0 is empty"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "8"}, 400, "'max_tokens' must be an integer, got a string"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "'max_tokens' must be an integer"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 33}, 400, "between 1 and 32"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "between 1 and 32"),
     ("/v1/completions", {"prompt": "x" * 400}, 400, "has 4"),  # 400+ byte tokens > 300
-    ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "seecl decodes greedily"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "'n' must be 1"),
-    ("/v1/completions", {"prompt": "hi", "stop": ["\n"]}, 400, "stop sequences are not supported"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 2.5}, 400, "'temperature' must be between 0 and 2"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "'top_p' must be in (0, 1]"),
+    ("/v1/completions", {"prompt": "hi", "n": 9}, 400, "'n' must be between 1 and 8"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "'seed' must be between 0"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", ""]}, 400, "non-empty strings"),
+    ("/v1/completions", {"prompt": "hi", "stop": list("abcde")}, 400, "up to 4"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "'logprobs' must be between 0 and 20"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echoing the prompt is not implemented"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "'best_of' is not supported"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "'presence_penalty'=0.5 is not supported"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, 400, "logit biases are not implemented"),
+    ("/v1/completions", {"prompt": "hi", "top_k": 5}, 400, "unsupported field(s) 'top_k'"),
+    ("/v1/completions", {"prompt": "hi", "messages": []}, 400, "unsupported field(s) 'messages'"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes"}, 400, "'stream' must be a boolean"),
-    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "serves 'ens'"),
-    ("/v1/completions", {"prompt": "hi", "model": "add"}, 404, "routed through the whole ensemble"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "needs 'stream': true"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' not found"),
+    ("/v1/completions", {"prompt": "hi", "model": "add"}, 404, "'ens/add'"),
+    ("/v1/completions", {"prompt": "hi", "model": "ens/nobody"}, 404, "not found"),
     ("/v1/completions", {"prompt": "x" * 70_000}, 413, "exceeds 64000 bytes"),
-    ("/v1/chat/completions", {"prompt": "hi"}, 400, "missing required field 'messages'"),
+    ("/v1/completions", {"prompt": "bad \ud800 text"}, 400, "unpaired surrogate"),
+    ("/v1/chat/completions", {"prompt": "hi"}, 400, "unsupported field(s) 'prompt'"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "non-empty array of message objects"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, 400, "array of text parts"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "unknown message role"),
-    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, 400, "single-turn"),
+    ("/v1/chat/completions", {"messages": chat(("system", "hi"))}, 400, "must end with a user message"),
+    ("/v1/chat/completions", {"messages": chat(("user", "a"), ("assistant", "b"))}, 400, "must end with a user"),
+    ("/v1/chat/completions", {"messages": chat(("user", " "))}, 400, "last user message is empty"),
+    ("/v1/chat/completions", {"messages": chat(("user", "\udfff"))}, 400, "messages[0].content holds an unpaired"),
+    ("/v1/chat/completions", {"messages": chat(("user", "a"), ("tool", "b"))}, 400, "tool and function turns"),
     (
         "/v1/chat/completions",
-        {
-            "messages": [
-                {"role": "user", "content": "a"},
-                {"role": "assistant", "content": "b"},
-                {"role": "user", "content": "c"},
-            ]
-        },
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
-        "single-turn",
+        "content parts of type image_url are not supported",
     ),
+    ("/v1/chat/completions", {"messages": chat(("user", "a")), "tools": [{"type": "function"}]}, 400, "tool calling"),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {"messages": chat(("user", "a")), "response_format": {"type": "json_object"}},
         400,
-        "exactly one user message",
+        "structured output",
     ),
+    ("/v1/chat/completions", {"messages": chat(("user", "a")), "top_logprobs": 2}, 400, "needs 'logprobs': true"),
+    ("/v1/chat/completions", {"messages": chat(("user", "a")), "logprobs": 3}, 400, "'logprobs' must be a boolean"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
 
@@ -257,11 +246,19 @@ def test_bad_requests_get_openai_errors(url, path, body, status, message):
     if isinstance(body, bytes):
         response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"})
     else:
-        response = httpx.post(f"{url}{path}", json=body)
+        # A lone surrogate is sent as a JSON escape, the way a client's JSON encoder writes it.
+        data = json.dumps(body)
+        response = httpx.post(f"{url}{path}", content=data, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def fake_answer(query, text: str, route: Route | None = None) -> Answer:
+    """An answer the way a backend returns it: ids one per word of the text."""
+    route = route or Route("base", "no_experts", [])
+    return Answer(query, text, route, list(range(len(text.split()))), "stop")
 
 
 class Recorder:
@@ -277,7 +274,7 @@ class Recorder:
             assert self.release.wait(60)
         if any(q == "boom" for q in queries):
             raise RuntimeError("engine failure")
-        return [Answer(q, q.upper(), Route("base", "no_experts", [])) for q in queries]
+        return [fake_answer(q, q.upper()) for q in queries]
 
     def experts(self):
         return []
@@ -286,7 +283,7 @@ class Recorder:
 @pytest.mark.parametrize("max_batch,sizes", [(32, [1, 4]), (3, [1, 3, 1])])
 def test_concurrent_requests_are_answered_in_one_batch(max_batch, sizes):
     fake = Recorder()
-    app = create_app(fake, "fake", ServerLimits(max_batch_queries=max_batch))
+    app = create_app(fake, "fake", ServerConfig(max_batch_queries=max_batch))
     with running(app) as base_url, ThreadPoolExecutor(5) as pool:
 
         def post(prompt):
@@ -311,70 +308,67 @@ def test_engine_failure_is_a_server_error_and_the_server_keeps_serving():
         failed = httpx.post(f"{base_url}/v1/completions", json={"prompt": "boom"})
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
         assert "engine failure" in failed.json()["error"]["message"]
+        streamed = httpx.post(f"{base_url}/v1/completions", json={"prompt": "boom", "stream": True})
+        assert streamed.status_code == 500 and "engine failure" in streamed.json()["error"]["message"]
         ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": "fine words"})
         assert ok.json()["choices"][0]["text"] == "FINE WORDS"
         assert ok.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
 
 
-class Scripted:
-    """A fake answerer: one fixed answer, claimed by the older of two experts."""
+class Trickle:
+    """A fake streaming answerer: the first word of its answer at once, the rest once released."""
 
     def __init__(self, text: str):
-        self.text = text
+        self.text, self.release = text, threading.Event()
+        self.route = Route("sum", "claimed", [Check("late", "neg", 0.125, 0.75), Check("sum", "pos", 0.875, 0.0625)])
 
-    def ask(self, queries, max_new_tokens):
-        route = Route("sum", "claimed", [Check("late", "neg", 0.125, 0.75), Check("sum", "pos", 0.875, 0.0625)])
-        return [Answer(q, self.text, route) for q in queries]
+    def ask(self, queries, samplings, on_token=None):
+        words = self.text.split(" ")
+        answers = []
+        for index, query in enumerate(queries):
+            for number, word in enumerate(words):
+                on_token(index, Delta(word if number == 0 else " " + word, number))
+                if number == 0:
+                    assert self.release.wait(60)
+            answers.append(Answer(query, self.text, self.route, list(range(len(words))), "length"))
+            on_token(index, Delta("", None, None, answers[-1]))
+        return answers
 
     def experts(self):
         return ["sum", "late"]
 
 
-def test_stream_pieces_are_the_tokens_of_the_answer(tiny_base):
-    tokenizer = tiny_base.tokenizer
-    text = "héllo wörld ✓ done"  # byte tokens: a character may span several of them
-    n_tokens = len(tokenizer.encode(text, add_special_tokens=False))
-    app = create_app(
-        Scripted(text), "fake", ServerLimits(), lambda q: len(tokenizer.encode(q)), token_pieces(tokenizer)
-    )
-    with running(app) as base_url:
-        for max_tokens, finish in ((64, "stop"), (n_tokens, "length")):
-            response = httpx.post(
-                f"{base_url}/v1/chat/completions",
-                json={
-                    "messages": [{"role": "user", "content": "q"}],
-                    "max_tokens": max_tokens,
-                    "stream": True,
-                    "stream_options": {"include_usage": True},
-                },
-            )
-            events = sse_events(response)
-            pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
-            pieces = [p for p in pieces if p]
-            assert "".join(pieces) == text and len(pieces) == len(text)  # one piece per character
-            final = events[-2]["choices"][0]
-            assert final["finish_reason"] == finish
-            assert final["route"] == {
-                "answered_by": "sum",
-                "reason": "claimed",
-                "checks": [
-                    {"expert": "late", "verdict": "neg", "p_pos": 0.125, "p_neg": 0.75},
-                    {"expert": "sum", "verdict": "pos", "p_pos": 0.875, "p_neg": 0.0625},
-                ],
-            }
-            assert events[-1]["usage"] == {
-                "prompt_tokens": 1,
-                "completion_tokens": n_tokens,
-                "total_tokens": 1 + n_tokens,
-            }
-
-
-def test_token_pieces_concatenate_to_the_text(tiny_base):
-    split = token_pieces(tiny_base.tokenizer)
-    for text in ["hello world", "héllo ✓ 日本", "", " spaced  out "]:
-        pieces = split(text)
-        assert "".join(pieces) == text
-        assert len(pieces) == len(tiny_base.tokenizer.encode(text, add_special_tokens=False))
+def test_a_stream_starts_with_the_first_answer_token():
+    """The first chunk leaves while the rest of the answer is still being decoded."""
+    fake = Trickle("héllo wörld ✓ done")
+    with running(create_app(fake, "fake")) as base_url:
+        body = {
+            "messages": [{"role": "user", "content": "q"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            opening = json.loads(next(line for line in lines if line)[len("data: ") :])
+            assert opening["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+            first = json.loads(next(line for line in lines if line)[len("data: ") :])
+            assert first["choices"][0]["delta"] == {"content": "héllo"}
+            assert not fake.release.is_set(), "the first piece came before the answer was complete"
+            fake.release.set()
+            events = [json.loads(line[len("data: ") :]) for line in lines if line and line != "data: [DONE]"]
+    pieces = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    assert "héllo" + "".join(pieces) == fake.text
+    final = events[-2]["choices"][0]
+    assert final["finish_reason"] == "length"
+    assert final["route"] == {
+        "answered_by": "sum",
+        "reason": "claimed",
+        "checks": [
+            {"expert": "late", "verdict": "neg", "p_pos": 0.125, "p_neg": 0.75},
+            {"expert": "sum", "verdict": "pos", "p_pos": 0.875, "p_neg": 0.0625},
+        ],
+    }
+    assert events[-1]["usage"] == {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
 
 
 def test_serve_without_an_ensemble_is_a_one_line_error(tmp_path, capsys):
@@ -382,3 +376,49 @@ def test_serve_without_an_ensemble_is_a_one_line_error(tmp_path, capsys):
 
     assert main(["serve", "--ensemble", str(tmp_path / "nothing")]) == 2
     assert "no ensemble" in capsys.readouterr().err
+
+
+class Endless:
+    """A fake streaming answerer that goes on until its callback says stop."""
+
+    def __init__(self):
+        self.stopped = threading.Event()
+
+    def ask(self, queries, samplings, on_token=None):
+        tokens = 0
+        while on_token(0, Delta("word ", tokens)) is not False:
+            tokens += 1
+            assert tokens < 100_000, "the answer was never cancelled"
+            self.stopped.wait(0.001)
+        self.stopped.set()
+        answer = Answer(queries[0], "word " * tokens, Route("base", "no_experts", []), list(range(tokens)), "cancelled")
+        on_token(0, Delta("", None, None, answer))
+        return [answer]
+
+    def experts(self):
+        return []
+
+
+def test_a_client_that_leaves_stops_its_answer():
+    fake = Endless()
+    with running(create_app(fake, "fake")) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/completions", json={"prompt": "q", "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line).startswith("data: ")
+        wait_until(fake.stopped.is_set, "the answer to stop after the client left")
+        assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+class Greedy(Recorder):
+    greedy_only = True
+
+
+def test_a_greedy_only_backend_refuses_sampling_before_batching():
+    fake = Greedy()
+    fake.release.set()
+    with running(create_app(fake, "fake")) as base_url:
+        for extra in ({"temperature": 0.7}, {"stop": "x"}, {"logprobs": 1}):
+            response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", **extra})
+            assert response.status_code == 400 and "decodes greedily" in response.json()["error"]["message"]
+        assert httpx.post(f"{base_url}/v1/completions", json={"prompt": "hi", "n": 2}).status_code == 200
+    assert fake.batches == [["hi", "hi"]], "refused requests never reached a batch"

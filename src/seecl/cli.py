@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from seecl.errors import SeeclError
@@ -32,8 +33,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from seecl.data.formats import load_task
+    from seecl.data.task import check_name
     from seecl.see.ensemble import SeeEnsemble
+    from seecl.see.store import validate_expert_name
 
+    # Names become paths inside the ensemble: checked before any data or model is loaded.
+    if args.task is not None:
+        check_name(args.task, "task")
+    if args.name is not None:
+        validate_expert_name(args.name)
     overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
     ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
     task = load_task(args.data, name=args.task, split=args.split, limit=args.limit)
@@ -50,6 +58,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdin_queries() -> list[str]:
+    """One query per non-empty line of standard input, which must be UTF-8."""
+    queries = []
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            raise SeeclError(f"<stdin>:{number}: not UTF-8 (byte {exc.start + 1} of the line)") from None
+        if line.strip():
+            queries.append(line)
+    return queries
+
+
 def _read_queries(args: argparse.Namespace) -> list[str]:
     queries = list(args.query)
     if args.file:
@@ -57,9 +78,16 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 
         queries += [inst.query for inst in load_instances(args.file, responses=False)]
     if not queries and not sys.stdin.isatty():
-        queries = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        queries = _stdin_queries()
     if not queries:
         raise SeeclError("no query given: pass it as an argument, with --file, or on stdin")
+    for number, query in enumerate(queries, start=1):
+        if not query.strip():
+            raise SeeclError(f"query {number} is empty")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:  # an argument with bytes that are not UTF-8
+            raise SeeclError(f"query {number} is not valid UTF-8") from None
     return queries
 
 
@@ -105,11 +133,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from seecl.config import PRESETS, describe
+    from seecl.config import PRESETS, ServerConfig, describe
 
     if args.preset:
         print(f"preset {args.preset!r} overrides: {PRESETS[args.preset] or 'none (the defaults)'}")
-    for name, default, text in describe():
+    for name, default, text in describe() + describe(ServerConfig, "server."):
         print(f"{name:<34} {default:<28} {text}")
     return 0
 
@@ -146,23 +174,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from seecl.config import ServerConfig, load_config
     from seecl.see.ensemble import SeeEnsemble
     from seecl.see.store import EnsembleStore
-    from seecl.serving.server import MAX_TOKENS_LIMIT, ServerLimits, ensemble_app, serve
+    from seecl.serving.server import ensemble_app, serve
 
     if not EnsembleStore(args.ensemble).exists():
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
-    overrides = list(args.overrides) + ([f"model.device={args.device}"] if args.device else [])
+    # `server.*` settings are the server's own (never stored with the ensemble); the rest configure it.
+    served = [o.split("=", 1)[0].startswith("server.") for o in args.overrides]
+    server_overrides = [o.split(".", 1)[1] for o, mine in zip(args.overrides, served) if mine]
+    key = args.api_key or os.environ.get("SEECL_API_KEY")
+    server = load_config(ServerConfig, overrides=server_overrides + ([f"api_key={key}"] if key else []))
+    overrides = [o for o, mine in zip(args.overrides, served) if not mine]
+    overrides += [f"model.device={args.device}"] if args.device else []
     ensemble = SeeEnsemble.open(args.ensemble, overrides)
-    _ = ensemble.model  # load the base and every expert before the first request arrives
-    budget = ensemble.config.generate.max_new_tokens
-    app = ensemble_app(ensemble, ServerLimits(default_max_tokens=budget, max_tokens=max(budget, MAX_TOKENS_LIMIT)))
+    app = ensemble_app(ensemble, server, bind=args.host)  # loads the base and every expert before serving
     print(
-        f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at http://{args.host}:{args.port}/v1",
+        f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at http://{args.host}:{args.port}/v1"
+        + (" (API key required)" if server.api_key else ""),
         flush=True,
     )
     serve(app, args.host, args.port)
     return 0
+
+
+def _budget(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 routes without answering), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", required=True)
     p.add_argument("query", nargs="*", default=[], help="queries (or --file, or stdin)")
     p.add_argument("--file", help="read queries from a data file")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument(
+        "--max-new-tokens", type=_budget, default=None, help="answer budget in tokens (0: only route the queries)"
+    )
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
     p.add_argument(
@@ -244,12 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument(
+        "--api-key",
+        help="require `Authorization: Bearer KEY` (better: the SEECL_API_KEY environment variable, "
+        "which other users cannot read from the process list)",
+    )
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="section.field=value",
-        help="config override, e.g. --set see.threshold=0.7",
+        help="config override, e.g. --set see.threshold=0.7 --set server.max_tokens=256 (see `seecl config`)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -273,13 +321,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit
+        return code
     except SeeclError as exc:
         print(f"seecl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seecl: interrupted; finished stages are kept and a rerun resumes", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`seecl info | head`): no traceback, and nothing more to write at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a tool killed by the signal
 
 
 if __name__ == "__main__":

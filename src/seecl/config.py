@@ -114,7 +114,9 @@ class TrainConfig:
         16,
     )
     seed: int = doc("Seed for adapter init, dropout and data order.", 0)
-    checkpoint_every: int = doc("Save a resumable checkpoint every N optimizer steps; 0 disables.", 0)
+    checkpoint_every: int = doc(
+        "Save a resumable checkpoint every N optimizer steps (a killed learn resumes from it); 0 disables.", 50
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = doc(
         "Autocast precision on devices that support it; CPU runs always use fp32.", "no"
     )
@@ -204,6 +206,57 @@ class GenerateConfig:
         _check(self.prefix_cache_tokens >= 0, "generate.prefix_cache_tokens must be >= 0")
         _check(self.prefix_block > 0, "generate.prefix_block must be positive")
         _check(self.prefill_tokens > 0, "generate.prefill_tokens must be positive")
+
+
+@dataclass
+class ServerConfig:
+    """`seecl serve`: `--set server.<field>=value`. Never stored with an ensemble (it may hold a key)."""
+
+    max_prompt_tokens: int = doc(
+        "Longest prompt in tokens, counted with the system prompt and chat template (a conversation whole).", 2048
+    )
+    max_tokens: int = doc("Largest `max_tokens` a request may ask for.", 1024)
+    default_max_tokens: int | None = doc(
+        "Answer budget of a request that names none; null: the ensemble's generate.max_new_tokens.", None
+    )
+    max_body_bytes: int = doc("Larger request bodies get 413.", 1 << 20)
+    max_prompts: int = doc("Prompts in one /v1/completions request.", 32)
+    max_n: int = doc("Largest `n` (choices per prompt).", 8)
+    max_stop: int = doc("Most stop strings in one request.", 4)
+    max_logprobs: int = doc("Largest `logprobs` / `top_logprobs` (alternatives per token).", 20)
+    batch_window_s: float = doc("How long the first waiting request waits for others to share its batch.", 0.01)
+    max_batch_queries: int = doc("Queries per engine call (a larger request goes alone).", 32)
+    reload_interval_s: float = doc(
+        "How often an idle server looks for experts learned meanwhile; it also looks before every batch "
+        "(0: only then).",
+        1.0,
+    )
+    api_key: str | None = doc(
+        "Clients must send `Authorization: Bearer <key>` (not /health). Prefer the SEECL_API_KEY "
+        "environment variable: a command line is visible to other users of the machine.",
+        None,
+    )
+    allowed_hosts: list[str] = doc(
+        "Host header values accepted (against DNS rebinding); empty: the loopback names when bound to a "
+        "loopback address, any host otherwise; '*': any.",
+        [],
+    )
+    allowed_origins: list[str] = doc(
+        "Browser origins (scheme://host:port) allowed to call the API, with CORS; empty: only same-origin "
+        "requests, cross-site ones get 403.",
+        [],
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_prompts", "max_n", "max_batch_queries"):
+            _check(getattr(self, name) > 0, f"server.{name} must be positive")
+        _check(self.max_stop >= 0 and self.max_logprobs >= 0, "server.max_stop and max_logprobs must be >= 0")
+        _check(
+            self.default_max_tokens is None or 0 < self.default_max_tokens <= self.max_tokens,
+            f"server.default_max_tokens must be in [1, server.max_tokens={self.max_tokens}]",
+        )
+        _check(self.batch_window_s >= 0 and self.reload_interval_s >= 0, "server intervals must be >= 0")
+        _check(self.api_key is None or len(self.api_key) > 0, "server.api_key must not be empty")
 
 
 @dataclass

@@ -8,6 +8,7 @@ indicators use `sft_example`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from seecl.model.indicators import Indicators
@@ -55,13 +56,21 @@ class PromptFormatter:
         self.eos_id: int = eos
 
     def prompt_text(self, query: str) -> str:
-        messages = [{"role": "user", "content": query}]
+        return self.chat_text([("user", query)])
+
+    def prompt_ids(self, query: str) -> list[int]:
+        return self.tokenizer.encode(self.prompt_text(query), add_special_tokens=False)
+
+    def chat_text(self, turns: Sequence[tuple[str, str]]) -> str:
+        """A conversation's (role, content) turns, ending with a user turn, as a prompt that opens
+        the assistant's reply; the system prompt is this formatter's, as in every training prompt."""
+        messages = [{"role": role, "content": content} for role, content in turns]
         if self.system_prompt is not None:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def prompt_ids(self, query: str) -> list[int]:
-        return self.tokenizer.encode(self.prompt_text(query), add_special_tokens=False)
+    def chat_ids(self, turns: Sequence[tuple[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self.chat_text(turns), add_special_tokens=False)
 
     def invocation_ids(self) -> list[int]:
         """Tokens the chat template appends to open the assistant turn (aLoRA's invocation)."""

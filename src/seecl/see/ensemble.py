@@ -9,6 +9,7 @@ live in training.py, see/store.py and serving/routing.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,10 +31,10 @@ from seecl.model.base import Base, load_base
 from seecl.publish import write_json_atomic
 from seecl.see.reconstruction import build_memory, reconstruct
 from seecl.see.shared_rows import apply_rows, take_rows
-from seecl.see.store import ADAPTER_FILES, EnsembleStore
+from seecl.see.store import ADAPTER_FILES, EnsembleStore, validate_expert_name
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
-from seecl.serving.routing import Answer, Check, Route, Thresholds
+from seecl.serving.routing import Answer, Budget, Check, OnToken, Query, Route, Thresholds
 from seecl.training import run_fingerprint
 
 
@@ -63,6 +64,7 @@ class SeeEnsemble:
         self._model = None
         self._loaded: list[str] = []
         self._engine = None
+        self._rows_digest: str | None = None  # the shared indicator rows written into the base, if any
         # Route through the first `visible` experts only (None: all). A continual run that is
         # scored again after every expert exists sees each stage's ensemble as it was then.
         self.visible: int | None = None
@@ -97,10 +99,16 @@ class SeeEnsemble:
                 self._base.tokenizer,
             )
             self.store.clean_staging()
-            shared = self.store.shared_rows()
-            if shared is not None:
-                apply_rows(self._base.model, shared[0], shared[1])
+            self._apply_shared_rows()
         return self._base
+
+    def _apply_shared_rows(self) -> None:
+        """Write the ensemble's shared indicator rows into the base, once they exist (a reader that
+        opened the ensemble before its first expert was committed gets them with that expert)."""
+        shared = self.store.shared_rows()
+        if shared is not None and shared[2] != self._rows_digest:
+            apply_rows(self._base.model, shared[0], shared[1])
+            self._rows_digest = shared[2]
 
     def formatter(self, max_length: int | None = None) -> PromptFormatter:
         return PromptFormatter(
@@ -114,7 +122,10 @@ class SeeEnsemble:
     def model(self):
         """The base with every published expert loaded (as PEFT adapters named after the experts)."""
         model = self._model if self._model is not None else self.base.model
-        for name in self.store.expert_names():
+        names = self.store.expert_names()
+        if self._rows_digest is None and any(name not in self._loaded for name in names):
+            self._apply_shared_rows()
+        for name in names:
             if name not in self._loaded:
                 model = load_expert(model, name, self.store.expert_dir(name))
                 self._loaded.append(name)
@@ -134,10 +145,19 @@ class SeeEnsemble:
         With a cache, an expert trained before on exactly the same reconstruction and settings
         (SEE's first expert is the same for every tau) is copied instead of retrained.
         """
+        # The name becomes paths under the ensemble: checked before anything is loaded or written.
+        name = validate_expert_name(name or task.name)
+        # Under `accelerate launch` or torchrun every process trains and one, rank 0, publishes. The
+        # rank comes from the launcher's environment: accelerate's state is made by the training.
+        main = int(os.environ.get("RANK", "0")) == 0
+        with self.store.learning(f"`seecl learn` of expert {name!r}") if main else contextlib.nullcontext():
+            return self._learn(task, name, general, cache, main)
+
+    def _learn(self, task: Task, name: str, general: Task | None, cache: AdapterCache | None, main: bool) -> dict:
         cfg = self.config
-        name = name or task.name
         _ = self.base  # creates the ensemble directory on first use
-        if name in self.store.expert_names():
+        before = self.store.expert_names()
+        if name in before:
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
@@ -177,14 +197,19 @@ class SeeEnsemble:
             model = add_expert(self.model, name, adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
+            work = self.store.work_dir(name)
             result = training.train(
                 model,
                 examples,
                 cfg.train,
                 self.base.tokenizer.pad_token_id,
-                checkpoint_dir=self.store.root / ".work" / name,
+                checkpoint_dir=work,
                 desc=f"expert {name}",
             )
+            # A finished training needs no checkpoint: nothing of it stays behind.
+            shutil.rmtree(work, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                work.parent.rmdir()  # only when no other expert's checkpoint is in it
             metrics = {k: v for k, v in result.to_dict().items() if k != "losses"}
             losses, parameters = result.losses, trainable_parameters(model, name)
 
@@ -228,10 +253,9 @@ class SeeEnsemble:
 
         from accelerate import PartialState
 
-        state = PartialState()  # under `accelerate launch`, every process trained; one publishes
-        if state.is_main_process:
-            self.store.commit_expert(name, write, meta, memory, record, shared_rows)
-        state.wait_for_everyone()
+        if main:
+            self.store.commit_expert(name, write, meta, memory, record, shared_rows, after=before)
+        PartialState().wait_for_everyone()
         if shared_rows is not None:
             shutil.rmtree(staged, ignore_errors=True)
             if name in self._loaded:  # the in-memory expert (the only one) still carries its own rows
@@ -301,15 +325,18 @@ class SeeEnsemble:
             )
         return self._engine
 
-    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] | None = None) -> list[Answer]:
-        budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
-        runner = self.engine() if self.config.generate.engine == "fast" else self.router()
-        return runner.ask(list(queries), budget)
+    def backend(self) -> RoutingEngine | SequentialRouter:
+        """What answers queries over the current experts: the fast engine or the reference router."""
+        return self.engine() if self.config.generate.engine == "fast" else self.router()
 
-    def route(self, queries: Sequence[str]) -> list[Route]:
-        if self.config.generate.engine == "fast":
-            return self.engine().route(list(queries))
-        return self.router().route(list(queries))
+    def ask(
+        self, queries: Sequence[str | Query], max_new_tokens: Budget | None = None, on_token: OnToken | None = None
+    ) -> list[Answer]:
+        budget = self.config.generate.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return self.backend().ask(list(queries), budget, on_token)
+
+    def route(self, queries: Sequence[str | Query]) -> list[Route]:
+        return self.backend().route(list(queries))
 
 
 def calibrate_threshold(checks: Sequence[Check], quantile: float, margin: float) -> float:

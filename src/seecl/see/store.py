@@ -10,8 +10,14 @@ Layout::
 
 Writes are atomic: an expert is written to a staging directory and renamed into place, then the
 manifest is replaced with os.replace. Only experts listed in the manifest exist for readers, so a
-half-written expert is never visible; committing never modifies an older expert. This module does
-not train or load models.
+half-written expert is never visible; committing never modifies an older expert. Readers (`seecl
+ask`, `seecl serve`) take no lock and never write experts.
+
+One learner at a time: `learning()` holds `.learn.lock` for a whole learn (reconstruction,
+training and commit), so no expert is trained without the queries of one committed meanwhile; a
+second learner fails at once, naming the holder. Short writes (creating the ensemble, committing)
+take `.lock`. Everything written lives under the ensemble directory (expert names are checked
+before they become paths). This module does not train or load models.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +41,8 @@ from seecl.publish import _alive, clean_stale, publish_dir, write_json_atomic
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
+LEARN_LOCK = ".learn.lock"
+WORK = ".work"  # resumable training checkpoints, one directory per expert being learned
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -93,8 +102,20 @@ class EnsembleStore:
     def expert_names(self) -> list[str]:
         return [e["name"] for e in self.records()]
 
+    def manifest_stamp(self) -> tuple[int, int, int] | None:
+        """Changes whenever the manifest is replaced (a commit): (inode, size, mtime in ns)."""
+        try:
+            stat = self.manifest_path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
     def expert_dir(self, name: str) -> Path:
         return self.root / "experts" / validate_expert_name(name)
+
+    def work_dir(self, name: str) -> Path:
+        """Where expert `name`'s training keeps its resumable checkpoint while it is being learned."""
+        return self.root / WORK / validate_expert_name(name)
 
     def expert_meta(self, name: str) -> dict[str, Any]:
         if name not in self.expert_names():
@@ -128,6 +149,36 @@ class EnsembleStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def learning(self, what: str) -> Iterator[None]:
+        """Hold the ensemble for one learner (`what` it does, for others to read) or fail at once."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Opened without truncating: the holder's record stays readable to those turned away.
+        fd = os.open(self.root / LEARN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"{self.root} is busy: {self._holder(fd)}; wait for it to finish") from None
+            record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0).decode())
+            return f"{record['what']} (pid {record['pid']} on {record['host']}, since {record['since']})"
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return "another process is learning an expert"
+
     def _try_lock(self) -> bool:
         """Whether no writer holds the ensemble lock right now (checked without waiting)."""
         with open(self.root / ".lock", "a") as handle:
@@ -140,14 +191,12 @@ class EnsembleStore:
 
     def create(self, model: dict[str, Any], indicators: dict[str, Any], vocab_size: int, tokenizer: Any) -> None:
         """Start an empty ensemble for a base model (no-op check if it already exists)."""
+        if self.exists():  # readers open an existing ensemble without waiting for a writer
+            self._check_compatible(model, indicators)
+            return
         with self._lock():
             if self.exists():
-                current = self.manifest()
-                if current["model"]["name"] != model["name"] or current["indicators"] != indicators:
-                    raise StoreError(
-                        f"{self.root} already holds an ensemble for model {current['model']['name']!r} "
-                        f"with indicators {current['indicators']['kind']!r}"
-                    )
+                self._check_compatible(model, indicators)
                 return
             publish_dir(self.tokenizer_dir(), tokenizer.save_pretrained, replace=True)
             (self.root / "experts").mkdir(exist_ok=True)
@@ -163,6 +212,14 @@ class EnsembleStore:
                 },
             )
 
+    def _check_compatible(self, model: dict[str, Any], indicators: dict[str, Any]) -> None:
+        current = self.manifest()
+        if current["model"]["name"] != model["name"] or current["indicators"] != indicators:
+            raise StoreError(
+                f"{self.root} already holds an ensemble for model {current['model']['name']!r} "
+                f"with indicators {current['indicators']['kind']!r}"
+            )
+
     def commit_expert(
         self,
         name: str,
@@ -171,20 +228,29 @@ class EnsembleStore:
         memory: QueryMemory,
         record: dict[str, Any],
         shared_rows: tuple[list[int], dict[str, Any]] | None = None,
+        after: list[str] | None = None,
     ) -> Path:
         """Write an expert through `write(staging_dir)` and publish it atomically.
 
         `write` must put the PEFT adapter files into the directory it is given. `meta` goes to
         expert.json, `record` into the manifest's expert list. `shared_rows` (token ids, rows), given
         with the first expert of a shared-rows ensemble, become the ensemble's indicator rows in the
-        same manifest update.
+        same manifest update. `after`, when given, is the expert list the new expert was trained
+        against (its negatives came from their memories): the commit is refused if the ensemble
+        holds others by now.
         """
         validate_expert_name(name)
         with self._lock():
             manifest = self.manifest()
-            if name in [e["name"] for e in manifest["experts"]]:
+            current = [e["name"] for e in manifest["experts"]]
+            if name in current:
                 raise StoreError(
                     f"expert {name!r} already exists in {self.root}; experts are never overwritten (use another --name)"
+                )
+            if after is not None and current != list(after):
+                raise StoreError(
+                    f"{self.root} changed while expert {name!r} was trained (experts {after} then, {current} "
+                    "now): it never saw the new experts' queries as negatives; learn it again"
                 )
             final = self.expert_dir(name)
 

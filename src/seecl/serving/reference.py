@@ -16,9 +16,14 @@ from seecl.model.indicators import Indicators
 from seecl.serving.routing import (
     BASE,
     Answer,
+    Budget,
     Check,
+    Delta,
+    OnToken,
+    Query,
     Route,
     Thresholds,
+    as_query,
     budgets_for,
     decide,
     threshold_for,
@@ -67,22 +72,32 @@ class SequentialRouter:
     def _walk(self, prompts: list[list[int]]) -> list[Route]:
         return walk(len(prompts), self._experts, lambda expert, idx: self.check(expert, [prompts[i] for i in idx]))
 
-    def route(self, queries: Sequence[str]) -> list[Route]:
-        return self._walk([self.formatter.prompt_ids(q) for q in queries])
+    def route(self, queries: Sequence[str | Query]) -> list[Route]:
+        return self._routes([as_query(q) for q in queries])
 
-    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
-        """Answer a batch of queries; every answer carries its route."""
+    def _routes(self, queries: list[Query]) -> list[Route]:
+        routed = [i for i, q in enumerate(queries) if q.owner is None]
+        walked = iter(self._walk([self.formatter.prompt_ids(queries[i].text) for i in routed]))
+        return [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in queries]
+
+    def ask(
+        self, queries: Sequence[str | Query], max_new_tokens: Budget = 64, on_token: OnToken | None = None
+    ) -> list[Answer]:
+        """Answer a batch of queries; every answer carries its route. Greedy only; `on_token` is
+        called once per query, with the whole answer."""
         budgets = budgets_for(len(queries), max_new_tokens)
-        prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = self._walk(prompts)
-        texts = [""] * len(queries)
+        asked = [as_query(q) for q in queries]
+        routes = self._routes(asked)
+        # A conversation is routed on its last user turn and answered after all of its turns.
+        prompts = [self.formatter.chat_ids(q.turns()) for q in asked]
+        outputs: list[list[int]] = [[] for _ in asked]
         for responder in [*self._experts, BASE]:
             members = [i for i, r in enumerate(routes) if r.answered_by == responder and budgets[i] > 0]
             if not members:
                 continue
             pos = list(self.indicators.pos_ids) if responder != BASE else []
             with self._use(None if responder == BASE else responder):
-                outputs = greedy_generate(
+                generated = greedy_generate(
                     self.model,
                     [prompts[i] + pos for i in members],
                     [budgets[i] for i in members],
@@ -91,6 +106,13 @@ class SequentialRouter:
                     self.batch_size,
                     self.indicators.blocked_in_answers,
                 )
-            for index, tokens in zip(members, outputs):
-                texts[index] = self.formatter.decode(tokens)
-        return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
+            for index, tokens in zip(members, generated):
+                outputs[index] = tokens
+        answers = []
+        for index, (query, route, tokens) in enumerate(zip(queries, routes, outputs)):
+            # greedy_generate cuts at the end of turn: an answer as long as its budget did not reach one
+            finish = "length" if len(tokens) >= budgets[index] else "stop"
+            answers.append(Answer(query, self.formatter.decode(tokens), route, tokens, finish))
+            if on_token is not None:
+                on_token(index, Delta(answers[-1].text, None, None, answers[-1]))
+        return answers

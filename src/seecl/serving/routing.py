@@ -1,8 +1,9 @@
 """Sequential routing (docs/design.md §1): experts are asked newest first; the first `<<pos>>` answers.
 
 Owns the decision rule (`decide`, `indicator_verdict`), the walk over experts (`walk`, pure and
-testable with any check function), the records every backend returns (`Check`, `Route`, `Answer`)
-and the `RoutingBackend` protocol they implement. How a check is computed is each backend's business.
+testable with any check function), what a backend is asked (`Query`, `Sampling`) and returns
+(`Check`, `Route`, `Answer`, and `Delta` while an answer is being decoded) and the `RoutingBackend`
+protocol they implement. How a check is computed is each backend's business.
 """
 
 from __future__ import annotations
@@ -32,8 +33,34 @@ class Check:
 @dataclass
 class Route:
     answered_by: str  # expert name or "base"
-    reason: str  # "claimed" | "all_negative" | "exception" | "no_experts"
+    reason: str  # "claimed" | "all_negative" | "exception" | "no_experts" | "requested" (Query.owner)
     checks: list[Check] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Query:
+    """A query with more than its text: a conversation, or an answerer named by the caller.
+
+    Routing reads `text` alone, the last user turn: experts learned to claim single-turn queries.
+    The answer is decoded after the whole conversation (`history`, then `text`). `owner` (an expert
+    or BASE) answers without routing; the route then says "requested". A plain string is a Query
+    with no history and no owner.
+    """
+
+    text: str
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns, role "user" or "assistant"
+    owner: str | None = None
+
+    def turns(self) -> list[tuple[str, str]]:
+        return [*self.history, ("user", self.text)]
+
+
+def as_query(query: str | Query) -> Query:
+    return query if isinstance(query, Query) else Query(query)
+
+
+def query_text(query: str | Query) -> str:
+    return query.text if isinstance(query, Query) else query
 
 
 @dataclass(frozen=True)
@@ -63,17 +90,30 @@ class Sampling:
         return self.temperature == 0 or self.top_p <= 0
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the `top` most likely tokens at its position, from
+    the model's distribution with the indicator tokens removed (before temperature and top_p)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
 @dataclass
 class Answer:
-    query: str
+    query: str | Query
     text: str
     route: Route
-    token_ids: list[int] = field(default_factory=list)  # the answer's generated ids (no indicator, no end-of-turn)
-    finish_reason: str = "stop"  # "stop" (end of turn or a stop string) | "length" (budget exhausted)
+    # The generated ids (no indicator, no end-of-turn); with a stop string, up to the token that
+    # completed it (the text ends before the stop string).
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" (end of turn or a stop string) | "length" (budget) | "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when Sampling.logprobs asked for them
 
     def to_dict(self) -> dict:
         return {
-            "query": self.query,
+            "query": query_text(self.query),
             "answer": self.text,
             "answered_by": self.route.answered_by,
             "reason": self.route.reason,
@@ -117,6 +157,26 @@ def indicator_verdict(
         total = p_pos + p_neg
         return "pos" if total > 0 and p_pos / total >= threshold else "neg"
     return "pos" if top == indicators.pos_id else "neg"
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one decoding step added to one answer, handed to an `OnToken` callback as it happens.
+
+    `text` concatenates, over a query's deltas, to its answer's text: a piece is held back while it
+    may still change (an unfinished multi-byte character, trailing whitespace, the start of a stop
+    string), so it may be "" for a token. The last delta of a query carries the whole `answer`.
+    """
+
+    text: str
+    token_id: int | None = None  # None on the closing delta
+    logprob: TokenLogprob | None = None
+    answer: Answer | None = None
+
+
+# Called from the decoding thread as each answer token is produced: (query index, delta). Returning
+# False stops that query's answer (finish_reason "cancelled"); None or True go on.
+OnToken = Callable[[int, Delta], "bool | None"]
 
 
 CheckFn = Callable[[str, list[int]], list[Check]]
@@ -167,12 +227,16 @@ def samplings_for(n_queries: int, budget: Budget) -> list[Sampling]:
     return [item if isinstance(item, Sampling) else Sampling(max_tokens=item) for item in items]
 
 
+class UnsupportedSampling(ValueError):
+    """The backend cannot decode the way a Sampling asks (e.g. a greedy-only backend asked to sample)."""
+
+
 def budgets_for(n_queries: int, budget: Budget) -> list[int]:
     """Greedy token budgets, for backends that decode greedily only."""
     samplings = samplings_for(n_queries, budget)
     for sampling in samplings:
         if not sampling.greedy or sampling.stop or sampling.logprobs is not None:
-            raise ValueError("this backend decodes greedily without stop strings or logprobs")
+            raise UnsupportedSampling("this backend decodes greedily, without stop strings or logprobs")
     return [s.max_tokens for s in samplings]
 
 
@@ -188,8 +252,12 @@ class RoutingBackend(Protocol):
     def route(self, queries: Sequence[str]) -> list[Route]:
         """Only the routing decisions, no answers."""
 
-    def ask(self, queries: Sequence[str], max_new_tokens: Budget = 64) -> list[Answer]:
-        """Answers with their routes; a budget of 0 only routes the query. An int is a greedy budget."""
+    def ask(
+        self, queries: Sequence[str | Query], max_new_tokens: Budget = 64, on_token: OnToken | None = None
+    ) -> list[Answer]:
+        """Answers with their routes; a budget of 0 only routes the query. An int is a greedy budget.
+        `on_token`, when given, sees every answer grow (a backend may call it only once per query,
+        with the whole answer, when it cannot stream)."""
 
 
 @runtime_checkable
