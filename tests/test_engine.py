@@ -313,16 +313,38 @@ def learned_alora(tmp_path_factory):
     return _learn(tmp_path_factory.mktemp("engine_alora") / "ens", "adapter.kind=alora")
 
 
-def test_alora_experts_route_and_answer_like_the_reference(learned_alora):
-    engine = _engine(learned_alora)
+@pytest.mark.parametrize("check_group", [32, 2, 1])
+def test_alora_experts_route_and_answer_like_the_reference(learned_alora, check_group):
+    """All checks of a batch in one forward (or in groups of experts, newest group first) give the
+    routes and greedy answers of asking one expert after another."""
+    engine = _engine(learned_alora, check_group=check_group)
     assert engine.invocation == learned_alora.formatter().invocation_ids()
     queries = _queries()
     seen = set()
-    for threshold in (None, 0.999999):  # a strict threshold sends queries on to the base as well
+    for threshold in (None, 0.999999, {"reverse_list": 0.5, "uppercase": 0.999999, "add": 0.6}):
         reference = learned_alora.router(threshold).ask(queries, 6)
-        _assert_same(_engine(learned_alora, threshold=threshold).ask(queries, 6), reference)
+        _assert_same(_engine(learned_alora, threshold=threshold, check_group=check_group).ask(queries, 6), reference)
         seen |= {a.route.answered_by for a in reference}
+        routes = [a.route for a in reference]
+        assert {len(r.checks) for r in routes} - {1}, "some queries walk past the newest expert"
     assert BASE in seen and len(seen - {BASE}) >= 2, seen
+
+
+def test_batched_alora_checks_equal_one_expert_at_a_time(learned_alora):
+    """The segment forward gives every expert's indicator probabilities as its own pass would."""
+    queries = _queries()
+    wide = _engine(learned_alora, threshold=0.999999).route(queries)  # every expert asked
+    for expert in learned_alora.experts():
+        alone = (
+            _engine(learned_alora)
+            .__class__(learned_alora.model, learned_alora.formatter(), [expert], 0.999999, batch_size=5)
+            .route(queries)
+        )
+        for w, a in zip(wide, alone):
+            mine = [c for c in w.checks if c.expert == expert]
+            if mine:
+                assert mine[0].p_pos == pytest.approx(a.checks[0].p_pos, abs=1e-5)
+                assert mine[0].p_neg == pytest.approx(a.checks[0].p_neg, abs=1e-5)
 
 
 def test_calibrate_threshold_from_log_odds():

@@ -200,12 +200,19 @@ class GenerateConfig:
         512,
     )
 
+    check_group: int = doc(
+        "Activated-LoRA experts whose routing checks of a batch run in one forward (newest first, "
+        "group after group while queries are open); their KV shares the batch's buffers.",
+        32,
+    )
+
     def __post_init__(self) -> None:
         _check(self.max_new_tokens > 0, "generate.max_new_tokens must be positive")
         _check(self.batch_size > 0, "generate.batch_size must be positive")
         _check(self.prefix_cache_tokens >= 0, "generate.prefix_cache_tokens must be >= 0")
         _check(self.prefix_block > 0, "generate.prefix_block must be positive")
         _check(self.prefill_tokens > 0, "generate.prefill_tokens must be positive")
+        _check(self.check_group > 0, "generate.check_group must be positive")
 
 
 @dataclass

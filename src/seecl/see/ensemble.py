@@ -322,6 +322,7 @@ class SeeEnsemble:
                 gen.prefix_cache_tokens,
                 gen.prefix_block,
                 gen.prefill_tokens,
+                gen.check_group,
             )
         return self._engine
 

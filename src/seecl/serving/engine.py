@@ -14,10 +14,10 @@ Owns how a batch of queries is routed through the experts of a PEFT model and an
   is routed on its last user turn, then prefilled whole by its owner (the base, or the claiming
   expert after its `<<pos>>`) to be answered after every turn;
 - activated-LoRA experts (PEFT aLoRA, invoked by the assistant-turn header): the prompt body is
-  prefilled once, in the newest expert's check (an aLoRA adapter leaves the body to the base),
-  into buffers that every later check extends in place at the cost of the invocation and
-  indicator-prefix positions only; the claiming checks' positions are written back and the whole
-  batch decodes in those same buffers.
+  prefilled once by the base (an aLoRA adapter leaves it to the base), then the checks of up to
+  `check_group` experts run in one forward after it, each as a segment under its own expert's
+  LoRA over the same body KV (`alora_batch`); the claiming checks' positions are moved to right
+  after the body and the whole batch decodes in those same buffers.
 
 Does not own the decision rule (`routing.decide`), prompts (`PromptFormatter`), loading experts,
 the forwards themselves (prefill chunks, in-place KV buffers, the prefix cache: `forwards`) or
@@ -35,6 +35,7 @@ import torch
 from seecl.data.prompts import PromptFormatter
 from seecl.model.kv import kv_over
 from seecl.progress import advance
+from seecl.serving.alora_batch import check_logprobs
 from seecl.serving.batch_kv import Rows, gather
 from seecl.serving.decoding import AnswerDecoding, choose_tokens, decodings_for
 from seecl.serving.forwards import BatchForwards
@@ -87,6 +88,7 @@ class RoutingEngine(BatchForwards):
         prefix_cache_tokens: int = 4096,
         prefix_block: int = 8,
         prefill_tokens: int = 512,
+        check_group: int = 32,
     ):
         super().__init__(
             model, experts, formatter.tokenizer.pad_token_id, prefix_cache_tokens, prefix_block, prefill_tokens
@@ -95,6 +97,7 @@ class RoutingEngine(BatchForwards):
         self.indicators = formatter.indicators
         self._experts = list(experts)
         self.threshold, self.batch_size = threshold, batch_size
+        self.check_group = check_group  # aLoRA experts whose checks share one forward (their KV shares the buffers)
         self.eos_id = formatter.eos_id
         self.blocked = torch.tensor(self.indicators.blocked_in_answers if self.indicators else [], dtype=torch.long)
         invocations = {tuple(v) for v in self.alora.values()}
@@ -203,11 +206,11 @@ class RoutingEngine(BatchForwards):
 
     @torch.inference_mode()
     def _walk_shared_body(self, chunk: list[int], prompts, decodings, groups: list[_Group], budget: int) -> list[Route]:
-        """aLoRA experts: the prompt bodies (everything before the invocation) are prefilled once,
-        in the newest expert's check; each later check extends them in place with the invocation
-        and indicator prefix, overwriting the previous check's positions. The claiming checks'
-        positions are kept, written back for their rows, and the rows decode in the bodies'
-        buffers (unclaimed rows leave those positions masked and feed the invocation to the base)."""
+        """aLoRA experts: the prompt bodies (everything before the invocation) are prefilled once by
+        the base (an aLoRA adapter leaves them to it), then the checks of a group of experts run in
+        one forward after them (`alora_batch`), newest group first until no query is open. The
+        claiming check's positions are moved to right after the body and the rows decode in the
+        bodies' buffers (unclaimed rows leave those positions masked and feed the invocation to the base)."""
         n = len(self.invocation)
         for i in chunk:
             if len(prompts[i]) <= n or list(prompts[i][-n:]) != self.invocation:
@@ -215,63 +218,62 @@ class RoutingEngine(BatchForwards):
         prefix = list(self.indicators.shared_prefix)
         continuation = list(self.indicators.pos_ids[len(prefix) :])
         tail = n + len(prefix)
-        # The newest expert's check is the bodies' own pass: an aLoRA adapter leaves every position
-        # before its invocation to the base, so the bodies' KV is the base's.
-        newest = self._experts[-1]
-        with self._use(newest):
-            first_check = list(
-                self._prefill(
-                    newest,
-                    [prompts[i] + prefix for i in chunk],
-                    len(prefix) + 1,
-                    tail,
-                    room=max(n, len(continuation)) + budget,
-                )
+        group = min(len(self._experts), self.check_group)
+        with self._use(BASE):
+            bodies, _ = self._prefill(
+                BASE,
+                [prompts[i][:-n] for i in chunk],
+                1,
+                room=max(group * tail, n + len(continuation)) + budget,
             )
-        body = first_check[0].length - tail
-        bodies = Rows(first_check[0].cache, first_check[0].mask[:, :body], first_check[0].next_pos - tail)
-        claims = []  # (rows of the chunk, per-layer KV of their check's tail)
+        body = bodies.length
+        verdicts: dict[str, list[Check]] = {}
+        segment_of: dict[str, int] = {}  # expert -> its check's segment in the latest forward
+        pending: dict[int, int] = {}  # claimed row of the chunk -> its check's segment, not yet set aside
+        kept: list[tuple[list[int], list]] = []  # (rows, per-layer KV of their claiming checks)
+
+        def set_aside() -> None:  # before the next forward overwrites the segments
+            for segment in sorted(set(pending.values())):
+                rows = [row for row, m in pending.items() if m == segment]
+                index = torch.tensor(rows, device=self.device)
+                start = body + segment * tail
+                layers = [
+                    (
+                        k[:, :, start : start + tail].index_select(0, index),
+                        v[:, :, start : start + tail].index_select(0, index),
+                    )
+                    for k, v in bodies.buffers()
+                ]
+                kept.append((rows, layers))
+            pending.clear()
 
         def check(expert: str, idx: list[int]) -> list[Check]:
-            if first_check:
-                state, logprobs = first_check
-                first_check.clear()
-            else:
-                with self._use(expert):
-                    state = bodies.rewind() if len(idx) == len(chunk) else bodies.take(idx, tail)
-                    state, logprobs = self._extend(state, [self.invocation + prefix] * len(idx), len(prefix) + 1)
-            checks = self._verdicts(expert, logprobs)
-            claimed = [row for row, c in enumerate(checks) if c.verdict == "pos"]
-            if claimed:
-                index = torch.tensor(claimed, device=self.device)
-                claims.append(
-                    (
-                        [idx[r] for r in claimed],
-                        [
-                            (
-                                layer.keys[:, :, body:].index_select(0, index),
-                                layer.values[:, :, body:].index_select(0, index),
-                            )
-                            for layer in state.cache.layers
-                        ],
-                    )
-                )
+            if expert not in verdicts:  # the next group of experts, newest first, in one forward
+                set_aside()
+                stop = self._experts.index(expert) + 1
+                names = self._experts[max(0, stop - group) : stop]
+                logprobs = check_logprobs(self.model, bodies, names, self.invocation + prefix, len(prefix) + 1)
+                segment_of.clear()
+                for m, name in enumerate(names):
+                    segment_of[name] = m
+                    verdicts[name] = self._verdicts(name, logprobs[:, m])
+            checks = [verdicts[expert][i] for i in idx]
+            pending.update({i: segment_of[expert] for i, c in zip(idx, checks) if c.verdict == "pos"})
             return checks
 
         routes = walk(len(chunk), self._experts, check)
+        set_aside()
         answering = [row for row, i in enumerate(chunk) if _continues(decodings[i])]
         if not answering:
             return routes
-        bodies.rewind()
         claimed = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
-        for rows, layers in claims:
+        for rows, layers in kept:  # each claiming check's positions right after its body
             index = torch.tensor(rows, device=self.device)
             claimed[index] = 1
             for (k, v), (tail_k, tail_v) in zip(bodies.buffers(), layers):
                 k[:, :, body : body + tail].index_copy_(0, index, tail_k)
                 v[:, :, body : body + tail].index_copy_(0, index, tail_v)
-        unclaimed = (claimed == 0).nonzero().flatten()
-        bodies.zero(unclaimed, body, body + tail)
+        bodies.zero((claimed == 0).nonzero().flatten(), body, body + tail)
         state = Rows(
             kv_over(bodies.buffers(), body + tail),
             torch.cat([bodies.mask, claimed[:, None].expand(-1, tail)], dim=1),
