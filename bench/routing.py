@@ -30,7 +30,7 @@ recorded too). Further parts:
   process's sample -> `overhead_batch1`, against the cost model from batch-1 TTFT, TPOT and the
   mean answer length (`cost_model_unsimplified_eq8`);
 - memory: RSS after attaching 0, 1, 10, 100 randomly initialised LoRA experts -> `mb_per_expert`;
-- routing latency vs number of experts (1..16, random LoRA or aLoRA experts, every verdict
+- routing latency vs number of experts (1..64, random LoRA or aLoRA experts, every verdict
   counted as a decline, so every expert is asked): plotted to results/bench/routing_latency.png;
 - quality: AR of `--alora-label` against its LoRA counterpart in results/superni-mini and every
   results/superni-mini-seed* run holding both (`alora_ar`, read from their summaries, not measured
@@ -364,7 +364,7 @@ def memory_in_fresh_process() -> dict:
         return pool.apply(memory_curve)
 
 
-def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16)) -> dict:
+def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64)) -> dict:
     """Routing-only latency per query when every expert is asked.
 
     Random experts rarely put an indicator first, and a check without one sends the query to the
@@ -460,6 +460,8 @@ def targets(summary: dict, quality: dict) -> dict:
         ("overhead_alora", "<=", 0.1),
         ("mb_per_expert", "<=", 2.5),
         ("rss_added_100_experts_mb", "<=", 300.0),
+        ("alora_latency_16_over_1", "<=", 1.3),
+        ("alora_latency_64_over_1", "<=", 2.0),
     ]
     if quality:
         summary = {**summary, "alora_ar_gap_mean": quality["mean_gap"]}
@@ -557,6 +559,10 @@ def main() -> None:
     if "alora_batch1" in result:
         summary["overhead_batch1_alora"] = result["alora_batch1"]["overhead_measured"]
     summary.update({k: result["memory"][k] for k in ("mb_per_expert", "rss_added_100_experts_mb")})
+    alora_curve = {int(k): v for k, v in result["latency_vs_experts"].get("alora", {}).items()}
+    for count in (16, 64):
+        if count in alora_curve and 1 in alora_curve:
+            summary[f"alora_latency_{count}_over_1"] = alora_curve[count] / alora_curve[1]
     result.update(summary)
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]
     print_table("Routing cost (SmolLM2-135M, CPU)", ["metric", "value"], rows)
