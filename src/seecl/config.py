@@ -202,6 +202,59 @@ class GenerateConfig:
 
 
 @dataclass
+class VllmConfig:
+    """How `--backend vllm` builds its `vllm.LLM` (a serving setting, not part of a run's config:
+    set with `--set vllm.field=value`)."""
+
+    base_dir: str | None = doc(
+        "The ensemble's base exported for vLLM (`seecl export-base`); null: ENSEMBLE/vllm-base, "
+        "exported there on first use and again whenever the ensemble's base changes.",
+        None,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Weights dtype in vLLM; 'auto' lets vLLM choose from the exported base (float32, which vLLM "
+        "runs in 16 bits on GPUs). float32 gives the PEFT engine's routes and greedy answers.",
+        "auto",
+    )
+    tensor_parallel_size: int = doc("GPUs one model is split over.", 1)
+    gpu_memory_utilization: float | None = doc(
+        "Share of accelerator memory vLLM reserves; on vLLM's CPU build, of CPU memory. null: 0.25 "
+        "on the CPU build (its default 0.92 is refused on a 24 GiB machine), vLLM's default elsewhere.",
+        None,
+    )
+    kv_cache_memory_bytes: int | None = doc(
+        "KV cache size in bytes, instead of sizing it from gpu_memory_utilization; null: vLLM sizes it.", None
+    )
+    max_model_len: int | None = doc("Longest prompt + answer in tokens; null: the model's own limit.", None)
+    max_num_seqs: int | None = doc("Most requests vLLM runs at once; null: vLLM's default.", None)
+    enforce_eager: bool | None = doc(
+        "Run without CUDA graphs / compilation; null: true on the CPU build (which captures no graphs), "
+        "vLLM's default on GPUs.",
+        None,
+    )
+    max_lora_rank: int | None = doc(
+        "Largest expert rank the engine accepts, including experts added while it runs; null: the "
+        "current experts' largest (at least 8), rounded up to a rank vLLM supports.",
+        None,
+    )
+    llm_args: dict[str, Any] = doc("Further `vllm.LLM` keyword arguments, e.g. {swap_space: 0}.", {})
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size > 0, "vllm.tensor_parallel_size must be positive")
+        _check(
+            self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+            "vllm.gpu_memory_utilization must be in (0, 1]",
+        )
+        _check(self.max_model_len is None or self.max_model_len > 0, "vllm.max_model_len must be positive")
+        _check(self.max_num_seqs is None or self.max_num_seqs > 0, "vllm.max_num_seqs must be positive")
+        _check(self.max_lora_rank is None or self.max_lora_rank > 0, "vllm.max_lora_rank must be positive")
+        _check(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "vllm.kv_cache_memory_bytes must be positive",
+        )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
