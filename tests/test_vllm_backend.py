@@ -1,6 +1,6 @@
 """The vLLM backend without vLLM: request construction, the walk over a fake `LLM`, refusal of
 experts with their own token rows, and the exported base (tiny model, no network). The same engine
-on a real vLLM is tested under `make test-vllm` (tests/vllm/)."""
+on a real vLLM is tested under `make test-vllm` (tests/real_vllm/)."""
 
 import json
 import math
