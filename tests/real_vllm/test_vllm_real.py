@@ -92,7 +92,9 @@ def test_the_engine_is_a_backend_over_the_ensembles_experts(make):
     check_protocol(make, NAMES)
 
 
-@pytest.mark.parametrize("threshold", [None, 0.99, {"reverse_list": 0.6, "uppercase": 0.95, "add": 0.5}])
+# These experts claim with P(pos)/(P(pos)+P(neg)) of 0.994-0.9997: 0.9999 turns every claim into a
+# decline, the per-expert one only reverse_list's.
+@pytest.mark.parametrize("threshold", [None, 0.9999, {"reverse_list": 0.9999, "uppercase": 0.5, "add": 0.5}])
 def test_routes_and_greedy_answers_equal_the_reference_and_the_peft_engine(make, ensemble, threshold):
     qs = queries()
     answers = check_routes_and_greedy_answers(make, reference_of(ensemble), qs, threshold, NAMES)
@@ -165,7 +167,7 @@ def test_an_expert_added_while_the_engine_runs_is_asked_first(ensemble, llm, tmp
     engine = VllmEngine(root, llm=llm)
     qs = queries() + [i.query for i in make_task("sentiment", "eval", 2).instances]
     same_routes(engine.route(qs), reference_of(ensemble)(None).route(qs))
-    grown = SeeEnsemble.open(root, SERVABLE)
+    grown = SeeEnsemble.open(root, [o for o in SERVABLE if not o.startswith("model.")])
     grown.learn(make_task("sentiment", "train", 48))
     assert engine.experts() == [*NAMES, "sentiment"]
     after = engine.ask(qs, 6)
