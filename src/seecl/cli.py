@@ -90,8 +90,8 @@ def _open_ensemble(args: argparse.Namespace):
     from seecl.config import VllmConfig, load_config
     from seecl.serving.vllm_engine import VllmEngine, require_vllm
 
-    require_vllm()  # before anything slow
     config = load_config(VllmConfig, overrides=vllm_overrides)
+    require_vllm()  # before anything slow
     ensemble = SeeEnsemble.open(args.ensemble, overrides)
     return ensemble, VllmEngine(ensemble.store.root, threshold=ensemble.thresholds(), config=config)
 

@@ -406,6 +406,11 @@ class VllmEngine:
         config = config or VllmConfig()
         self.store = EnsembleStore(ensemble_dir)
         manifest = self.store.manifest()
+        self._fixed = list(experts) if experts is not None else None
+        self.loras: dict[str, LoraTuple] = {}
+        self.max_rank: int | None = None  # known when this engine built the LLM
+        initial = self._fixed if self._fixed is not None else self.store.expert_names()
+        self._register(initial)  # refuse an unservable expert before exporting anything
         self.base_dir = ensure_base(self.store.root, base_dir or config.base_dir, export_dtype(config.dtype))
         tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         check_base(self.base_dir, tokenizer, manifest)
@@ -414,13 +419,8 @@ class VllmEngine:
         self.formatter = PromptFormatter(tokenizer, self.indicators, manifest["model"].get("system_prompt"))
         self.blocked_words = self._blocked_words(tokenizer)
         self.threshold, self.top_k = threshold, top_k
-        self._fixed = list(experts) if experts is not None else None
-        self.loras: dict[str, LoraTuple] = {}
         self._experts: list[str] = []
         self._stamp: tuple | None = None
-        self.max_rank: int | None = None  # known when this engine built the LLM
-        initial = self._fixed if self._fixed is not None else self.store.expert_names()
-        self._register(initial)
         if logprob_token_ids is None:
             logprob_token_ids = supports_logprob_token_ids() if vllm is not None else True
         self.specific_ids = logprob_token_ids
