@@ -70,7 +70,13 @@ def llm(ensemble):
     from seecl.serving.vllm_export import ensure_base
 
     base = ensure_base(ensemble.store.root)
-    return build_llm(base, [ensemble.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
+    llm = build_llm(base, [ensemble.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
+    yield llm
+    # Stopped here, while pytest still captures output: at interpreter exit vLLM's shutdown
+    # logging would write to streams pytest has closed.
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def reference_of(ensemble):
