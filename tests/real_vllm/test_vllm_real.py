@@ -254,3 +254,22 @@ def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def test_the_vllm_routing_benchmark_runs_its_smoke_mode(tmp_path):
+    """bench/vllm_routing.py end to end on a tiny ensemble (the timings mean nothing here)."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "vllm_routing.py"
+    out = tmp_path / "vllm_routing.json"
+    run = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    row = json.loads(out.read_text())["vllm"]
+    assert row["queries"] == 24 and row["routing_accuracy"] > 0.5
+    for key in ("vllm_qps", "vllm_single_qps", "engine_qps", "overhead_measured", "overhead_eq8_batch"):
+        assert isinstance(row[key], float)
