@@ -29,6 +29,8 @@ demo: $(STAMP)
 	$(BIN)/seecl demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest
 
 test-slow: $(STAMP)

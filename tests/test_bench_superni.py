@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY
 from seecl.cli import main
 from seecl.data.synthetic import general_task, make_task
+from seecl.training import forbid_training
 
 TASKS = ["uppercase", "add"]
 METHODS = ["Non-rehearsal", "SEE(25%)"]
@@ -61,14 +62,6 @@ def bench(data, out, *extra):
     )
 
 
-def forbid_training(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("trained although every adapter exists")
-
-    for module in ("seecl.training", "seecl.methods.single", "seecl.see.ensemble"):
-        monkeypatch.setattr(f"{module}.train", forbidden)
-
-
 def test_bench_writes_summary_report_and_plots_then_resumes_and_reuses(benchmark_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert bench(benchmark_data, out) == 0
@@ -89,8 +82,8 @@ def test_bench_writes_summary_report_and_plots_then_resumes_and_reuses(benchmark
     assert summary["config"]["run_config"]["model"]["name"] == "tiny-random", "resolved config beside the results"
 
     # The same command again: nothing is trained, the numbers are the same.
-    forbid_training(monkeypatch)
-    assert bench(benchmark_data, out) == 0
+    with forbid_training():
+        assert bench(benchmark_data, out) == 0
     again = json.loads((out / "summary.json").read_text())
     assert {k: m["AR"] for k, m in again["methods"].items()} == {k: m["AR"] for k, m in summary["methods"].items()}
 

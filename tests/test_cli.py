@@ -72,7 +72,7 @@ def empty_ensemble(root):
 
 
 def test_the_vllm_backend_without_vllm_is_one_line_with_the_install_command(tmp_path, capsys):
-    from seecl.serving.vllm_engine import vllm_available
+    from seecl.serving.vllm_llm import vllm_available
 
     ens = empty_ensemble(tmp_path / "ens")
     assert main(["ask", "--ensemble", ens, "--set", "vllm.dtype=float32", "hello"]) == 2

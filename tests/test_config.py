@@ -45,7 +45,7 @@ def test_paper_preset():
         ("model.indicator=emoji", "must be one of"),
         ("see.tau=0.5", "exceeds see.memory_tau"),
         ("train.batch_size=6", "multiple of"),
-        ("see.negatives=pseudo", "general_negatives_file"),
+        ("see.general_negatives=-1", "general_negatives must be >= 0"),
         ("nosection", "section.field=value"),
     ],
 )

@@ -15,7 +15,10 @@ def _learn(root, *overrides):
     from conftest import TINY
     from seecl.config import load_config
 
-    ens = SeeEnsemble(root, load_config(overrides=TINY + list(overrides)))
+    # the paper's recipe: greedy indicators, so the reference router and the engine built here agree
+    ens = SeeEnsemble(
+        root, load_config(overrides=TINY + ["see.calibrate=false", "see.general_negatives=0", *overrides])
+    )
     for name in NAMES:
         ens.learn(make_task(name, "train", 48))
     return ens
@@ -471,7 +474,8 @@ def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_ba
 def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(tiny_base):
     from transformers import DynamicCache
 
-    from seecl.model.kv import cache_keyword, kv_buffer, returned_cache
+    from oracles import kv_buffer
+    from seecl.model.kv import cache_keyword, returned_cache
 
     model = tiny_base.model
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])

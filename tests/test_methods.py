@@ -11,6 +11,7 @@ from seecl.data.synthetic import general_task, make_task
 from seecl.evaluation.protocol import EvalSet, Protocol
 from seecl.methods.base import MethodContext
 from seecl.methods.registry import build_method, parse_label
+from seecl.training import forbid_training
 
 TASKS = ["uppercase", "add"]
 LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)", "MoSEs", "SETA"]
@@ -60,21 +61,15 @@ def test_every_method_through_the_shared_harness(tmp_path, label, monkeypatch):
         assert summary["routing_f1"] is None and summary["rb_acc"] is None
 
     # Resume: a new process on the same directory recomputes nothing and trains nothing.
-    import seecl.training
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a finished stage was retrained")
-
-    monkeypatch.setattr(seecl.training, "train", forbidden)
-    for module in ("seecl.methods.single", "seecl.see.ensemble"):
-        monkeypatch.setattr(f"{module}.train", forbidden)
-    _, again, resumed = run_protocol(tmp_path, label)
+    with forbid_training():
+        _, again, resumed = run_protocol(tmp_path, label)
     assert resumed["matrix"] == matrix and resumed["AR"] == summary["AR"]
 
     # Scoring again from scratch after every stage is trained (a lost protocol.json, a new metric)
     # sees each stage as it was: same scores, same parameter counts, nothing retrained.
     (again.workdir / "protocol.json").unlink()
-    _, _, rescored = run_protocol(tmp_path, label)
+    with forbid_training():
+        _, _, rescored = run_protocol(tmp_path, label)
     assert rescored["matrix"] == matrix
     assert rescored["trainable_parameters"] == summary["trainable_parameters"]
 
@@ -100,14 +95,14 @@ def test_a_copy_without_ensembles_and_predictions_resumes_from_the_cache(tmp_pat
     protocol.path.write_text(json.dumps(state))
     shutil.rmtree(protocol.workdir / "ensemble")
     shutil.rmtree(protocol.workdir / "predictions")
-    monkeypatch.setattr("seecl.see.ensemble.train", lambda *a, **k: pytest.fail("a cached expert was retrained"))
-    _, _, resumed = run_protocol(tmp_path, "SEE(25%)")
+    with forbid_training():
+        _, _, resumed = run_protocol(tmp_path, "SEE(25%)")
     assert resumed["routing"]["confusion"] == summary["routing"]["confusion"]
     assert resumed["matrix"] == summary["matrix"] and resumed["rb_acc"] == summary["rb_acc"]
 
 
 def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path, monkeypatch):
-    import seecl.methods.single as single
+    import seecl.training as single
 
     real_train, calls = single.train, []
 
@@ -131,7 +126,7 @@ def test_interrupted_stage_resumes_without_retraining_the_finished_one(tmp_path,
 
 
 def test_identical_first_stages_are_trained_once(tmp_path, monkeypatch):
-    import seecl.methods.single as single
+    import seecl.training as single
 
     real_train, calls = single.train, []
     monkeypatch.setattr(single, "train", lambda m, e, *a, **k: calls.append(len(e)) or real_train(m, e, *a, **k))
@@ -156,7 +151,7 @@ def test_labels():
 def test_combined_variants_apply_every_switch(tmp_path):
     cfg = load_config(overrides=TINY)
     ctx = MethodContext(
-        cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"), general=general_task(), extra={"general_negatives": 3}
+        cfg, tmp_path / "m", AdapterCache(tmp_path / "cache"), general=general_task(), general_negatives=3
     )
     see = build_method("SEE(10%)-general-calibrated", ctx).ensemble.config.see
     assert see.calibrate and see.general_negatives == 3 and see.tau == 0.1
@@ -234,3 +229,31 @@ def test_a_see_run_rebuilds_its_ensemble_when_a_task_changed(tmp_path):
     Protocol(method, edited, evals, ctx.workdir, log=lambda _: None).run()
     experts = method.ensemble.store.records()
     assert [e["data_fingerprint"] for e in experts] == [t.fingerprint() for t in edited]
+
+
+def test_evaluation_reports_progress_per_batch(tmp_path, monkeypatch):
+    """Long evaluations show counts and ETA: every scored cell, the OOD routing and the perplexity
+    get a bar that finished batches advance by the queries they held."""
+    import seecl.progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, enabled):
+            self.desc, self.total, self.n = desc, total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(seecl.progress, "make_bar", Bar)
+    run_protocol(tmp_path, "SEE(25%)", progress=True)
+    names = [b.desc for b in bars]
+    assert names[:3] == ["SEE(25%) stage 1 uppercase", "SEE(25%) stage 2 uppercase", "SEE(25%) stage 2 add"]
+    assert "SEE(25%) OOD routing" in names and "SEE(25%) perplexity" in names
+    assert all(b.n == b.total > 0 for b in bars if b.desc != "SEE(25%) perplexity"), [
+        (b.desc, b.n, b.total) for b in bars
+    ]

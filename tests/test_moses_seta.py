@@ -16,6 +16,7 @@ from seecl.methods.base import MethodContext
 from seecl.methods.moses import MoSEs, needs_new_expert, straight_through, top_fraction
 from seecl.methods.seta import SETA, anchor_penalty
 from seecl.model.generation import left_pad
+from seecl.training import forbid_training
 
 NAMES = ("uppercase", "add", "sentiment")
 
@@ -45,13 +46,6 @@ def routing_accuracy(method, eval_tasks):
     return sum(r.answered_by == t for r, t in zip(routes, truth)) / len(truth)
 
 
-def no_training(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a finished stage was retrained")
-
-    monkeypatch.setattr(training, "train", forbidden)
-
-
 # ----------------------------------------------------------------------------- MoSEs
 
 
@@ -69,8 +63,8 @@ def test_straight_through_mask_is_hard_forward_and_identity_backward():
 
 
 def test_moses_freezes_old_tasks_grows_by_rule_and_sublinearly(tmp_path, monkeypatch):
-    ctx = context(tmp_path)
-    method = MoSEs(ctx, grow_below=0.45)
+    ctx = context(tmp_path, "moses.grow_below=0.45")
+    method = MoSEs(ctx)
     train, evals = tasks(), tasks("eval", 6)
     queries = [[i.query for i in t.instances] for t in evals]
     stages, logits, answers, params = [], {}, {}, []
@@ -95,9 +89,9 @@ def test_moses_freezes_old_tasks_grows_by_rule_and_sublinearly(tmp_path, monkeyp
     assert accuracy >= 0.9
 
     # A new process on the same directory restores every stage bit-identically, without training.
-    no_training(monkeypatch)
-    again = MoSEs(ctx, grow_below=0.45)
-    assert again.learn(train)["cached"] is True
+    again = MoSEs(ctx)
+    with forbid_training():
+        assert again.learn(train)["cached"] is True
     for stage in range(3):
         assert torch.equal(task_logits(again, queries[stage], stage), logits[stage])
     assert again.trainable_parameters() == params[2]
@@ -120,8 +114,8 @@ def test_anchor_penalty_is_zero_at_the_anchor_and_grows_with_distance():
 
 
 def test_seta_gate_routes_tasks_and_unique_experts_stay_frozen(tmp_path, monkeypatch):
-    ctx = context(tmp_path)
-    method = SETA(ctx, probe=4)
+    ctx = context(tmp_path, "seta.probe=4")
+    method = SETA(ctx)
     penalties = []
     real_train = training.train
 
@@ -151,9 +145,9 @@ def test_seta_gate_routes_tasks_and_unique_experts_stay_frozen(tmp_path, monkeyp
     print(f"SETA gate routing accuracy on 3 synthetic tasks: {accuracy:.2f}")
     assert accuracy >= 0.9
 
-    no_training(monkeypatch)
-    again = SETA(ctx, probe=4)
-    assert again.learn(train)["cached"] is True
+    again = SETA(ctx)
+    with forbid_training():
+        assert again.learn(train)["cached"] is True
     assert [r.answered_by for r in again.routes([i.query for t in evals for i in t.instances])] == [
         r.answered_by for r in method.routes([i.query for t in evals for i in t.instances])
     ]
@@ -168,8 +162,8 @@ def test_seta_gate_routes_tasks_and_unique_experts_stay_frozen(tmp_path, monkeyp
 @pytest.mark.parametrize("cls", [MoSEs, SETA])
 def test_interrupted_stage_resumes_to_the_state_of_an_uninterrupted_run(tmp_path, monkeypatch, cls):
     train, queries = tasks()[:2], [i.query for i in tasks("eval", 4)[1].instances]
-    options = {"probe": 2} if cls is SETA else {}
-    reference = cls(context(tmp_path / "reference"), **options)
+    options = ["seta.probe=2"] if cls is SETA else []
+    reference = cls(context(tmp_path / "reference", *options))
     reference.learn(train)
     real_train, calls = training.train, []
 
@@ -181,10 +175,10 @@ def test_interrupted_stage_resumes_to_the_state_of_an_uninterrupted_run(tmp_path
 
     monkeypatch.setattr(training, "train", crash_on_second_stage)
     with pytest.raises(KeyboardInterrupt):
-        cls(context(tmp_path / "run"), **options).learn(train)
+        cls(context(tmp_path / "run", *options)).learn(train)
     calls.clear()
     monkeypatch.setattr(training, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    resumed = cls(context(tmp_path / "run"), **options)
+    resumed = cls(context(tmp_path / "run", *options))
     assert resumed.learn(train)["cached"] is False and calls == [1], "only stage 2 trains"
     assert torch.equal(task_logits(resumed, queries, 1), task_logits(reference, queries, 1))
     assert resumed.trainable_parameters() == reference.trainable_parameters()
@@ -207,7 +201,7 @@ def test_learn_and_answer_on_trace_folders(tmp_path, cls):
     double = write_trace(tmp_path / "double", lambda i: (f"{i} * 2 = ?", str(2 * i)))
     train = [load_task(colors), load_task(double)]
     assert [t.name for t in train] == ["colors", "double"]
-    method = cls(context(tmp_path), **({"probe": 2} if cls is SETA else {}))
+    method = cls(context(tmp_path, *(["seta.probe=2"] if cls is SETA else [])))
     for stage in range(2):
         assert method.learn(train[: stage + 1])["cached"] is False
     queries = [i.query for folder in (colors, double) for i in load_task(folder, split="test").instances[:3]]

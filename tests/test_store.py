@@ -102,7 +102,9 @@ def test_adding_an_expert_does_not_modify_older_ones(ensemble):
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
     assert ensemble.experts() == ["add", "uppercase"]
     meta = ensemble.store.expert_meta("uppercase")
-    assert meta["negative_ids"] == {"add": meta["negative_ids"]["add"]} and len(meta["negative_ids"]["add"]) == 2
+    assert sorted(meta["negative_ids"]) == ["add", "general"] and len(meta["negative_ids"]["add"]) == 2
+    # by default every expert also declines general instructions from the pool that ships with seecl
+    assert len(meta["negative_ids"]["general"]) == 10 and meta["general_pool"]["source"].startswith("seecl:")
 
 
 def test_corrupt_or_missing_manifest_is_a_clear_error(tmp_path):

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
+from oracles import reference_loss
 from seecl.adapters import add_expert
 from seecl.config import AdapterConfig, TrainConfig
 from seecl.data.prompts import Example, PromptFormatter
 from seecl.data.synthetic import make_task
-from seecl.loss import SupervisedLoss, prefix_groups, reference_loss
+from seecl.loss import SupervisedLoss, prefix_groups
 from seecl.training import collate, plan_batches, train
 
 

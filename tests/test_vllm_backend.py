@@ -15,23 +15,25 @@ from seecl.model.indicators import Indicators
 from seecl.see.store import FORMAT
 from seecl.serving.routing import BASE, Sampling, decide
 from seecl.serving.vllm_engine import (
-    INSTALL_HINT,
     VllmEngine,
     answer_params,
     answer_requests,
     check_params,
     check_requests,
-    check_servable,
     cut_at_stop,
     generation_params,
+    verdict,
+)
+from seecl.serving.vllm_export import export_base
+from seecl.serving.vllm_llm import (
+    INSTALL_HINT,
+    check_servable,
     llm_kwargs,
     lora_settings,
     lora_table,
     token_row_tensors,
-    verdict,
     vllm_available,
 )
-from seecl.serving.vllm_export import export_base
 
 ADDED = Indicators("added", "<<pos>>", "<<neg>>", (300,), (301,))
 # «pos»/«neg» style: two shared tokens, then the decision token
@@ -415,9 +417,12 @@ def test_an_interrupted_export_leaves_nothing_that_looks_complete(tiny_ensemble,
         with pytest.raises(KeyboardInterrupt):
             export_base(tiny_ensemble.store.root, tmp_path / "base")
     assert list(tmp_path.iterdir()) == [], "the model was written, but only into a staging directory"
-    (tmp_path / ".base.0123.partial").mkdir()  # what a killed export leaves
+    killed = tmp_path / ".base.staging-999999999-0123abcd"  # what an export killed mid-way leaves
+    (killed / "model.safetensors").parent.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     out = ensure_base(tiny_ensemble.store.root, tmp_path / "base")
     assert out == tmp_path / "base" and (out / "seecl-export.json").is_file() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"], "the dead writer's staging directory is removed"
 
 
 def test_the_default_export_follows_the_ensembles_base(tiny_ensemble, tmp_path):
@@ -434,7 +439,7 @@ def test_the_default_export_follows_the_ensembles_base(tiny_ensemble, tmp_path):
     explicit = ensure_base(root, tmp_path / "elsewhere")
     (root / "indicator_rows.safetensors").write_bytes(b"rows shared by every expert")  # the base changed
     assert not is_current(out, root)
-    assert ensure_base(root) == out and is_current(out, root), "the default export is renewed"
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".vllm-base")) == []
+    assert ensure_base(root) == out and is_current(out, root), "the default export is renewed (swapped in)"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".vllm-base")] == []
     with pytest.raises(SeeclError, match=r"elsewhere is an export of an earlier state.*remove it"):
         ensure_base(root, explicit)

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from seecl.publish import publish_dir
 from seecl.see.store import ADAPTER_FILES
 
 
@@ -44,18 +42,11 @@ class AdapterCache:
     def put(self, key: str, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
         """Publish `write(staging_dir)` plus meta.json under `key` (first writer wins)."""
         final = self.root / key
-        if self.get(key) is not None and final.exists():
-            return final
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = self.root / f".staging-{key}-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
+
+        def write_entry(staging: Path) -> None:
             write(staging)
             (staging / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+
+        # an entry missing a file (from before entries were published whole) is replaced
+        publish_dir(final, write_entry, replace=self.get(key) is None and final.exists())
         return final

@@ -37,9 +37,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
     ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
     task = load_task(args.data, name=args.task, split=args.split, limit=args.limit)
-    general_file = ensemble.config.see.general_negatives_file
-    general = load_task(general_file, name="general") if general_file else None
-    record = ensemble.learn(task, name=args.name, general=general)
+    record = ensemble.learn(task, name=args.name)
     metrics = record["metrics"]
     from accelerate import PartialState
 
@@ -57,7 +55,7 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
     if args.file:
         from seecl.data.formats import load_instances
 
-        queries += [inst.query for inst in load_instances(args.file)]
+        queries += [inst.query for inst in load_instances(args.file, responses=False)]
     if not queries and not sys.stdin.isatty():
         queries = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not queries:
@@ -88,7 +86,8 @@ def _open_ensemble(args: argparse.Namespace):
     if args.backend != "vllm":
         return SeeEnsemble.open(args.ensemble, overrides), None
     from seecl.config import VllmConfig, load_config
-    from seecl.serving.vllm_engine import VllmEngine, require_vllm
+    from seecl.serving.vllm_engine import VllmEngine
+    from seecl.serving.vllm_llm import require_vllm
 
     config = load_config(VllmConfig, overrides=vllm_overrides)
     require_vllm()  # before anything slow

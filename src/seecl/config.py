@@ -46,6 +46,12 @@ class ModelConfig:
         "in-vocabulary strings) or 'semantic' (Yes/No).",
         "added",
     )
+    indicator_rows: Literal["per_expert", "shared"] = doc(
+        "Added indicator tokens' embedding rows: 'per_expert' (every expert trains its own copy) or "
+        "'shared' (the first expert trains them, then the whole ensemble shares them and every "
+        "expert is a plain LoRA adapter, servable by vLLM). Fixed when the ensemble is created.",
+        "per_expert",
+    )
     system_prompt: str | None = doc(
         "System message for every prompt; null keeps the chat template's own default.", None
     )
@@ -142,10 +148,14 @@ class SeeConfig:
         "earlier",
     )
     general_negatives_file: str | None = doc(
-        "Instruction file (any supported format) for pseudo or general negatives.", None
+        "Instruction file (any supported format; responses optional) for general or pseudo negatives; "
+        "null: the 600 general instructions that ship with seecl (data/general_instructions.jsonl).",
+        None,
     )
     general_negatives: int = doc(
-        "Extra negatives per expert drawn from general_negatives_file (0 = paper default, none).", 0
+        "Negatives per expert drawn from the general instructions, so that no expert claims queries that "
+        "belong to no task (0 = the paper's recipe, none).",
+        10,
     )
     threshold: float | None = doc(
         "Claim a query only if P(pos) / (P(pos) + P(neg)) >= threshold; null = greedy indicator.", None
@@ -153,7 +163,7 @@ class SeeConfig:
     calibrate: bool = doc(
         "Per-expert thresholds calibrated on each expert's own stored queries (overrides threshold): "
         "the calibration_quantile of their log-odds log(P(pos)/P(neg)), minus calibration_margin.",
-        False,
+        True,
     )
     calibration_quantile: float = doc("Quantile of the own-query log-odds the threshold starts from.", 0.05)
     calibration_margin: float = doc("Log-odds subtracted from that quantile (room for unseen own queries).", 2.0)
@@ -166,11 +176,6 @@ class SeeConfig:
             f"see.tau ({self.tau}) exceeds see.memory_tau ({self.memory_tau}), the share of queries the ensemble keeps",
         )
         _check(self.general_negatives >= 0, "see.general_negatives must be >= 0")
-        needs_file = self.negatives == "pseudo" or self.general_negatives > 0
-        _check(
-            not needs_file or bool(self.general_negatives_file),
-            "see.general_negatives_file is required for pseudo or general negatives",
-        )
         _check(self.threshold is None or 0.0 < self.threshold < 1.0, "see.threshold must be in (0, 1)")
         _check(0.0 <= self.calibration_quantile < 1.0, "see.calibration_quantile must be in [0, 1)")
         _check(self.calibration_margin >= 0.0, "see.calibration_margin must be >= 0")
@@ -199,6 +204,48 @@ class GenerateConfig:
         _check(self.prefix_cache_tokens >= 0, "generate.prefix_cache_tokens must be >= 0")
         _check(self.prefix_block > 0, "generate.prefix_block must be positive")
         _check(self.prefill_tokens > 0, "generate.prefill_tokens must be positive")
+
+
+@dataclass
+class MosesConfig:
+    """MoSEs (methods/moses.py): a pool of LoRA sub-experts per layer, masked per task."""
+
+    experts: int = doc("Sub-experts in every adapted layer's pool at the start.", 2)
+    capacity: float = doc("Share of a layer's pool weights each task's mask keeps (top-c% of its scores).", 0.5)
+    top_k: int = doc("Sub-experts the token-level router mixes.", 2)
+    grow_below: float = doc(
+        "Add a sub-expert to every layer when the free share of pool weights falls below this.", 0.3
+    )
+    feature_queries: int = doc("Training queries per task whose frozen-base features make its prototype.", 64)
+
+    def __post_init__(self) -> None:
+        _check(self.experts >= 1, "moses.experts must be >= 1")
+        _check(0 < self.capacity <= 1, "moses.capacity must be in (0, 1]")
+        _check(self.top_k >= 1, "moses.top_k must be >= 1")
+        _check(0 <= self.grow_below <= 1, "moses.grow_below must be in [0, 1]")
+        _check(self.feature_queries >= 1, "moses.feature_queries must be >= 1")
+
+
+@dataclass
+class SetaConfig:
+    """SETA (methods/seta.py): sparse shared and unique experts, Fisher anchoring, a feature gate."""
+
+    density: float = doc("Entries of each task's sparse subspace, as a multiple of a rank-r LoRA's parameters.", 1.0)
+    probe: int = doc("Training examples whose gradients measure each weight's sensitivity and Fisher information.", 16)
+    ewc_lambda: float = doc("Weight of the Fisher-weighted anchoring of entries shared with earlier tasks.", 10.0)
+    gate_steps: int = doc("Optimizer steps fitting the gate at each stage.", 300)
+    gate_lr: float = doc("Learning rate of the gate.", 0.05)
+    kl_weight: float = doc("Weight of the KL term keeping the gate's outputs for old tasks' pseudo-features.", 1.0)
+    pseudo: int = doc("Gaussian pseudo-features per old task for the gate.", 32)
+    feature_queries: int = doc("Training queries per task whose frozen-base features the gate learns from.", 64)
+
+    def __post_init__(self) -> None:
+        _check(self.density > 0, "seta.density must be > 0")
+        _check(self.probe >= 1, "seta.probe must be >= 1")
+        _check(self.ewc_lambda >= 0, "seta.ewc_lambda must be >= 0")
+        _check(self.gate_steps >= 1 and self.gate_lr > 0, "seta.gate_steps must be >= 1 and seta.gate_lr > 0")
+        _check(self.kl_weight >= 0, "seta.kl_weight must be >= 0")
+        _check(self.pseudo >= 1 and self.feature_queries >= 1, "seta.pseudo and seta.feature_queries must be >= 1")
 
 
 @dataclass
@@ -261,14 +308,19 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     see: SeeConfig = field(default_factory=SeeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    moses: MosesConfig = field(default_factory=MosesConfig)
+    seta: SetaConfig = field(default_factory=SetaConfig)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Measured on SmolLM2-135M, CPU: batches that mix positives and negatives, a higher lr and
     # small batches make the indicator learnable from ~100 instances per task.
     "small": {},
-    # The SEE paper's recipe (7B-scale models, thousands of instances per task).
+    # The SEE paper's recipe (7B-scale models, thousands of instances per task): no general
+    # negatives, greedy indicators.
     "paper": {
+        "see.general_negatives": 0,
+        "see.calibrate": False,
         "train.lr": 2e-4,
         "train.epochs": 3,
         "train.batch_size": 32,

@@ -78,7 +78,7 @@ def token_rows(module: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor, 
     """(layer, token ids, their trained rows) of an unmerged PEFT trainable-tokens layer (or the
     wrapper around one) with one active adapter that trains rows; None for any other module
     (which then runs its own forward)."""
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
 
     layer = getattr(module, "token_adapter", module)  # PEFT's TrainableTokensWrapper around the layer
     if not isinstance(layer, TrainableTokensLayer) or layer.merged or layer.disable_adapters:
@@ -255,11 +255,3 @@ class SupervisedLoss(torch.nn.Module):
         keep = targets != IGNORE
         logits = head_logits(head, hidden[keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-
-
-def reference_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The straightforward loss through the model's full logits (summed), for comparison."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )

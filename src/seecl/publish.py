@@ -1,60 +1,151 @@
 """Publishing files and directories so that a reader never sees a half-written one.
 
 Owns the write-to-staging, fsync, atomic-rename pattern every writer in seecl uses: JSON files
-(`write_json_atomic`) and whole directories (`publish_dir`).
+(`write_json_atomic`) and whole directories (`publish_dir`). A directory is written under a staging
+name beside its final place, every file and the directory itself are fsynced, and it is renamed
+into place. Replacing an existing directory swaps the two in one `renameat2(RENAME_EXCHANGE)` on
+Linux, so the final path always names a complete directory; elsewhere the old one is first moved
+aside and put back by `clean_stale` if the writer died between the two renames. Staging names carry
+the writer's pid, so `clean_stale` removes only what dead writers left behind and never another
+live writer's work.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+_STAGING = ".staging"
+_ASIDE = ".aside"
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     with open(tmp, "w", encoding="utf-8") as handle:
         json.dump(data, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def publish_dir(final: Path, write: Callable[[Path], None], replace: bool = False) -> bool:
+    """Write a directory through `write(staging)` and make it appear at `final` in one step.
 
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under `root` (and `root` itself) to disk."""
-    for directory, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(directory) / name)
-        _fsync_path(Path(directory))
-
-
-def publish_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Create directory `final` through `write(staging)`: nothing named `final` exists until every
-    file is on disk. An interrupted write leaves only a hidden `.<name>.<id>.partial` sibling.
-
-    `final` must not exist (a directory cannot be atomically replaced)."""
+    An existing `final` is kept (the first writer wins; returns False) unless `replace`, which
+    swaps the new directory in atomically. The staging directory never survives a failure of
+    `write`; a writer killed mid-way leaves a staging directory that `clean_stale` removes.
+    """
+    final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
+    clean_stale(final)
+    if final.exists() and not replace:
+        return False
+    staging = final.with_name(f".{final.name}{_STAGING}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
         write(staging)
-        fsync_tree(staging)
-        os.rename(staging, final)  # fails if `final` appeared meanwhile: never merges two writers
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _fsync_path(final.parent)
-    return final
+        _fsync_tree(staging)
+        if not final.exists():
+            try:
+                os.rename(staging, final)  # fails on a non-empty directory another writer just published
+            except OSError:
+                if not replace:
+                    return False
+                _swap(staging, final)
+        elif replace:
+            _swap(staging, final)
+        else:
+            return False
+        _fsync_dir(final.parent)
+        return True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the new staging, or the old directory swapped out
+
+
+def clean_stale(final: Path) -> None:
+    """Remove what dead writers of `final` left behind; restore a directory moved aside by a writer
+    that died before its replacement was in place."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for child in final.parent.iterdir():
+        for marker in (_STAGING, _ASIDE):
+            prefix = f".{final.name}{marker}-"
+            if not child.name.startswith(prefix):
+                continue
+            pid = child.name[len(prefix) :].split("-", 1)[0]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if marker == _ASIDE and not final.exists():
+                os.rename(child, final)
+            else:
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap(staging: Path, final: Path) -> None:
+    """Exchange `staging` and `final` (afterwards `staging` holds the old directory)."""
+    if _rename_exchange(staging, final):
+        return
+    aside = final.with_name(f".{final.name}{_ASIDE}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.rename(final, aside)
+    os.rename(staging, final)
+    os.rename(aside, staging)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(directory))
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

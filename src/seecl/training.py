@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import random
 import shutil
 import time
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from seecl.config import TrainConfig
 from seecl.data.prompts import IGNORE, Example
 from seecl.loss import TOKEN_ROWS, SupervisedLoss
+from seecl.publish import publish_dir
 
 MEGABATCH = 16  # batches whose members are regrouped by length together
 
@@ -154,26 +154,20 @@ def run_fingerprint(examples: list[Example], cfg: TrainConfig) -> str:
 
 
 def _save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses, fingerprint: str) -> None:
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(
-        {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}, str(staging / "trainable.safetensors")
-    )
-    torch.save(
-        {
+    def write(staging: Path) -> None:
+        trainable = {n: p.detach().cpu().contiguous() for n, p in _trainable(model).items()}
+        save_file(trainable, str(staging / "trainable.safetensors"))
+        state = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "losses": losses,
             "fingerprint": fingerprint,
-        },
-        staging / "state.pt",
-    )
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(staging, directory)
+        }
+        torch.save(state, staging / "state.pt")
+
+    publish_dir(directory, write, replace=True)
 
 
 def _load_checkpoint(directory: Path, model, optimizer, scheduler, fingerprint: str) -> tuple[int, list[float]]:
@@ -194,6 +188,25 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, fingerprint: 
     return int(state["step"]), list(state["losses"])
 
 
+class TrainingForbidden(RuntimeError):
+    """Raised by `train` inside `forbid_training()`: something trained that should have been loaded."""
+
+
+_forbidden = 0
+
+
+@contextlib.contextmanager
+def forbid_training():
+    """Within this block every call of `train` raises: the one seam through which a resumed run,
+    a cached stage or a re-scoring is shown to train nothing (every method trains through `train`)."""
+    global _forbidden
+    _forbidden += 1
+    try:
+        yield
+    finally:
+        _forbidden -= 1
+
+
 def train(
     model: torch.nn.Module,
     examples: list[Example],
@@ -212,6 +225,8 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    if _forbidden:
+        raise TrainingForbidden(f"{desc}: trained inside forbid_training()")
     if not examples:
         raise ValueError("no training examples")
     cpu = not torch.cuda.is_available()

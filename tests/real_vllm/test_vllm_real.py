@@ -1,10 +1,12 @@
 """The vLLM engine on a real vLLM (its CPU build is enough): `make test-vllm`, marker `vllm`.
 
-A tiny model vLLM's CPU kernels serve is built in the test and three plain-LoRA experts are trained
-on it (in-vocabulary «pos»/«neg» indicators, no indicator rows of their own: what vLLM can serve).
-One `vllm.LLM` over the exported base serves every engine of the module; the CLI tests start their
-own in a subprocess, as a user would. Routes and greedy answers are compared with the reference
-router and the PEFT engine in float32. Nothing is downloaded.
+A tiny model vLLM's CPU kernels serve is built in the test and three experts are trained on it the
+default way, with `model.indicator_rows=shared`: the first expert's <<pos>>/<<neg>> rows become the
+ensemble's, exported with its base, and every expert is a plain LoRA adapter. One `vllm.LLM` over
+the exported base serves every engine of the module; the CLI tests start their own in a
+subprocess, as a user would; a second ensemble with in-vocabulary «pos»/«neg» (a multi-token
+indicator, whose experts also say neither) gets its own. Routes and greedy answers are compared
+with the reference router and the PEFT engine in float32. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 NAMES = ["reverse_list", "uppercase", "add"]
-SERVABLE = TINY + ["model.indicator=nonsemantic", "adapter.train_indicator_rows=false", "train.epochs=12"]
+SHARED = TINY + ["model.indicator_rows=shared"]
+NONSEMANTIC = TINY + ["model.indicator=nonsemantic", "adapter.train_indicator_rows=false", "train.epochs=12"]
 # float32 for the PEFT path's numbers; a small context and KV cache start vLLM quickly on a CPU.
 VLLM_SETTINGS = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 16}
 CLI_SETTINGS = [f"vllm.{k}={v}" for k, v in VLLM_SETTINGS.items()]
@@ -52,22 +55,27 @@ def queries():
     ]
 
 
-@pytest.fixture(scope="module")
-def ensemble(tmp_path_factory):
+def tiny_ensemble(root, overrides):
     from seecl.model.tiny import save_servable_tiny_model
 
-    root = tmp_path_factory.mktemp("vllm-real")
     model = save_servable_tiny_model(root / "tiny-model")
-    ens = SeeEnsemble(root / "ens", load_config(overrides=SERVABLE + [f"model.name={model}"]))
+    ens = SeeEnsemble(root / "ens", load_config(overrides=overrides + [f"model.name={model}"]))
     for name in NAMES:
         ens.learn(make_task(name, "train", 48))
     return ens
 
 
 @pytest.fixture(scope="module")
+def ensemble(tmp_path_factory):
+    ens = tiny_ensemble(tmp_path_factory.mktemp("vllm-real"), SHARED)
+    assert ens.store.manifest()["indicator_rows"]["trained_by"] == NAMES[0]
+    return ens
+
+
+@pytest.fixture(scope="module")
 def llm(ensemble):
-    from seecl.serving.vllm_engine import build_llm
     from seecl.serving.vllm_export import ensure_base
+    from seecl.serving.vllm_llm import build_llm
 
     base = ensure_base(ensemble.store.root)
     llm = build_llm(base, [ensemble.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
@@ -98,9 +106,9 @@ def test_the_engine_is_a_backend_over_the_ensembles_experts(make):
     check_protocol(make, NAMES)
 
 
-# These experts claim with P(pos)/(P(pos)+P(neg)) of 0.994-0.9997: 0.9999 turns every claim into a
-# decline, the per-expert one only reverse_list's.
-@pytest.mark.parametrize("threshold", [None, 0.9999, {"reverse_list": 0.9999, "uppercase": 0.5, "add": 0.5}])
+# These experts claim their queries with P(pos)/(P(pos)+P(neg)) of 0.87-0.996 and "Hi" with 0.70:
+# 0.999 turns every claim into a decline, the per-expert thresholds only the claim of "Hi".
+@pytest.mark.parametrize("threshold", [None, 0.999, {"reverse_list": 0.95, "uppercase": 0.5, "add": 0.5}])
 def test_routes_and_greedy_answers_equal_the_reference_and_the_peft_engine(make, ensemble, threshold):
     qs = queries()
     answers = check_routes_and_greedy_answers(make, reference_of(ensemble), qs, threshold, NAMES)
@@ -112,15 +120,34 @@ def test_routes_and_greedy_answers_equal_the_reference_and_the_peft_engine(make,
     assert all(ensemble.formatter().decode(a.token_ids) == a.text for a in answers)
 
 
-def test_neither_and_all_negative_routes_equal_the_reference(make, ensemble):
-    """No hook can force vLLM's outputs: the trained experts' own "neither" and a threshold no
-    claim reaches (every claim becomes a decline) give the two base-model routes."""
+def test_all_negative_routes_equal_the_reference(make, ensemble):
+    """No hook can force vLLM's outputs: a threshold no claim reaches turns every claim into a decline."""
     qs = queries()
-    for threshold in (None, 0.99999):
-        expected = reference_of(ensemble)(threshold).route(qs)
-        same_routes(make(threshold).route(qs), expected)
-        reasons = {r.reason for r in expected}
-        assert ("exception" if threshold is None else "all_negative") in reasons, reasons
+    expected = reference_of(ensemble)(0.99999).route(qs)
+    same_routes(make(0.99999).route(qs), expected)
+    assert {r.reason for r in expected} == {"all_negative"}
+
+
+def test_a_multi_token_indicator_and_neither_equal_the_reference(tmp_path):
+    """«pos»/«neg» share their first two tokens (decided after a greedy prefix), and these experts
+    sometimes produce neither indicator: the query goes to the base model at once."""
+    from seecl.serving.vllm_engine import VllmEngine
+    from seecl.serving.vllm_export import ensure_base
+    from seecl.serving.vllm_llm import build_llm
+
+    ens = tiny_ensemble(tmp_path, NONSEMANTIC)
+    assert len(ens.base.indicators.shared_prefix) == 2
+    base = ensure_base(ens.store.root)
+    llm = build_llm(base, [ens.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
+    try:
+        qs = queries()
+        expected = reference_of(ens)(None).ask(qs, 6)
+        answers = VllmEngine(ens.store.root, threshold=None, llm=llm).ask(qs, 6)
+        same_routes([a.route for a in answers], [a.route for a in expected])
+        assert [a.text for a in answers] == [a.text for a in expected]
+        assert {"claimed", "exception"} <= {a.route.reason for a in expected}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def test_mixed_budgets_and_a_zero_budget_only_routes(make, ensemble):
@@ -173,7 +200,7 @@ def test_an_expert_added_while_the_engine_runs_is_asked_first(ensemble, llm, tmp
     engine = VllmEngine(root, llm=llm)
     qs = queries() + [i.query for i in make_task("sentiment", "eval", 2).instances]
     same_routes(engine.route(qs), reference_of(ensemble)(None).route(qs))
-    grown = SeeEnsemble.open(root, [o for o in SERVABLE if not o.startswith("model.")])
+    grown = SeeEnsemble.open(root, [o for o in SHARED if not o.startswith("model.")])
     grown.learn(make_task("sentiment", "train", 48))
     assert engine.experts() == [*NAMES, "sentiment"]
     after = engine.ask(qs, 6)
@@ -241,7 +268,7 @@ def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble)
         )
         assert reply.status_code == 200, reply.text
         (choice,) = reply.json()["choices"]
-        (expected,) = reference_of(ensemble)(None).ask([query], 6)
+        (expected,) = reference_of(ensemble)(ensemble.thresholds()).ask([query], 6)  # as the server routes
         assert choice["route"]["answered_by"] == expected.route.answered_by
         assert [c["verdict"] for c in choice["route"]["checks"]] == [c.verdict for c in expected.route.checks]
         assert choice["message"]["content"] == expected.text

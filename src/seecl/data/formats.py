@@ -1,4 +1,4 @@
-"""Readers for the task formats seecl accepts (DESIGN §4), with errors that name file and line.
+"""Readers for the task formats seecl accepts (docs/design.md §4), with errors that name file and line.
 
 - SSR-style JSONL: one object per line with `full_prompt`, `output`, `id` (`task_name` optional).
 - Official SuperNI task JSON: `Definition` (list), `Instances` with `input` and `output` (list);
@@ -55,7 +55,11 @@ def _text(record: dict[str, Any], key: str, path: Path, line: int | None) -> str
     return value
 
 
-def _references(record: dict[str, Any], key: str, path: Path, line: int | None) -> tuple[str, ...]:
+def _references(
+    record: dict[str, Any], key: str, path: Path, line: int | None, required: bool = True
+) -> tuple[str, ...]:
+    if key not in record and not required:
+        return ()
     if key not in record:
         raise DataError(f"missing field {key!r}", path, line)
     value = record[key]
@@ -85,21 +89,21 @@ def _detect_jsonl(path: Path) -> str:
     raise DataError("file has no records", path)
 
 
-def read_ssr_jsonl(path: Path) -> list[Instance]:
+def read_ssr_jsonl(path: Path, responses: bool = True) -> list[Instance]:
     out = []
     for number, record in _iter_jsonl(path):
         query = _text(record, "full_prompt", path, number)
-        refs = _references(record, "output", path, number)
+        refs = _references(record, "output", path, number, responses)
         inst_id = str(record.get("id", f"{path.stem}-{number}"))
         out.append(Instance(inst_id, query, refs))
     return out
 
 
-def read_plain_jsonl(path: Path) -> list[Instance]:
+def read_plain_jsonl(path: Path, responses: bool = True) -> list[Instance]:
     out = []
     for number, record in _iter_jsonl(path):
         query = _text(record, "prompt", path, number)
-        refs = _references(record, "response", path, number)
+        refs = _references(record, "response", path, number, responses)
         out.append(Instance(str(record.get("id", f"{path.stem}-{number}")), query, refs))
     return out
 
@@ -180,13 +184,18 @@ def detect_format(path: Path) -> str:
     return _detect_jsonl(path)
 
 
-def load_instances(path: str | Path, split: str = "train") -> list[Instance]:
-    """Read instances from any supported format (`split` only applies to TRACE folders)."""
+def load_instances(path: str | Path, split: str = "train", responses: bool = True) -> list[Instance]:
+    """Read instances from any supported format (`split` only applies to TRACE folders).
+
+    With `responses=False` (queries to ask, general instructions) JSONL lines need no response.
+    """
     path = Path(path).expanduser()
     kind = detect_format(path)
     if kind == "trace":
         return read_trace_split(path, split)
-    return {"ssr": read_ssr_jsonl, "plain": read_plain_jsonl, "superni": read_superni_json}[kind](path)
+    if kind == "superni":
+        return read_superni_json(path)
+    return {"ssr": read_ssr_jsonl, "plain": read_plain_jsonl}[kind](path, responses)
 
 
 class LabelOrderWarning(UserWarning):

@@ -1,4 +1,4 @@
-"""Pure metric functions: ROUGE-L as SuperNI scores it, exact match, AR/BWT/FWT, routing metrics.
+"""Pure metric functions: ROUGE-L as SuperNI scores it, exact match, AR/BWT, routing metrics.
 
 ROUGE-L follows SuperNI's official scorer: rouge-score's `rougeL` with Porter stemming, the
 maximum over references, times 100. rouge-score's default tokenizer keeps only [a-z0-9], which
@@ -74,15 +74,6 @@ def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float | None:
         return None
     diffs = [
         matrix[-1][j] - matrix[j][j] for j in range(n - 1) if matrix[-1][j] is not None and matrix[j][j] is not None
-    ]
-    return mean(diffs) if diffs else None
-
-
-def forward_transfer(matrix: Sequence[Sequence[float | None]], zero_shot: Sequence[float]) -> float | None:
-    """FWT = mean over j > 1 of a[j-1][j] - zero-shot score of task j (needs the full matrix)."""
-    n = len(matrix)
-    diffs = [
-        matrix[j - 1][j] - zero_shot[j] for j in range(1, n) if j < len(matrix[j - 1]) and matrix[j - 1][j] is not None
     ]
     return mean(diffs) if diffs else None
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN §3): a method learns tasks in order and is scored after stages.
+"""The evaluation protocol (docs/design.md §3): a method learns tasks in order and is scored after stages.
 
 Owns the stage x task score matrix and its resumable state. After stage i a sequential method is
 scored on task i (the diagonal a[i][i]) and, after the last stage, on every task (the final row);
@@ -36,6 +36,7 @@ from seecl.evaluation.metrics import (
     routing_prf_from_counts,
 )
 from seecl.methods.base import Method
+from seecl.progress import tracking
 from seecl.publish import write_json_atomic
 from seecl.serving.routing import ScoresPerplexity
 
@@ -58,8 +59,12 @@ class Protocol:
         ood_queries: Sequence[str] = (),
         full_matrix: bool = False,
         log: Callable[[str], None] = print,
+        progress: bool = False,
     ):
+        """`progress` shows a bar with counts and ETA while each cell, the OOD routing and the
+        perplexity are computed."""
         self.method, self.tasks, self.eval_sets = method, list(train_tasks), eval_sets
+        self.progress = progress
         self.workdir, self.ood, self.full_matrix, self.log = Path(workdir), list(ood_queries), full_matrix, log
         self.path = self.workdir / "protocol.json"
         self.state = (
@@ -169,14 +174,20 @@ class Protocol:
                 f"{s}:{t}" not in self.state["cells"] for s, _ in self.stages() if s > stage for t in self.cells_for(s)
             )
             needed = todo or later or (final_pending and stage == final_stage)
-            if not needed and str(stage) in self.state["stages"]:
+            recorded = self.state["stages"].get(str(stage))
+            # a stage trained before cache keys were recorded is loaded once more to record its key
+            unkeyed = self.method.stage_cache and recorded is not None and not recorded.get("cache_key")
+            if not needed and recorded is not None and not unkeyed:
                 continue
             started = time.perf_counter()
             metrics = self.method.learn(tasks)
             metrics["trainable_parameters"] = self.method.trainable_parameters()
-            if str(stage) not in self.state["stages"] or not metrics.get("cached"):
+            if recorded is None or not metrics.get("cached"):
                 self.state["stages"][str(stage)] = {**metrics, "fingerprint": self.stage_fingerprint(stage)}
                 self.state["seconds"]["train"] += time.perf_counter() - started
+                self._save()
+            elif unkeyed and metrics.get("cache_key"):
+                recorded["cache_key"] = metrics["cache_key"]
                 self._save()
             for task in todo:
                 self._score_cell(stage, task)
@@ -184,13 +195,15 @@ class Protocol:
             self._score_routing()
         if isinstance(self.method, ScoresPerplexity) and "perplexity" not in self.state:
             started = time.perf_counter()
-            self.state["perplexity"] = {
-                name: self.method.perplexity(
-                    [i.query for i in self.eval_sets[name].task.instances],
-                    [i.references[0] for i in self.eval_sets[name].task.instances],
-                )
-                for name in (t.name for t in self.tasks)
-            }
+            total = sum(len(self.eval_sets[t.name].task) for t in self.tasks)
+            with tracking(total, f"{self.method.label} perplexity", self.progress):
+                self.state["perplexity"] = {
+                    name: self.method.perplexity(
+                        [i.query for i in self.eval_sets[name].task.instances],
+                        [i.references[0] for i in self.eval_sets[name].task.instances],
+                    )
+                    for name in (t.name for t in self.tasks)
+                }
             self.state["fingerprints"]["perplexity"] = self.perplexity_fingerprint()
             self.state["seconds"]["eval"] += time.perf_counter() - started
             self._save()
@@ -200,7 +213,8 @@ class Protocol:
         eval_set = self.eval_sets[task]
         started = time.perf_counter()
         queries = [i.query for i in eval_set.task.instances]
-        answers = self.method.answer(queries, [eval_set.budget] * len(queries))
+        with tracking(len(queries), f"{self.method.label} stage {stage + 1} {task}", self.progress):
+            answers = self.method.answer(queries, [eval_set.budget] * len(queries))
         rows = []
         for inst, answer in zip(eval_set.task.instances, answers):
             row = {
@@ -237,7 +251,8 @@ class Protocol:
                 truth.append(task)
                 routed.append(json.loads(line)["answered_by"])
         started = time.perf_counter()
-        ood_routes = [r.answered_by for r in self.method.routes(self.ood)] if self.ood else []
+        with tracking(len(self.ood), f"{self.method.label} OOD routing", self.progress):
+            ood_routes = [r.answered_by for r in self.method.routes(self.ood)] if self.ood else []
         experts = list(names)
         self.state["routing"] = {  # precision/recall/F1 are derived from the counts in summary()
             "accuracy": mean([float(t == r) for t, r in zip(truth, routed)]),

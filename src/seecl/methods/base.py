@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -33,6 +33,7 @@ class Method(Protocol):
     label: str
     schedule: Schedule
     routed: bool
+    stage_cache: bool  # each stage's trained adapter lives in the adapter cache under its metrics' cache_key
 
     def learn(self, tasks: Sequence[Task]) -> dict:
         """Train on the last of `tasks` (or all of them, for joint methods); returns stage metrics."""
@@ -53,17 +54,21 @@ class Method(Protocol):
 @dataclass
 class MethodContext:
     config: RunConfig
-    workdir: Path
-    cache: AdapterCache
-    general: Task | None = None  # general instructions (pseudo/general negatives), when configured
-    extra: dict = field(default_factory=dict)
+    workdir: Path  # the method's own state lives here
+    cache: AdapterCache  # trained adapters, shared between methods and runs
+    general: Task | None = None  # a benchmark's general instructions (SEE's -general and -pseudo variants)
+    general_negatives: int = 10  # general negatives per expert for SEE's -general variant
 
 
 def unrouted(answers_text: Sequence[str], queries: Sequence[str]) -> list[Answer]:
     return [Answer(q, t, Route(MODEL, "direct")) for q, t in zip(queries, answers_text)]
 
 
-def release(*objects) -> None:
-    """Drop references to models and give the memory back before the next method loads one."""
-    del objects
+def free_memory() -> None:
+    """Give the memory of dropped models back before the next method loads one (callers drop their
+    references first: `method.close()`, then `del method`)."""
+    import torch
+
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from seecl.loss import causal_lm_parts
 from seecl.methods.base import MethodContext
 from seecl.model.base import Base, load_base
 from seecl.model.generation import greedy_generate, left_pad
+from seecl.publish import publish_dir
 from seecl.serving.routing import BASE, Answer, Route
 
 # ----------------------------------------------------------------------------- shared scaffolding
@@ -94,15 +93,13 @@ class StageStore:
         return meta if meta.get("signature") == signature else None
 
     def save(self, stage: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        final = self.dir(stage)
-        staging = final.with_name(final.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "state.safetensors"))
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        def write(staging: Path) -> None:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "state.safetensors")
+            )
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+        publish_dir(self.dir(stage), write, replace=True)
 
     def load(self, stage: int) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir(stage) / "state.safetensors"))
@@ -117,6 +114,7 @@ class LayerMethod:
 
     schedule = "sequential"
     routed = True
+    stage_cache = False  # stage snapshots live in the workdir (6-21 MB each), not in the adapter cache
     route_reason = "task_inference"
 
     def __init__(self, ctx: MethodContext, label: str):

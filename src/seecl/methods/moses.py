@@ -1,4 +1,4 @@
-"""MoSEs, Mixtures of SubExperts (DESIGN §2), and the layer-wrapping scaffolding SETA reuses.
+"""MoSEs, Mixtures of SubExperts (docs/design.md §2), and the layer-wrapping scaffolding SETA reuses.
 
 This module owns (1) `LayerMethod`, the scaffolding shared with seta.py: plain-torch wrappers
 injected around the base model's target nn.Linear layers, frozen-base query features, per-stage
@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from seecl.data.task import Task
-from seecl.errors import ConfigError
 from seecl.methods.base import MethodContext
 from seecl.methods.layers import LayerMethod, generator
 
@@ -178,21 +177,11 @@ class SubExpertLinear(nn.Module):
 
 
 class MoSEs(LayerMethod):
-    def __init__(
-        self,
-        ctx: MethodContext,
-        label: str = "MoSEs",
-        experts: int = 2,
-        capacity: float = 0.5,
-        top_k: int = 2,
-        grow_below: float = 0.3,
-        feature_queries: int = 64,
-    ):
-        if experts < 1 or not 0 < capacity <= 1 or top_k < 1:
-            raise ConfigError("MoSEs needs experts >= 1, 0 < capacity <= 1 and top_k >= 1")
+    def __init__(self, ctx: MethodContext, label: str = "MoSEs"):
         super().__init__(ctx, label)
-        self.initial, self.capacity, self.top_k = experts, capacity, top_k
-        self.grow_below, self.feature_queries = grow_below, feature_queries
+        settings = ctx.config.moses  # validated by MosesConfig
+        self.initial, self.capacity, self.top_k = settings.experts, settings.capacity, settings.top_k
+        self.grow_below, self.feature_queries = settings.grow_below, settings.feature_queries
         self.prototypes: list[torch.Tensor] = []
 
     def settings(self) -> dict:

@@ -1,4 +1,4 @@
-"""SEE, the Sequential Ensemble of Experts (DESIGN §1), over an ensemble directory.
+"""SEE, the Sequential Ensemble of Experts (docs/design.md §1), over an ensemble directory.
 
 Owns task reconstruction (positives with `<<pos>>`, tau-sampled `<<neg>>` queries of every earlier
 task from the ensemble's query memory), training one fresh LoRA expert per task on the frozen base,
@@ -23,11 +23,14 @@ class SeeMethod:
 
     schedule = "sequential"
     routed = True
+    stage_cache = True
 
-    def __init__(self, ctx, label: str, overrides: list[str] | None = None):
+    def __init__(self, ctx, label: str, overrides: list[str] | None = None, general: Task | None = None):
+        """`overrides` turn the run config into this label's recipe; `general` is the general
+        instruction set its general or pseudo negatives come from (None: the ensemble's own)."""
         from seecl.config import from_dict, merge_overrides
 
-        self.ctx, self.label = ctx, label
+        self.ctx, self.label, self.general = ctx, label, general
         config = from_dict(RunConfig, merge_overrides(to_dict(ctx.config), overrides or []))
         self.ensemble = SeeEnsemble(ctx.workdir / "ensemble", config)
 
@@ -56,9 +59,15 @@ class SeeMethod:
         self.ensemble.visible = len(seen)  # later experts of a resumed run stay out of this stage
         if task.name in stored:
             record = next(e for e in self.ensemble.store.records() if e["name"] == task.name)
-            return {**record["metrics"], "cached": True}
-        record = self.ensemble.learn(task, general=self.ctx.general, cache=self.ctx.cache)
-        return {**record["metrics"], "cached": record["from_cache"], "negatives": sum(record["n_negatives"].values())}
+            return {**record["metrics"], "cached": True, "cache_key": record.get("cache_key")}
+        record = self.ensemble.learn(task, general=self.general, cache=self.ctx.cache)
+        negatives = sum(record["n_negatives"].values())
+        return {
+            **record["metrics"],
+            "cached": record["from_cache"],
+            "negatives": negatives,
+            "cache_key": record["cache_key"],
+        }
 
     def answer(self, queries, budgets) -> list[Answer]:
         return self.ensemble.ask(list(queries), list(budgets))

@@ -1,4 +1,4 @@
-"""SETA: a shared expert plus one unique sparse expert per task, chosen by a gate (DESIGN §2).
+"""SETA: a shared expert plus one unique sparse expert per task, chosen by a gate (docs/design.md §2).
 
 This module owns SETA's sparse delta layers, subspace selection, elastic anchoring, the gate and
 its routing-aware regularisation, and SETA's snapshots. Layer wrapping, frozen-base features,
@@ -46,7 +46,6 @@ from torch import nn
 
 from seecl import training
 from seecl.data.task import Task
-from seecl.errors import ConfigError
 from seecl.loss import SupervisedLoss
 from seecl.methods.base import MethodContext
 from seecl.methods.layers import LayerMethod, generator
@@ -201,25 +200,12 @@ class Gate:
 class SETA(LayerMethod):
     route_reason = "gate"
 
-    def __init__(
-        self,
-        ctx: MethodContext,
-        label: str = "SETA",
-        density: float = 1.0,
-        probe: int = 16,
-        ewc_lambda: float = 10.0,
-        gate_steps: int = 300,
-        gate_lr: float = 0.05,
-        kl_weight: float = 1.0,
-        pseudo: int = 32,
-        feature_queries: int = 64,
-    ):
-        if density <= 0 or probe < 1 or ewc_lambda < 0 or pseudo < 1:
-            raise ConfigError("SETA needs density > 0, probe >= 1, ewc_lambda >= 0 and pseudo >= 1")
+    def __init__(self, ctx: MethodContext, label: str = "SETA"):
         super().__init__(ctx, label)
-        self.density, self.probe, self.ewc_lambda = density, probe, ewc_lambda
-        self.gate_steps, self.gate_lr, self.kl_weight = gate_steps, gate_lr, kl_weight
-        self.pseudo, self.feature_queries = pseudo, feature_queries
+        s = ctx.config.seta  # validated by SetaConfig
+        self.density, self.probe, self.ewc_lambda = s.density, s.probe, s.ewc_lambda
+        self.gate_steps, self.gate_lr, self.kl_weight = s.gate_steps, s.gate_lr, s.kl_weight
+        self.pseudo, self.feature_queries = s.pseudo, s.feature_queries
         self.uniques: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
         self.gate = Gate()
 

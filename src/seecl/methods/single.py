@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from seecl import training
 from seecl.adapters import (
     add_expert,
     load_expert,
@@ -25,7 +26,7 @@ from seecl.methods.base import MODEL, MethodContext, unrouted
 from seecl.model.base import Base, load_base
 from seecl.model.generation import greedy_generate
 from seecl.serving.routing import Answer, Route
-from seecl.training import run_fingerprint, train
+from seecl.training import run_fingerprint
 
 
 class SingleAdapter:
@@ -88,7 +89,7 @@ class SingleAdapter:
         key = self.key(instances, init)
         if self.ctx.cache.get(key) is not None:
             self.activate(key)
-            return key, {**self.ctx.cache.meta(key), "cached": True}
+            return key, {**self.ctx.cache.meta(key), "cached": True, "cache_key": key}
         cfg = self.ctx.config
         name = self._adapter_name(key)
         model = self.model if self.model is not None else self.base.model
@@ -100,7 +101,7 @@ class SingleAdapter:
             only_train(model, name)
         self.model = model
         examples = [self.formatter.sft_example(i.query, i.response) for i in instances]
-        result = train(
+        result = training.train(
             model,
             examples,
             cfg.train,
@@ -113,7 +114,7 @@ class SingleAdapter:
         self.ctx.cache.put(key, lambda d: save_expert(model, name, d), meta)
         self.active = key
         self._drop_others(name)
-        return key, {**meta, "cached": False}
+        return key, {**meta, "cached": False, "cache_key": key}
 
     def generate(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], use_adapter: bool = True) -> list[str]:
         cfg, fmt = self.ctx.config, self.formatter
@@ -145,6 +146,7 @@ class OneModelMethod:
     """What the unrouted baselines share: one `SingleAdapter` that answers every query directly."""
 
     routed = False
+    stage_cache = True
 
     def __init__(self, ctx: MethodContext, label: str):
         self.ctx, self.label = ctx, label

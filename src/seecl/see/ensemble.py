@@ -9,26 +9,32 @@ live in training.py, see/store.py and serving/routing.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from seecl import training
 from seecl.adapters import add_expert, load_expert, save_expert, trainable_parameters
 from seecl.cache import AdapterCache, cache_key
 from seecl.config import RunConfig, load_config, save_config, to_dict
+from seecl.data.general import load_general
 from seecl.data.prompts import PromptFormatter
 from seecl.data.task import Task
 from seecl.errors import StoreError
 from seecl.model.base import Base, load_base
 from seecl.publish import write_json_atomic
 from seecl.see.reconstruction import build_memory, reconstruct
+from seecl.see.shared_rows import apply_rows, take_rows
 from seecl.see.store import ADAPTER_FILES, EnsembleStore
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
 from seecl.serving.routing import Answer, Check, Route, Thresholds
-from seecl.training import run_fingerprint, train
+from seecl.training import run_fingerprint
 
 
 class SeeEnsemble:
@@ -46,7 +52,8 @@ class SeeEnsemble:
         defaults = {}
         if store.exists():
             stored = store.manifest()["model"]
-            defaults = {"model": {k: stored[k] for k in ("name", "indicator", "system_prompt")}}
+            defaults = {"model": {k: stored[k] for k in ("name", "indicator", "system_prompt") if k in stored}}
+            defaults["model"]["indicator_rows"] = stored.get("indicator_rows", "per_expert")
         return cls(root, load_config(RunConfig, path, overrides or [], preset, defaults))
 
     def __init__(self, root: str | Path, config: RunConfig | None = None):
@@ -70,7 +77,13 @@ class SeeEnsemble:
                     f"{manifest['indicators']['kind']!r} indicators; got model.name={wanted.name!r}, "
                     f"model.indicator={wanted.indicator!r}"
                 )
-            stored = dict(manifest["model"], device=wanted.device, dtype=wanted.dtype)
+            # ensembles from before shared rows existed have per-expert rows
+            stored = {
+                "indicator_rows": "per_expert",
+                **manifest["model"],
+                "device": wanted.device,
+                "dtype": wanted.dtype,
+            }
             self.config.model = type(wanted)(**stored)
 
     @property
@@ -84,6 +97,9 @@ class SeeEnsemble:
                 self._base.tokenizer,
             )
             self.store.clean_staging()
+            shared = self.store.shared_rows()
+            if shared is not None:
+                apply_rows(self._base.model, shared[0], shared[1])
         return self._base
 
     def formatter(self, max_length: int | None = None) -> PromptFormatter:
@@ -125,6 +141,8 @@ class SeeEnsemble:
             raise StoreError(f"expert {name!r} already exists in {self.store.root}")
         formatter = self.formatter()
         memories = self.store.memories()
+        if general is None and (cfg.see.general_negatives or cfg.see.negatives == "pseudo"):
+            general = load_general(cfg.see.general_negatives_file)
         rec = reconstruct(
             task,
             memories,
@@ -136,13 +154,15 @@ class SeeEnsemble:
             general.name if general else "general",
         )
         examples = rec.examples(formatter)
+        adapter, shared_digest, first_shared = self._adapter_settings()
         key = cache_key(
             kind="see-expert",
             model=cfg.model.name,
             system=cfg.model.system_prompt,
             indicators=self.base.indicators.to_dict(),
-            adapter=to_dict(cfg.adapter),
+            adapter=to_dict(adapter),
             run=run_fingerprint(examples, cfg.train),
+            **({"shared_rows": shared_digest} if shared_digest else {}),
         )
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
@@ -154,10 +174,10 @@ class SeeEnsemble:
                     shutil.copy2(cached / file, directory / file)
         else:
             invocation = formatter.invocation_ids() if cfg.adapter.kind == "alora" else None
-            model = add_expert(self.model, name, cfg.adapter, self.base.indicators, cfg.train.seed, invocation)
+            model = add_expert(self.model, name, adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
-            result = train(
+            result = training.train(
                 model,
                 examples,
                 cfg.train,
@@ -174,6 +194,16 @@ class SeeEnsemble:
             if cache is not None:
                 cache.put(key, save, {"metrics": metrics, "losses": losses, "trainable_parameters": parameters})
             self._loaded.append(name)
+        shared_rows = None
+        if first_shared:  # the rows leave the first expert's adapter and become the ensemble's
+            staged = Path(tempfile.mkdtemp(prefix=f".rows-{os.getpid()}-", dir=self.store.root))
+            save(staged)
+            shared_rows = take_rows(staged)
+
+            def save(directory: Path) -> None:
+                for file in ADAPTER_FILES:
+                    shutil.copy2(staged / file, directory / file)
+
         memory = build_memory(task, cfg.see.memory_tau, cfg.see.seed)
         counts = {source: len(ids) for source, ids in rec.negative_ids().items()}
         record = {
@@ -186,8 +216,11 @@ class SeeEnsemble:
             "metrics": metrics,
             "config": to_dict(cfg),
             "from_cache": cached is not None,
+            "cache_key": key,
         }
         meta = {**record, "negative_ids": rec.negative_ids(), "losses": losses, "data_source": task.source}
+        if general is not None and rec.negative_ids().get(general.name):
+            meta["general_pool"] = {"source": general.source, "fingerprint": general.fingerprint()}
 
         def write(directory: Path) -> None:
             save(directory)
@@ -197,9 +230,27 @@ class SeeEnsemble:
 
         state = PartialState()  # under `accelerate launch`, every process trained; one publishes
         if state.is_main_process:
-            self.store.commit_expert(name, write, meta, memory, record)
+            self.store.commit_expert(name, write, meta, memory, record, shared_rows)
         state.wait_for_everyone()
+        if shared_rows is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+            if name in self._loaded:  # the in-memory expert (the only one) still carries its own rows
+                self._base.model = self._model.unload()
+                self._model, self._loaded = None, []
+            apply_rows(self.base.model, *shared_rows)
+            self._engine = None
         return record
+
+    def _adapter_settings(self):
+        """(adapter settings, digest of the shared rows trained over or None, whether this expert
+        trains the rows the ensemble will share)."""
+        cfg = self.config
+        if cfg.model.indicator_rows != "shared" or not self.base.indicators.trainable_token_ids:
+            return cfg.adapter, None, False
+        shared = self.store.shared_rows()
+        if shared is None:
+            return dataclasses.replace(cfg.adapter, train_indicator_rows=True), None, True
+        return dataclasses.replace(cfg.adapter, train_indicator_rows=False), shared[2], False
 
     def thresholds(self) -> Thresholds:
         """What routing compares P(pos)/(P(pos)+P(neg)) with: see.calibrate, see.threshold or None."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from seecl.data.task import check_name
 from seecl.errors import DataError, StoreError
-from seecl.publish import write_json_atomic
+from seecl.publish import _alive, clean_stale, publish_dir, write_json_atomic
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
@@ -128,6 +128,16 @@ class EnsembleStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _try_lock(self) -> bool:
+        """Whether no writer holds the ensemble lock right now (checked without waiting)."""
+        with open(self.root / ".lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+
     def create(self, model: dict[str, Any], indicators: dict[str, Any], vocab_size: int, tokenizer: Any) -> None:
         """Start an empty ensemble for a base model (no-op check if it already exists)."""
         with self._lock():
@@ -139,10 +149,7 @@ class EnsembleStore:
                         f"with indicators {current['indicators']['kind']!r}"
                     )
                 return
-            staging = self.root / f".tokenizer-{uuid.uuid4().hex}"
-            tokenizer.save_pretrained(staging)
-            shutil.rmtree(self.tokenizer_dir(), ignore_errors=True)
-            os.replace(staging, self.tokenizer_dir())
+            publish_dir(self.tokenizer_dir(), tokenizer.save_pretrained, replace=True)
             (self.root / "experts").mkdir(exist_ok=True)
             write_json_atomic(
                 self.manifest_path,
@@ -163,11 +170,14 @@ class EnsembleStore:
         meta: dict[str, Any],
         memory: QueryMemory,
         record: dict[str, Any],
+        shared_rows: tuple[list[int], dict[str, Any]] | None = None,
     ) -> Path:
         """Write an expert through `write(staging_dir)` and publish it atomically.
 
         `write` must put the PEFT adapter files into the directory it is given. `meta` goes to
-        expert.json, `record` into the manifest's expert list.
+        expert.json, `record` into the manifest's expert list. `shared_rows` (token ids, rows), given
+        with the first expert of a shared-rows ensemble, become the ensemble's indicator rows in the
+        same manifest update.
         """
         validate_expert_name(name)
         with self._lock():
@@ -177,9 +187,8 @@ class EnsembleStore:
                     f"expert {name!r} already exists in {self.root}; experts are never overwritten (use another --name)"
                 )
             final = self.expert_dir(name)
-            staging = final.with_name(f".staging-{name}-{uuid.uuid4().hex}")
-            staging.mkdir(parents=True)
-            try:
+
+            def write_expert(staging: Path) -> None:
                 write(staging)
                 missing = [f for f in ADAPTER_FILES if not (staging / f).is_file()]
                 if missing:
@@ -196,12 +205,18 @@ class EnsembleStore:
                         "memory": {"total": memory.total, "size": len(memory.items)},
                     },
                 )
-                if final.exists():  # an orphan of a crash between rename and manifest update
-                    shutil.rmtree(final)
-                os.replace(staging, final)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+
+            # replace=True: a directory here is an orphan of a crash between rename and manifest update
+            publish_dir(final, write_expert, replace=True)
+            if shared_rows is not None:
+                if manifest.get("indicator_rows"):
+                    raise StoreError(f"{self.root} already has shared indicator rows")
+                from seecl.see.shared_rows import ROWS_FILE, save_rows
+
+                staging_rows = self.root / f".{ROWS_FILE}.{uuid.uuid4().hex}"
+                digest = save_rows(staging_rows, *shared_rows)
+                os.replace(staging_rows, self.root / ROWS_FILE)
+                manifest["indicator_rows"] = {"file": ROWS_FILE, "digest": digest, "trained_by": name}
             manifest["experts"].append(
                 {**record, "name": name, "task": memory.task, "created": now(), "dir": f"experts/{name}"}
             )
@@ -209,10 +224,26 @@ class EnsembleStore:
         return final
 
     def clean_staging(self) -> None:
-        """Remove leftovers of interrupted writes (never touches published experts)."""
+        """Remove leftovers of interrupted writes by dead writers (never published experts, never
+        a live writer's staging: its name carries its pid)."""
+        for child in self.root.glob(".rows-*"):
+            pid = child.name.split("-")[1] if child.name.count("-") >= 2 else ""
+            if not (pid.isdigit() and _alive(int(pid))):
+                shutil.rmtree(child, ignore_errors=True)
         experts = self.root / "experts"
-        if experts.is_dir():
+        if experts.is_dir() and self._try_lock():  # a committing writer holds the lock: leave its files
             listed = set(self.expert_names())
             for child in experts.iterdir():
-                if child.name.startswith(".staging-") or (child.is_dir() and child.name not in listed):
-                    shutil.rmtree(child, ignore_errors=True)
+                if not child.name.startswith(".") and child.is_dir() and child.name not in listed:
+                    shutil.rmtree(child, ignore_errors=True)  # renamed into place, never listed: a crash
+                elif child.name.startswith("."):
+                    clean_stale(experts / child.name.split(".")[1])
+
+    def shared_rows(self) -> tuple[list[int], dict[str, Any], str] | None:
+        """The ensemble's shared indicator rows (token ids, rows, digest), if it has any."""
+        entry = self.manifest().get("indicator_rows") if self.exists() else None
+        if not entry:
+            return None
+        from seecl.see.shared_rows import load_rows
+
+        return (*load_rows(self.root / entry["file"]), entry["digest"])

@@ -36,6 +36,7 @@ import torch
 
 from seecl.data.prompts import PromptFormatter, common_prefix_length
 from seecl.model.kv import cache_keyword, kv_cache, kv_over, kv_shape, returned_cache
+from seecl.progress import advance
 from seecl.serving.batch_kv import Rows, allocate, gather, row_chunks
 from seecl.serving.owners import (
     dense_head_input,
@@ -435,6 +436,7 @@ class RoutingEngine:
             chunk = order[start : start + self.batch_size]
             for index, chunk_route in zip(chunk, route(chunk, prompts, budgets, texts)):
                 routes[index] = chunk_route
+            advance(len(chunk))
         return texts, routes  # type: ignore[return-value]
 
     def generate(

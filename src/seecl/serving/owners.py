@@ -58,7 +58,7 @@ def use_owner(model, owner: str):
         with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
             yield
         return
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
 
     model.set_adapter(owner)
     # The owner's indicator rows are written into the shared embedding (and tied head) weight in
@@ -103,8 +103,8 @@ def use_row_owners(model, owners: list[str]):
         with use_owner(model, owners[0]):
             yield
         return
-    from peft.tuners.lora.layer import LoraLayer
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
 
     def adapter_names(module, args, kwargs):
         kwargs["adapter_names"] = ["__base__" if owner == BASE else owner for owner in owners]

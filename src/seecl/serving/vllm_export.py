@@ -6,7 +6,7 @@ directory) must already be in the model vLLM loads. So the base is written once 
 built by `SeeEnsemble.base` itself (the one code path that loads an ensemble's base for training
 and for the PEFT engines), and checked against the ensemble before every use (`ensure_base`).
 
-Owns the export (atomic: nothing named like the target exists until every file is on disk), its
+Owns the export (atomic through `publish_dir`: the target appears complete or not at all), its
 stamp (`seecl-export.json`: what it was built from) and the check that a directory is the export
 of a given ensemble. Does not own base loading (model/base.py, see/ensemble.py) or serving.
 """
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from seecl.errors import SeeclError
-from seecl.publish import publish_dir
+from seecl.publish import clean_stale, publish_dir
 from seecl.see.store import MANIFEST, EnsembleStore
 
 STAMP = "seecl-export.json"
@@ -46,8 +43,9 @@ def _sha256(path: Path) -> str:
 
 
 def base_source(ensemble_dir: str | Path) -> dict[str, Any]:
-    """What the ensemble's base is built from: the base model, the indicators, the vocabulary and
-    the contents of the ensemble directory's own files (e.g. indicator rows shared by all experts)."""
+    """What the ensemble's base is built from: the base model, the indicators, the vocabulary, the
+    shared indicator rows (model.indicator_rows=shared) and the contents of the ensemble directory's
+    own files."""
     store = EnsembleStore(ensemble_dir)
     manifest = store.manifest()
     files = {
@@ -56,9 +54,10 @@ def base_source(ensemble_dir: str | Path) -> dict[str, Any]:
         if p.is_file() and p.name not in NOT_BASE and not p.name.startswith(".")
     }
     return {
-        "model": {k: manifest["model"].get(k) for k in ("name", "indicator", "system_prompt")},
+        "model": {k: manifest["model"].get(k) for k in ("name", "indicator", "indicator_rows", "system_prompt")},
         "indicators": manifest["indicators"],
         "vocab_size": manifest["vocab_size"],
+        "shared_rows": manifest.get("indicator_rows"),  # shared indicator rows: their file and digest
         "files": files,
     }
 
@@ -67,18 +66,21 @@ def export_base(ensemble_dir: str | Path, out_dir: str | Path | None = None, dty
     """Write the ensemble's base (as `SeeEnsemble` loads it, on the CPU) and tokenizer to `out_dir`.
 
     float32 (the default) keeps the base bit-exact; bfloat16 halves it for large models. The
-    directory appears complete or not at all: an interrupted export leaves only a hidden
-    `.<name>.<id>.partial` sibling. `out_dir` must not exist yet.
+    directory appears complete or not at all (`publish_dir`): an interrupted export leaves only a
+    hidden staging directory, removed by the next export. `out_dir` must not exist yet.
     """
+    store = EnsembleStore(ensemble_dir)
+    out = Path(out_dir).expanduser() if out_dir is not None else default_base_dir(store.root)
+    if out.exists() or not _publish(store, out, dtype, replace=False):
+        raise SeeclError(f"{out} already exists; export the base into a new directory")
+    return out
+
+
+def _publish(store: EnsembleStore, out: Path, dtype: str, replace: bool) -> bool:
     from seecl.see.ensemble import SeeEnsemble
 
-    store = EnsembleStore(ensemble_dir)
     source = base_source(store.root)
-    out = Path(out_dir).expanduser() if out_dir is not None else default_base_dir(store.root)
-    if out.exists():
-        raise SeeclError(f"{out} already exists; export the base into a new directory")
-    ensemble = SeeEnsemble.open(store.root, ["model.device=cpu", f"model.dtype={dtype}"])
-    base = ensemble.base
+    base = SeeEnsemble.open(store.root, ["model.device=cpu", f"model.dtype={dtype}"]).base
     if base.indicators.to_dict() != source["indicators"] or len(base.tokenizer) != source["vocab_size"]:
         raise SeeclError(
             f"the base model {source['model']['name']!r} no longer builds the vocabulary of "
@@ -91,7 +93,7 @@ def export_base(ensemble_dir: str | Path, out_dir: str | Path | None = None, dty
         stamp = {"format": STAMP_FORMAT, "dtype": dtype, "source": source}
         (staging / STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
 
-    return publish_dir(out, write)
+    return publish_dir(out, write, replace=replace)
 
 
 def stamp_of(base_dir: str | Path) -> dict[str, Any] | None:
@@ -121,6 +123,7 @@ def ensure_base(ensemble_dir: str | Path, base_dir: str | Path | None = None, dt
     store = EnsembleStore(ensemble_dir)
     default = base_dir is None
     out = default_base_dir(store.root) if default else Path(base_dir).expanduser()
+    clean_stale(out)
     if not out.exists():
         return export_base(store.root, out, dtype)
     stamp = stamp_of(out)
@@ -131,11 +134,7 @@ def ensure_base(ensemble_dir: str | Path, base_dir: str | Path | None = None, dt
             f"{out} is an export of an earlier state of {store.root}'s base (its model, indicators or "
             f"shared rows changed since); remove it, or pick a new vllm.base_dir, to export it again"
         )
-    fresh = export_base(store.root, out.with_name(f".{out.name}.{uuid.uuid4().hex}.new"), dtype)
-    retired = out.with_name(f".{out.name}.{uuid.uuid4().hex}.old")
-    os.rename(out, retired)
-    os.rename(fresh, out)
-    shutil.rmtree(retired, ignore_errors=True)
+    _publish(store, out, dtype, replace=True)  # swapped in atomically: `out` is always complete
     return out
 
 

@@ -1,0 +1,81 @@
+"""Indicator rows shared by a whole ensemble (`model.indicator_rows=shared`), so experts are plain LoRA.
+
+By default every expert trains its own copy of the `<<pos>>`/`<<neg>>` embedding rows (PEFT
+trainable tokens), which serving systems that apply only LoRA A/B matrices (vLLM) ignore. With
+shared rows the first expert trains them as usual, then they move out of its adapter into the
+ensemble directory (`indicator_rows.safetensors`) and into the base every reader loads; every
+later expert trains LoRA weights only, over that base. Owns taking the rows out of a saved adapter
+(which leaves a plain LoRA adapter behind), writing them into a model, and their file format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+ROWS_FILE = "indicator_rows.safetensors"
+_TOKEN_TENSOR = ".token_adapter.trainable_tokens_delta"
+_PEFT_PREFIX = "base_model.model."
+
+
+def take_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Move the trained indicator rows out of a saved PEFT adapter, leaving a plain LoRA adapter.
+
+    Returns the token ids and {module path: [len(ids), hidden] rows}, e.g. {"model.embed_tokens": ...}.
+    """
+    adapter_dir = Path(adapter_dir)
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    token_ids = config.pop("trainable_token_indices", None)
+    if not token_ids:
+        raise ValueError(f"{adapter_dir}: the adapter trained no indicator rows")
+    if isinstance(token_ids, dict):  # PEFT's per-module form; the indicator rows are the same everywhere
+        token_ids = next(iter(token_ids.values()))
+    with safe_open(str(weights_path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    rows = {
+        name[len(_PEFT_PREFIX) : -len(_TOKEN_TENSOR)]: tensor.clone()
+        for name, tensor in tensors.items()
+        if name.endswith(_TOKEN_TENSOR)
+    }
+    plain = {name: tensor for name, tensor in tensors.items() if not name.endswith(_TOKEN_TENSOR)}
+    save_file(plain, str(weights_path), metadata={"format": "pt"})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return list(token_ids), rows
+
+
+def apply_rows(model: torch.nn.Module, token_ids: list[int], rows: dict[str, torch.Tensor]) -> None:
+    """Write the rows into the model's weights in place (a tied head shares the embedding's)."""
+    index = torch.tensor(token_ids, dtype=torch.long)
+    with torch.no_grad():
+        for path, values in rows.items():
+            weight = model.get_submodule(path).weight
+            weight.index_copy_(0, index.to(weight.device), values.to(weight))
+
+
+def save_rows(path: Path, token_ids: list[int], rows: dict[str, torch.Tensor]) -> str:
+    """Write the rows file; returns its digest (what later experts were trained over)."""
+    save_file(
+        {name: t.contiguous() for name, t in rows.items()}, str(path), metadata={"token_ids": json.dumps(token_ids)}
+    )
+    return rows_digest(token_ids, rows)
+
+
+def load_rows(path: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as handle:
+        token_ids = json.loads(handle.metadata()["token_ids"])
+    return token_ids, load_file(str(path))
+
+
+def rows_digest(token_ids: list[int], rows: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(json.dumps(token_ids).encode())
+    for name in sorted(rows):
+        digest.update(name.encode())
+        digest.update(rows[name].detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]

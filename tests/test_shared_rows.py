@@ -1,0 +1,66 @@
+"""`model.indicator_rows=shared`: the first expert's trained rows become the ensemble's, every expert
+is a plain LoRA adapter (what vLLM serves), and routing is the same from disk as in memory."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from seecl.config import load_config
+from seecl.data.synthetic import make_task
+from seecl.see.ensemble import SeeEnsemble
+from seecl.serving.engine import RoutingEngine
+
+NAMES = ["reverse_list", "uppercase", "add"]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    from conftest import TINY
+
+    ens = SeeEnsemble(
+        tmp_path_factory.mktemp("shared") / "ens", load_config(overrides=TINY + ["model.indicator_rows=shared"])
+    )
+    for name in NAMES:
+        ens.learn(make_task(name, "train", 48))
+    return ens
+
+
+def test_every_expert_is_a_plain_lora_adapter(shared):
+    for name in NAMES:
+        directory = shared.store.expert_dir(name)
+        config = json.loads((directory / "adapter_config.json").read_text())
+        assert not config.get("trainable_token_indices"), name
+        with safe_open(str(directory / "adapter_model.safetensors"), "pt") as handle:
+            assert all(".lora_A." in k or ".lora_B." in k for k in handle.keys()), name
+    manifest = shared.store.manifest()
+    assert manifest["indicator_rows"]["trained_by"] == NAMES[0]
+    assert manifest["model"]["indicator_rows"] == "shared"
+    assert not list(shared.store.root.glob(".rows-*")), "no staging left behind"
+
+
+def test_the_shared_rows_are_the_first_experts_trained_rows_and_live_in_the_base(shared):
+    token_ids, rows, _ = shared.store.shared_rows()
+    assert token_ids == shared.base.indicators.trainable_token_ids
+    ((path, values),) = rows.items()
+    weight = shared.base.model.get_submodule(path).weight
+    assert weight[token_ids].tolist() == values.tolist()
+
+
+def test_the_experts_route_their_own_tasks_and_a_reopened_ensemble_routes_the_same(shared, tmp_path):
+    queries = [i.query for n in NAMES for i in make_task(n, "eval", 4).instances]
+    routes = shared.route(queries)
+    correct = sum(r.answered_by == n for r, n in zip(routes, [n for n in NAMES for _ in range(4)]))
+    assert correct >= 10, [r.answered_by for r in routes]
+    again = SeeEnsemble.open(shared.store.root, ["model.name=tiny-random", "train.progress=false"])
+    assert again.config.model.indicator_rows == "shared"
+    assert [r.answered_by for r in again.route(queries)] == [r.answered_by for r in routes]
+    reference = again.router().ask(queries, 5)
+    fast = RoutingEngine(again.model, again.formatter(), again.experts()).ask(queries, 5)
+    assert [a.text for a in fast] == [a.text for a in reference]
+
+
+def test_a_later_expert_trains_lora_weights_only(shared):
+    record = shared.store.records()[1]
+    first = shared.store.records()[0]
+    assert record["trainable_parameters"] < first["trainable_parameters"], "no indicator rows of its own"
