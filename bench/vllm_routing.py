@@ -4,8 +4,8 @@ expert alone, and against seecl's own engine, on the same queries in one run.
 Workload: the SuperNI dev queries of bench/routing.py (`--n-per-task` per task, 250 by default,
 answer budgets from each task's training references), answered by the experts of `--ensemble`
 (a directory) or of the SuperNI run's method `--label` (bench/routing.py's `ensure_ensemble`). vLLM
-serves only plain-LoRA experts: an ensemble whose experts train their own indicator rows (the
-default) is refused by name (docs/vllm.md). Sides, measured batch by batch (`--batch-size`) and
+serves only plain-LoRA experts (`model.indicator_rows=shared`): an ensemble whose experts train
+their own indicator rows is refused by name (docs/vllm.md). Sides, measured batch by batch (`--batch-size`) and
 interleaved over `--repeats` rounds, each side's fastest round per batch counting
 (common.interleaved):
 
@@ -44,7 +44,8 @@ def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> 
 
 
 def smoke_workload(root: Path):
-    """A tiny servable ensemble (three plain-LoRA experts on a tiny model) and synthetic queries."""
+    """A tiny servable ensemble (three experts sharing the first one's indicator rows, each a plain
+    LoRA, on a tiny model vLLM serves) and synthetic queries."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -56,7 +57,7 @@ def smoke_workload(root: Path):
 
     names = ["reverse_list", "uppercase", "add"]
     model = save_servable_tiny_model(root / "tiny-model")
-    overrides = TINY + ["model.indicator=nonsemantic", "adapter.train_indicator_rows=false", "train.epochs=12"]
+    overrides = TINY + ["model.indicator_rows=shared"]
     ens = SeeEnsemble(root / "ens", load_config(overrides=overrides + [f"model.name={model}"]))
     for name in names:
         ens.learn(make_task(name, "train", 48))

@@ -323,7 +323,9 @@ def test_hand_written_token_rows_are_refused(tmp_path):
     assert token_row_tensors(ens / "experts" / "rowed") == [
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
     ]
-    with pytest.raises(SeeclError, match=r"expert 'rowed'.*adapter.train_indicator_rows=false"):
+    with pytest.raises(
+        SeeclError, match=r"expert 'rowed'.*model.indicator_rows=shared.*adapter.train_indicator_rows=false"
+    ):
         VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
 
 

@@ -30,8 +30,8 @@ INSTALL_HINT = "pip install 'seecl[vllm]' (CUDA); for vLLM's CPU build run `make
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CPU_MEMORY_SHARE = 0.25  # vLLM's 0.92 default, read as a share of CPU memory, is refused on 24 GiB
 SERVABLE_HINT = (
-    "train vLLM-servable experts with adapter.train_indicator_rows=false (or build the "
-    "ensemble with model.indicator=nonsemantic|semantic)"
+    "build the ensemble with model.indicator_rows=shared (its experts share the first expert's indicator "
+    "rows and are plain LoRA), or train its experts with adapter.train_indicator_rows=false"
 )
 
 LoraTuple = tuple[str, int, str]  # LoRARequest(lora_name, lora_int_id, lora_path)
