@@ -397,6 +397,18 @@ def test_an_expert_published_while_the_engine_runs_is_asked_from_the_next_call(t
         engine.route(["for e3"])
 
 
+def test_a_base_that_changes_under_a_running_engine_stops_it(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["e1"])
+    engine = VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
+    manifest = json.loads((ens / "manifest.json").read_text())
+    manifest["indicator_rows"] = {"file": "indicator_rows.safetensors", "digest": "abc", "trained_by": "e1"}
+    (ens / "indicator_rows.safetensors").write_bytes(b"rows")
+    (ens / "manifest.json.new").write_text(json.dumps(manifest))
+    (ens / "manifest.json.new").replace(ens / "manifest.json")
+    with pytest.raises(SeeclError, match=r"base of .* changed after this vLLM engine started.*restart"):
+        engine.experts()
+
+
 def test_an_added_expert_above_the_started_rank_is_refused_by_name(tmp_path):
     ens, base = write_ensemble(tmp_path, ["e1", "e2"], ranks={"e2": 32})
     engine = VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True, experts=["e1"])

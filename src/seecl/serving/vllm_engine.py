@@ -62,7 +62,7 @@ from seecl.serving.routing import (
     threshold_for,
     walk,
 )
-from seecl.serving.vllm_export import check_base, ensure_base
+from seecl.serving.vllm_export import base_source, check_base, ensure_base
 from seecl.serving.vllm_llm import (
     LoraTuple,
     build_llm,
@@ -231,6 +231,7 @@ class VllmEngine:
         initial = self._fixed if self._fixed is not None else self.store.expert_names()
         self._register(initial)  # refuse an unservable expert before exporting anything
         self.base_dir = ensure_base(self.store.root, base_dir or config.base_dir, export_dtype(config.dtype))
+        self._source = base_source(self.store.root)  # what the loaded base was built from
         tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         check_base(self.base_dir, tokenizer, manifest)
         ind = manifest["indicators"]
@@ -284,6 +285,13 @@ class VllmEngine:
         stat = self.store.manifest_path.stat()  # the manifest is replaced, never edited in place
         stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if stamp != self._stamp:
+            if base_source(self.store.root) != self._source:
+                # e.g. the first expert of a shared-rows ensemble published its indicator rows:
+                # the base vLLM loaded no longer is the ensemble's, and no adapter can fix that.
+                raise SeeclError(
+                    f"the base of {self.store.root} changed after this vLLM engine started (its shared "
+                    "indicator rows or base model); restart it to export and load the new base"
+                )
             names = self.store.expert_names()
             self._register(names)
             self._experts, self._stamp = names, stamp
