@@ -22,6 +22,7 @@ from seecl.serving.vllm_engine import (
     check_requests,
     cut_at_stop,
     generation_params,
+    prefix_requests,
     verdict,
 )
 from seecl.serving.vllm_export import export_base
@@ -165,10 +166,10 @@ def test_indicator_check_asks_one_greedy_token_and_both_indicator_logprobs():
 
 
 def test_a_shared_indicator_prefix_is_appended_and_checked_greedily():
-    requests = check_requests([[1, 2], [7]], MULTI, LORA, True)
-    checks, prefixes = requests[:2], requests[2:]
+    checks = check_requests([[1, 2], [7]], MULTI, LORA, True)
     assert [r.prompt_token_ids for r in checks] == [[1, 2, 3, 4], [7, 3, 4]]
     assert checks[0].params["logprob_token_ids"] == [5, 6] and checks[0].params["max_tokens"] == 1
+    prefixes = prefix_requests([[1, 2], [7]], MULTI, LORA)
     assert [r.prompt_token_ids for r in prefixes] == [[1, 2], [7]]
     assert all(r.params["max_tokens"] == 2 and r.params["temperature"] == 0.0 and r.lora == LORA for r in prefixes)
 
@@ -297,13 +298,16 @@ def test_a_multi_token_indicator_claims_only_after_its_greedy_prefix(tmp_path):
     engine = VllmEngine(ens, base, llm=llm, logprob_token_ids=True)
     prefix = list(engine.indicators.shared_prefix)
     assert len(prefix) == 2, "«pos»/«neg» share the two UTF-8 bytes of «"
-    llm.setup(engine, {"for e1": "e1", "drifts": "off-prefix"})
-    answers = engine.ask(["for e1", "drifts"], 4)
-    first = llm.calls[0]
-    prompts = [engine.formatter.prompt_ids(q) for q in ("for e1", "drifts")]
-    assert [p["prompt_token_ids"] for p in first[0]] == [prompts[0] + prefix, prompts[1] + prefix, *prompts]
-    assert [p["max_tokens"] for p in first[1]] == [1, 1, 2, 2], "one generate call: checks, then prefixes"
-    assert [(a.route.answered_by, a.route.reason) for a in answers] == [("e1", "claimed"), (BASE, "exception")]
+    llm.setup(engine, {"for e1": "e1", "drifts": "off-prefix", "odd": "confused"})
+    answers = engine.ask(["for e1", "drifts", "odd"], 4)
+    checks, prefixes = llm.calls[:2]  # expert e2's
+    prompts = [engine.formatter.prompt_ids(q) for q in ("for e1", "drifts", "odd")]
+    assert [p["prompt_token_ids"] for p in checks[0]] == [p + prefix for p in prompts]
+    assert [p["max_tokens"] for p in checks[1]] == [1, 1, 1]
+    assert [p["prompt_token_ids"] for p in prefixes[0]] == prompts[:2], "a second call, where the prompts are cached"
+    assert [p["max_tokens"] for p in prefixes[1]] == [2, 2], "'odd' produced no indicator: neither, whatever the prefix"
+    routes = [(a.route.answered_by, a.route.reason) for a in answers]
+    assert routes == [("e1", "claimed"), (BASE, "exception"), (BASE, "exception")]
     assert [c.verdict for c in answers[1].route.checks] == ["neither"], "the decision token alone is not enough"
     e1_answer = next(c for c in llm.calls if c[2] and "stop_token_ids" in c[1][0])
     assert e1_answer[0][0]["prompt_token_ids"] == prompts[0] + list(engine.indicators.pos_ids)

