@@ -215,6 +215,7 @@ def test_llm_kwargs_from_the_config():
         "tensor_parallel_size": 1,
         "gpu_memory_utilization": 0.25,
         "enforce_eager": True,
+        "block_size": 32,
     }
     gpu = llm_kwargs(VllmConfig(tensor_parallel_size=2, dtype="bfloat16", llm_args={"swap_space": 0}), lora, cpu=False)
     assert gpu == {

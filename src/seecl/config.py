@@ -279,6 +279,12 @@ class VllmConfig:
         "vLLM's default on GPUs.",
         None,
     )
+    block_size: int | None = doc(
+        "KV cache block size in tokens. Prefix caching reuses whole blocks, so a claimed query's answer "
+        "recomputes up to block_size - 1 prompt tokens after its check; null: 32 on the CPU build (its "
+        "default 128 made answers recompute about half of a SuperNI prompt), vLLM's default on GPUs.",
+        None,
+    )
     max_lora_rank: int | None = doc(
         "Largest expert rank the engine accepts, including experts added while it runs; null: the "
         "current experts' largest (at least 8), rounded up to a rank vLLM supports.",
@@ -295,6 +301,7 @@ class VllmConfig:
         _check(self.max_model_len is None or self.max_model_len > 0, "vllm.max_model_len must be positive")
         _check(self.max_num_seqs is None or self.max_num_seqs > 0, "vllm.max_num_seqs must be positive")
         _check(self.max_lora_rank is None or self.max_lora_rank > 0, "vllm.max_lora_rank must be positive")
+        _check(self.block_size is None or self.block_size > 0, "vllm.block_size must be positive")
         _check(
             self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
             "vllm.kv_cache_memory_bytes must be positive",

@@ -28,6 +28,7 @@ from seecl.see.store import EnsembleStore
 
 INSTALL_HINT = "pip install 'seecl[vllm]' (CUDA); for vLLM's CPU build run `make vllm-venv` (docs/vllm.md)"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_BLOCK_SIZE = 32  # the CPU attention kernels take multiples of 32; see VllmConfig.block_size
 CPU_MEMORY_SHARE = 0.25  # vLLM's 0.92 default, read as a share of CPU memory, is refused on 24 GiB
 SERVABLE_HINT = (
     "build the ensemble with model.indicator_rows=shared (its experts share the first expert's indicator "
@@ -197,6 +198,9 @@ def llm_kwargs(config: VllmConfig, lora: dict[str, Any], cpu: bool) -> dict[str,
     eager = config.enforce_eager if config.enforce_eager is not None else (True if cpu else None)
     if eager is not None:
         kwargs["enforce_eager"] = eager
+    block = config.block_size if config.block_size is not None else (CPU_BLOCK_SIZE if cpu else None)
+    if block is not None:
+        kwargs["block_size"] = block
     return {**kwargs, **config.llm_args}
 
 
