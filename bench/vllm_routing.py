@@ -22,7 +22,7 @@ The single side's requests carry their own LoRA id, so vLLM's prefix cache (keye
 hands it the KV blocks the routed side computed; the cache is reset before every round.
 
     .venv-vllm/bin/python bench/vllm_routing.py --ensemble DIR    # writes results/bench/vllm_routing.json
-    .venv-vllm/bin/python bench/vllm_routing.py --smoke           # tiny model, seconds of work, a temp file
+    .venv-vllm/bin/python bench/vllm_routing.py --smoke           # tiny model, ~2 minutes, result in $TMPDIR
 """
 
 from __future__ import annotations
@@ -119,7 +119,17 @@ def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
     experts = ens.experts()
     config = load_config(VllmConfig, overrides=args.vllm)
+    if "max_cpu_loras" not in config.llm_args:  # room for the single side's own adapter id too
+        config.llm_args = {**config.llm_args, "max_cpu_loras": len(experts) + 1}
     engine = VllmEngine(ensemble_dir, threshold=ens.thresholds(), config=config)
+    try:
+        return measure_with(engine, ens, config, queries, budgets, owners, args)
+    finally:
+        engine.close()  # left to interpreter exit, vLLM's shutdown can hang
+
+
+def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
+    experts = ens.experts()
     newest = experts[-1]
     # Its own id: the prefix cache is keyed by adapter, so the single side never reuses routed KV.
     name, number, path = engine.loras[newest]
@@ -162,7 +172,7 @@ def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
     return {
-        "ensemble": str(ensemble_dir),
+        "ensemble": str(ens.store.root),
         "experts": experts,
         "queries": len(queries),
         "batch_size": size,
@@ -203,16 +213,18 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="VllmConfig setting, e.g. --vllm dtype=float32 --vllm max_model_len=2048",
     )
-    parser.add_argument("--out", help="result file (default results/bench/vllm_routing.json; --smoke: a temp file)")
+    parser.add_argument(
+        "--out", help="result file (default results/bench/vllm_routing.json; --smoke: $TMPDIR/vllm_routing_smoke.json)"
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
+    scratch = tempfile.TemporaryDirectory(prefix="seecl-vllm-bench-")  # the smoke ensemble, removed at exit
     if args.smoke:
-        root = Path(tempfile.mkdtemp(prefix="seecl-vllm-bench-"))
-        ensemble_dir, queries, budgets, owners = smoke_workload(root)
+        ensemble_dir, queries, budgets, owners = smoke_workload(Path(scratch.name))
         args.vllm = ["dtype=float32", "max_model_len=512", f"kv_cache_memory_bytes={64 << 20}", *args.vllm]
-        out = Path(args.out) if args.out else root / "vllm_routing.json"
+        out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vllm_routing_smoke.json"
     else:
         if args.label:
             from routing import ensure_ensemble
@@ -256,6 +268,7 @@ def main() -> None:
         }
     }
     write_json(out, result)
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

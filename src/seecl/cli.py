@@ -98,7 +98,11 @@ def _open_ensemble(args: argparse.Namespace):
 def cmd_ask(args: argparse.Namespace) -> int:
     ensemble, engine = _open_ensemble(args)
     budget = ensemble.config.generate.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
-    answers = (engine or ensemble).ask(_read_queries(args), budget)
+    try:
+        answers = (engine or ensemble).ask(_read_queries(args), budget)
+    finally:
+        if engine is not None:
+            engine.close()
     for answer in answers:
         if args.json:
             print(json.dumps(answer.to_dict(), ensure_ascii=False))
@@ -214,7 +218,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"at http://{args.host}:{args.port}/v1",
         flush=True,
     )
-    serve(app, args.host, args.port)
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        if engine is not None:
+            engine.close()
     return 0
 
 

@@ -250,12 +250,27 @@ class VllmEngine:
         self.specific_ids = logprob_token_ids
         self._vllm = vllm
         self._lora_objects: dict[LoraTuple, Any] = {}
+        self._owns_llm = llm is None
         if llm is None:
             dirs = [self.store.expert_dir(n) for n in initial]
             extra = {} if self.specific_ids else {"max_logprobs": top_k}
             llm = build_llm(self.base_dir, dirs, config, **extra, **llm_kwargs)
             self.max_rank = lora_settings(dirs, config.max_lora_rank or 8).vllm_rank
         self.llm = llm
+
+    def close(self) -> None:
+        """Stop the vLLM engine processes this engine started (a `vllm.LLM` passed in is the
+        caller's). Left to interpreter exit, their shutdown can wait forever on the engine process."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if self._owns_llm and core is not None:
+            core.shutdown()
+            self._owns_llm = False
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _blocked_words(self, tokenizer) -> list[str]:
         """The tokens answers never hold, as vLLM `bad_words`; each must be exactly one id, or the
