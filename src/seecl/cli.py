@@ -218,6 +218,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"at http://{args.host}:{args.port}/v1",
         flush=True,
     )
+    if engine is not None:
+        import signal
+
+        # uvicorn shuts down gracefully on SIGTERM, then raises it again; its default action would
+        # end this process before the vLLM engine processes are stopped, and they would outlive it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(app, args.host, args.port)
     finally:

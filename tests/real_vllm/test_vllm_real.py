@@ -281,6 +281,7 @@ def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+    assert server.returncode == 0, "a clean exit: the vLLM engine processes were stopped, not orphaned"
 
 
 def test_the_vllm_routing_benchmark_runs_its_smoke_mode(tmp_path):
