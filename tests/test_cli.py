@@ -203,4 +203,37 @@ def test_serve_takes_server_settings_and_a_key_from_the_environment(small_ensemb
     assert main([*args, "--set", "server.nope=1"]) == 2
     assert "unknown field" in capsys.readouterr().err
     assert main(["config"]) == 0
-    assert "server.api_key" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "server.api_key" in out and "vllm.tensor_parallel_size" in out and "vllm.gpu_memory_utilization" in out
+
+
+def empty_ensemble(root):
+    from seecl.model.indicators import install_indicators
+    from seecl.model.tiny import build_tiny_model, build_tiny_tokenizer
+    from seecl.see.store import EnsembleStore
+
+    tokenizer = build_tiny_tokenizer()
+    indicators = install_indicators(build_tiny_model(tokenizer), tokenizer, "added")
+    model = {"name": "tiny-random", "indicator": "added", "system_prompt": None, "device": "auto", "dtype": "auto"}
+    EnsembleStore(root).create(model, indicators.to_dict(), len(tokenizer), tokenizer)
+    return str(root)
+
+
+def test_the_vllm_backend_without_vllm_is_one_line_with_the_install_command(tmp_path, capsys):
+    from seecl.serving.vllm_llm import vllm_available
+
+    ens = empty_ensemble(tmp_path / "ens")
+    assert main(["ask", "--ensemble", ens, "--set", "vllm.dtype=float32", "hello"]) == 2
+    assert "vllm.* settings need --backend vllm" in capsys.readouterr().err
+    assert main(["ask", "--ensemble", ens, "--backend", "vllm", "--set", "vllm.dtypo=float32", "hello"]) == 2
+    assert "unknown field" in capsys.readouterr().err
+    if vllm_available():
+        return
+    for command in (
+        ["ask", "--ensemble", ens, "--backend", "vllm", "hello"],
+        ["serve", "--ensemble", ens, "--backend", "vllm"],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "vLLM, which is not installed: pip install 'seecl[vllm]'" in err
+        assert "make vllm-venv" in err and "Traceback" not in err

@@ -1,5 +1,6 @@
 """The vLLM backend without vLLM: request construction, the walk over a fake `LLM`, refusal of
-experts with their own token rows, and the exported base (tiny model, no network)."""
+experts with their own token rows, and the exported base (tiny model, no network). The same engine
+on a real vLLM is tested under `make test-vllm` (tests/real_vllm/)."""
 
 import json
 import math
@@ -12,20 +13,26 @@ from seecl.data.synthetic import make_task
 from seecl.errors import SeeclError
 from seecl.model.indicators import Indicators
 from seecl.see.store import FORMAT
-from seecl.serving.routing import BASE, decide
+from seecl.serving.routing import BASE, Sampling, decide
 from seecl.serving.vllm_engine import (
-    INSTALL_HINT,
     VllmEngine,
+    answer_params,
     answer_requests,
     check_params,
     check_requests,
-    check_servable,
-    export_base,
+    cut_at_stop,
     generation_params,
+    prefix_requests,
+    verdict,
+)
+from seecl.serving.vllm_export import export_base
+from seecl.serving.vllm_llm import (
+    INSTALL_HINT,
+    check_servable,
+    llm_kwargs,
     lora_settings,
     lora_table,
     token_row_tensors,
-    verdict,
     vllm_available,
 )
 
@@ -60,6 +67,7 @@ def write_ensemble(root, names, rows=(), ranks=None, kind="added"):
     if kind == "added":
         tokenizer.add_tokens(list(texts), special_tokens=True)
     tokenizer.save_pretrained(root / "base")
+    (root / "base" / "config.json").write_text(json.dumps({"vocab_size": len(tokenizer)}))
     pos, neg = (tokenizer.encode(t, add_special_tokens=False) for t in texts)
     for name in names:
         write_adapter(root / "ens" / "experts" / name, (ranks or {}).get(name, 8), name in rows)
@@ -99,7 +107,7 @@ class FakeLLM:
         ind, fmt = self.engine.indicators, self.engine.formatter
         results = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
-            ids, name = prompt["prompt_token_ids"], lora_request[i][0] if lora_request else BASE
+            ids, name = prompt["prompt_token_ids"], lora_request[i][0] if lora_request and lora_request[i] else BASE
             if "stop_token_ids" not in params and "max_tokens" in params and params.get("ignore_eos"):
                 # the greedy shared-prefix request
                 prefix = list(ind.shared_prefix) if self.owner(ids) != "off-prefix" else [65, 66]
@@ -129,17 +137,21 @@ def fake(tmp_path):
 # -- import guard ------------------------------------------------------------------------------------------
 @pytest.mark.skipif(vllm_available(), reason="vLLM is installed")
 def test_the_engine_without_vllm_says_how_to_install_it(tmp_path):
-    with pytest.raises(SeeclError, match=r"pip install seecl\[vllm\]"):
+    with pytest.raises(SeeclError, match=r"not installed: pip install 'seecl\[vllm\]'.*make vllm-venv") as error:
         VllmEngine(tmp_path / "ens", tmp_path / "base")
-    assert INSTALL_HINT == "pip install seecl[vllm]"
+    assert "\n" not in str(error.value) and INSTALL_HINT in str(error.value)
 
 
 # -- request construction ----------------------------------------------------------------------------------
-def test_one_lora_request_per_expert_with_stable_ids_and_paths(tmp_path):
-    table = lora_table(tmp_path, ["a", "b", "c"])
-    assert [v[:2] for v in table.values()] == [("a", 1), ("b", 2), ("c", 3)]
-    assert table["b"][2] == str((tmp_path / "experts" / "b").resolve())
-    assert lora_table(tmp_path, ["a", "b", "c", "d"])["c"] == table["c"], "adding an expert keeps the ids"
+def test_one_lora_request_per_adapter_file_with_stable_ids_and_paths(tmp_path):
+    ens, _ = write_ensemble(tmp_path / "one", ["a", "b", "c", "d"])
+    table = lora_table(ens, ["a", "b", "c"])
+    assert [v[0] for v in table.values()] == ["a", "b", "c"]
+    assert len({v[1] for v in table.values()}) == 3
+    assert table["b"][2] == str((ens / "experts" / "b").resolve())
+    assert lora_table(ens, ["a", "b", "c", "d"])["c"] == table["c"], "adding an expert keeps the ids"
+    other, _ = write_ensemble(tmp_path / "two", ["a"])
+    assert lora_table(other, ["a"])["a"][1] != table["a"][1], "vLLM caches by id: one id per adapter file"
 
 
 def test_indicator_check_asks_one_greedy_token_and_both_indicator_logprobs():
@@ -154,10 +166,10 @@ def test_indicator_check_asks_one_greedy_token_and_both_indicator_logprobs():
 
 
 def test_a_shared_indicator_prefix_is_appended_and_checked_greedily():
-    requests = check_requests([[1, 2], [7]], MULTI, LORA, True)
-    checks, prefixes = requests[:2], requests[2:]
+    checks = check_requests([[1, 2], [7]], MULTI, LORA, True)
     assert [r.prompt_token_ids for r in checks] == [[1, 2, 3, 4], [7, 3, 4]]
     assert checks[0].params["logprob_token_ids"] == [5, 6] and checks[0].params["max_tokens"] == 1
+    prefixes = prefix_requests([[1, 2], [7]], MULTI, LORA)
     assert [r.prompt_token_ids for r in prefixes] == [[1, 2], [7]]
     assert all(r.params["max_tokens"] == 2 and r.params["temperature"] == 0.0 and r.lora == LORA for r in prefixes)
 
@@ -165,11 +177,57 @@ def test_a_shared_indicator_prefix_is_appended_and_checked_greedily():
 def test_generation_stops_at_eos_with_a_budget_per_query():
     params = generation_params(9, eos_id=2)
     assert params["stop_token_ids"] == [2] and params["ignore_eos"] and params["max_tokens"] == 9
-    expert = answer_requests([[1], [4, 5]], [3, 7], 2, ADDED.pos_ids, LORA)
+    assert params["temperature"] == 0.0 and "bad_words" not in params and "seed" not in params
+    expert = answer_requests([[1], [4, 5]], [3, 7], 2, ADDED.pos_ids, LORA, ["<<pos>>", "<<neg>>"])
     assert [r.prompt_token_ids for r in expert] == [[1, 300], [4, 5, 300]]
     assert [r.params["max_tokens"] for r in expert] == [3, 7] and all(r.lora == LORA for r in expert)
+    assert all(r.params["bad_words"] == ["<<pos>>", "<<neg>>"] for r in expert), "answers never hold indicators"
     base = answer_requests([[1]], [4], 2)
     assert base[0].prompt_token_ids == [1] and base[0].lora is None
+
+
+def test_a_sampling_maps_onto_sampling_params_and_routing_stays_greedy():
+    sampled = answer_params(Sampling(max_tokens=5, temperature=0.7, top_p=0.9, seed=3, stop=("\n\n",)), 2)
+    assert sampled == {
+        "max_tokens": 5,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 3,
+        "stop": ["\n\n"],
+        "stop_token_ids": [2],
+        "ignore_eos": True,
+        "detokenize": True,
+    }
+    assert answer_params(Sampling(max_tokens=5, temperature=0.0, top_p=0.5), 2)["temperature"] == 0.0
+    with pytest.raises(ValueError, match="logprobs"):
+        answer_params(Sampling(logprobs=2), 2)
+    assert cut_at_stop("a, b. c. d", [". ", "x"]) == "a, b" and cut_at_stop("abc", ["z"]) == "abc"
+
+
+def test_llm_kwargs_from_the_config():
+    from seecl.config import VllmConfig
+
+    lora = {"enable_lora": True, "max_lora_rank": 8}
+    cpu = llm_kwargs(VllmConfig(), lora, cpu=True)
+    assert cpu == {
+        **lora,
+        "enable_prefix_caching": True,
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.25,
+        "enforce_eager": True,
+        "block_size": 32,
+    }
+    gpu = llm_kwargs(VllmConfig(tensor_parallel_size=2, dtype="bfloat16", llm_args={"swap_space": 0}), lora, cpu=False)
+    assert gpu == {
+        **lora,
+        "enable_prefix_caching": True,
+        "tensor_parallel_size": 2,
+        "dtype": "bfloat16",
+        "swap_space": 0,
+    }
+    small = llm_kwargs(VllmConfig(max_model_len=512, kv_cache_memory_bytes=1 << 26, enforce_eager=False), lora, True)
+    assert small["max_model_len"] == 512 and small["kv_cache_memory_bytes"] == 1 << 26
+    assert small["enforce_eager"] is False
 
 
 @pytest.mark.parametrize("threshold", [None, 0.3])
@@ -205,7 +263,7 @@ def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     queries = ["for e3", "for e1", "unknown", "odd", "for e1"]
     answers = engine.ask(queries, [5, 6, 7, 8, 0])
     checks = [c for c in llm.calls if "logprob_token_ids" in c[1][0]]
-    assert [c[2][0][:2] for c in checks] == [("e3", 3), ("e2", 2), ("e1", 1)]
+    assert [c[2][0] for c in checks] == [engine.loras[e] for e in ("e3", "e2", "e1")]
     assert [len(c[0]) for c in checks] == [5, 3, 3], "claimed and undecided queries leave the walk"
     assert all(
         p["logprob_token_ids"] == [engine.indicators.pos_id, engine.indicators.neg_id] and p["max_tokens"] == 1
@@ -222,13 +280,16 @@ def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     ]
     assert answers[1].route.checks[-1].p_pos == pytest.approx(0.9)
     assert [a.text for a in answers] == ["e3", "e1", "base", "base", ""], "budget 0 only routes"
-    generations = llm.calls[len(checks) :]
-    assert [c[2][0][0] if c[2] else BASE for c in generations] == ["e1", "e3", BASE]
-    e1, _, base = generations
-    assert e1[0][0]["prompt_token_ids"][-1] == engine.indicators.pos_id, "experts continue after <<pos>>"
-    assert [p["max_tokens"] for p in e1[1]] == [6] and [p["max_tokens"] for p in base[1]] == [7, 8]
-    assert all(p["stop_token_ids"] == [engine.formatter.eos_id] for p in base[1])
-    assert base[0][0]["prompt_token_ids"] == engine.formatter.prompt_ids("unknown")
+    assert [a.token_ids for a in answers[:2]] == [engine.formatter.text_ids("e3"), engine.formatter.text_ids("e1")]
+    assert [a.finish_reason for a in answers] == ["stop"] * 5
+    experts, base = llm.calls[len(checks) :]  # one call for every expert (vLLM batches adapters), one for the base
+    prompts, params = experts[0] + base[0], experts[1] + base[1]
+    assert [lora[0] for lora in experts[2]] == ["e3", "e1"] and base[2] is None, "never base and LoRA in one batch"
+    assert [p["prompt_token_ids"][-1] for p in prompts[:2]] == [engine.indicators.pos_id] * 2, "after <<pos>>"
+    assert [p["max_tokens"] for p in params] == [5, 6, 7, 8]
+    assert all(p["stop_token_ids"] == [engine.formatter.eos_id] and p["temperature"] == 0.0 for p in params)
+    assert all(p["bad_words"] == ["<<pos>>", "<<neg>>"] for p in params), "answers never hold indicators"
+    assert prompts[2]["prompt_token_ids"] == engine.formatter.prompt_ids("unknown")
     assert [r.answered_by for r in engine.route(queries)] == [a.route.answered_by for a in answers]
 
 
@@ -238,16 +299,20 @@ def test_a_multi_token_indicator_claims_only_after_its_greedy_prefix(tmp_path):
     engine = VllmEngine(ens, base, llm=llm, logprob_token_ids=True)
     prefix = list(engine.indicators.shared_prefix)
     assert len(prefix) == 2, "«pos»/«neg» share the two UTF-8 bytes of «"
-    llm.setup(engine, {"for e1": "e1", "drifts": "off-prefix"})
-    answers = engine.ask(["for e1", "drifts"], 4)
-    first = llm.calls[0]
-    prompts = [engine.formatter.prompt_ids(q) for q in ("for e1", "drifts")]
-    assert [p["prompt_token_ids"] for p in first[0]] == [prompts[0] + prefix, prompts[1] + prefix, *prompts]
-    assert [p["max_tokens"] for p in first[1]] == [1, 1, 2, 2], "one generate call: checks, then prefixes"
-    assert [(a.route.answered_by, a.route.reason) for a in answers] == [("e1", "claimed"), (BASE, "exception")]
+    llm.setup(engine, {"for e1": "e1", "drifts": "off-prefix", "odd": "confused"})
+    answers = engine.ask(["for e1", "drifts", "odd"], 4)
+    checks, prefixes = llm.calls[:2]  # expert e2's
+    prompts = [engine.formatter.prompt_ids(q) for q in ("for e1", "drifts", "odd")]
+    assert [p["prompt_token_ids"] for p in checks[0]] == [p + prefix for p in prompts]
+    assert [p["max_tokens"] for p in checks[1]] == [1, 1, 1]
+    assert [p["prompt_token_ids"] for p in prefixes[0]] == prompts[:2], "a second call, where the prompts are cached"
+    assert [p["max_tokens"] for p in prefixes[1]] == [2, 2], "'odd' produced no indicator: neither, whatever the prefix"
+    routes = [(a.route.answered_by, a.route.reason) for a in answers]
+    assert routes == [("e1", "claimed"), (BASE, "exception"), (BASE, "exception")]
     assert [c.verdict for c in answers[1].route.checks] == ["neither"], "the decision token alone is not enough"
     e1_answer = next(c for c in llm.calls if c[2] and "stop_token_ids" in c[1][0])
     assert e1_answer[0][0]["prompt_token_ids"] == prompts[0] + list(engine.indicators.pos_ids)
+    assert "bad_words" not in e1_answer[1][0], "in-vocabulary indicators are ordinary text in answers"
 
 
 def test_lora_settings_cover_every_expert(tmp_path):
@@ -263,7 +328,9 @@ def test_hand_written_token_rows_are_refused(tmp_path):
     assert token_row_tensors(ens / "experts" / "rowed") == [
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
     ]
-    with pytest.raises(SeeclError, match=r"expert 'rowed'.*adapter.train_indicator_rows=false"):
+    with pytest.raises(
+        SeeclError, match=r"expert 'rowed'.*model.indicator_rows=shared.*adapter.train_indicator_rows=false"
+    ):
         VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
 
 
@@ -309,3 +376,89 @@ def test_exported_base_loads_with_transformers_and_equals_the_resized_base(tiny_
         assert model(ids).logits.equal(tiny_base.model(ids).logits)
     with pytest.raises(SeeclError, match="already exists"):
         export_base(tiny_ensemble.store.root, out)
+
+
+def test_an_expert_published_while_the_engine_runs_is_asked_from_the_next_call(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["e1", "e2"])
+    llm = FakeLLM()
+    engine = VllmEngine(ens, base, llm=llm, logprob_token_ids=True, threshold={"e1": 0.99})
+    llm.setup(engine, {"for e3": "e3", "for e1": "e1"})
+    assert [a.route.reason for a in engine.ask(["for e3", "for e1"], 2)] == ["all_negative", "all_negative"]
+    manifest = json.loads((ens / "manifest.json").read_text())
+    write_adapter(ens / "experts" / "e3")
+    manifest["experts"].append({"name": "e3", "dir": "experts/e3"})
+    (ens / "manifest.json.new").write_text(json.dumps(manifest))
+    (ens / "manifest.json.new").replace(ens / "manifest.json")  # as the store publishes it
+    assert engine.experts() == ["e1", "e2", "e3"]
+    routes = engine.route(["for e3", "for e1"])
+    assert [(r.answered_by, r.reason) for r in routes] == [("e3", "claimed"), (BASE, "all_negative")]
+    assert [c.expert for c in routes[1].checks] == ["e3", "e2", "e1"], "the newest expert is asked first"
+
+    write_adapter(ens / "experts" / "e4", rows=True)
+    manifest["experts"].append({"name": "e4", "dir": "experts/e4"})
+    (ens / "manifest.json.new").write_text(json.dumps(manifest))
+    (ens / "manifest.json.new").replace(ens / "manifest.json")
+    with pytest.raises(SeeclError, match=r"expert 'e4' cannot be served.*train_indicator_rows=false"):
+        engine.route(["for e3"])
+
+
+def test_a_base_that_changes_under_a_running_engine_stops_it(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["e1"])
+    engine = VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
+    manifest = json.loads((ens / "manifest.json").read_text())
+    manifest["indicator_rows"] = {"file": "indicator_rows.safetensors", "digest": "abc", "trained_by": "e1"}
+    (ens / "indicator_rows.safetensors").write_bytes(b"rows")
+    (ens / "manifest.json.new").write_text(json.dumps(manifest))
+    (ens / "manifest.json.new").replace(ens / "manifest.json")
+    with pytest.raises(SeeclError, match=r"base of .* changed after this vLLM engine started.*restart"):
+        engine.experts()
+
+
+def test_an_added_expert_above_the_started_rank_is_refused_by_name(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["e1", "e2"], ranks={"e2": 32})
+    engine = VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True, experts=["e1"])
+    assert engine.experts() == ["e1"], "a fixed expert list does not follow the manifest"
+    engine.max_rank = 8
+    with pytest.raises(SeeclError, match=r"expert 'e2' has LoRA rank 32.*vllm.max_lora_rank=32"):
+        engine._register(["e2"])
+
+
+def test_an_interrupted_export_leaves_nothing_that_looks_complete(tiny_ensemble, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    from seecl.serving.vllm_export import ensure_base
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PreTrainedTokenizerFast, "save_pretrained", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            export_base(tiny_ensemble.store.root, tmp_path / "base")
+    assert list(tmp_path.iterdir()) == [], "the model was written, but only into a staging directory"
+    killed = tmp_path / ".base.staging-999999999-0123abcd"  # what an export killed mid-way leaves
+    (killed / "model.safetensors").parent.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    out = ensure_base(tiny_ensemble.store.root, tmp_path / "base")
+    assert out == tmp_path / "base" and (out / "seecl-export.json").is_file() and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"], "the dead writer's staging directory is removed"
+
+
+def test_the_default_export_follows_the_ensembles_base(tiny_ensemble, tmp_path):
+    import shutil
+
+    from seecl.serving.vllm_export import default_base_dir, ensure_base, is_current
+
+    root = tmp_path / "ens"
+    shutil.copytree(tiny_ensemble.store.root, root, ignore=shutil.ignore_patterns("vllm-base"))
+    out = ensure_base(root)
+    assert out == default_base_dir(root) == root / "vllm-base" and is_current(out, root)
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert ensure_base(root) == out and (out / "model.safetensors").stat().st_mtime_ns == written, "exported once"
+    explicit = ensure_base(root, tmp_path / "elsewhere")
+    (root / "indicator_rows.safetensors").write_bytes(b"rows shared by every expert")  # the base changed
+    assert not is_current(out, root)
+    assert ensure_base(root) == out and is_current(out, root), "the default export is renewed (swapped in)"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".vllm-base")] == []
+    with pytest.raises(SeeclError, match=r"elsewhere is an export of an earlier state.*remove it"):
+        ensure_base(root, explicit)

@@ -1,4 +1,4 @@
-"""The `seecl` command line: demo, learn, ask, info, bench, serve, config.
+"""The `seecl` command line: demo, learn, ask, info, bench, serve, export-base, config.
 
 Each command parses its arguments, builds a config (defaults <- --preset <- --config YAML <-
 `section.field=value` overrides) and calls library code. Errors seecl raises on purpose are
@@ -91,15 +91,46 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
     return queries
 
 
-def cmd_ask(args: argparse.Namespace) -> int:
+VLLM_PREFIX = "vllm."
+
+
+def _split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Run-config overrides (with --device) and `vllm.*` overrides (the VllmConfig, prefix removed)."""
+    run = [o for o in args.overrides if not o.startswith(VLLM_PREFIX)]
+    vllm = [o[len(VLLM_PREFIX) :] for o in args.overrides if o.startswith(VLLM_PREFIX)]
+    if getattr(args, "backend", "peft") != "vllm" and vllm:
+        raise SeeclError(f"{vllm[0].split('=')[0]!r}: vllm.* settings need --backend vllm")
+    return run + ([f"model.device={args.device}"] if getattr(args, "device", None) else []), vllm
+
+
+def _open_ensemble(args: argparse.Namespace):
+    """The ensemble and, with --backend vllm, the vLLM engine over it (base exported if needed)."""
     from seecl.see.ensemble import SeeEnsemble
     from seecl.see.store import EnsembleStore
 
     if not EnsembleStore(args.ensemble).exists():
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
-    overrides = list(args.overrides) + ([f"model.device={args.device}"] if args.device else [])
+    overrides, vllm_overrides = _split_overrides(args)
+    if args.backend != "vllm":
+        return SeeEnsemble.open(args.ensemble, overrides), None
+    from seecl.config import VllmConfig, load_config
+    from seecl.serving.vllm_engine import VllmEngine
+    from seecl.serving.vllm_llm import require_vllm
+
+    config = load_config(VllmConfig, overrides=vllm_overrides)
+    require_vllm()  # before anything slow
     ensemble = SeeEnsemble.open(args.ensemble, overrides)
-    answers = ensemble.ask(_read_queries(args), args.max_new_tokens)
+    return ensemble, VllmEngine(ensemble.store.root, threshold=ensemble.thresholds(), config=config)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    ensemble, engine = _open_ensemble(args)
+    budget = ensemble.config.generate.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    try:
+        answers = (engine or ensemble).ask(_read_queries(args), budget)
+    finally:
+        if engine is not None:
+            engine.close()
     for answer in answers:
         if args.json:
             print(json.dumps(answer.to_dict(), ensure_ascii=False))
@@ -132,14 +163,31 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_base(args: argparse.Namespace) -> int:
+    from seecl.serving.vllm_export import export_base
+
+    out = export_base(args.ensemble, args.out, args.dtype)
+    print(f"exported the base of {args.ensemble} to {out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
-    from seecl.config import PRESETS, ServerConfig, describe
+    from seecl.config import PRESETS, ServerConfig, VllmConfig, describe
 
     if args.preset:
         print(f"preset {args.preset!r} overrides: {PRESETS[args.preset] or 'none (the defaults)'}")
-    for name, default, text in describe() + describe(ServerConfig, "server."):
+    for name, default, text in describe() + describe(ServerConfig, "server.") + describe(VllmConfig, VLLM_PREFIX):
         print(f"{name:<34} {default:<28} {text}")
     return 0
+
+
+def _add_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["peft", "vllm"],
+        default="peft",
+        help="peft: seecl's engine (generate.engine); vllm: vLLM, set up with --set vllm.FIELD=VALUE (docs/vllm.md)",
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -174,29 +222,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from seecl.config import ServerConfig, load_config
-    from seecl.see.ensemble import SeeEnsemble
-    from seecl.see.store import EnsembleStore
-    from seecl.serving.server import ensemble_app, serve
+    from pathlib import Path
 
-    if not EnsembleStore(args.ensemble).exists():
-        raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
+    from seecl.config import ServerConfig, load_config
+    from seecl.serving.routing import as_query
+    from seecl.serving.server import create_app, ensemble_app, serve
+
     # `server.*` settings are the server's own (never stored with the ensemble); the rest configure it.
     served = [o.split("=", 1)[0].startswith("server.") for o in args.overrides]
     server_overrides = [o.split(".", 1)[1] for o, mine in zip(args.overrides, served) if mine]
+    args.overrides = [o for o, mine in zip(args.overrides, served) if not mine]
     key = args.api_key or os.environ.get("SEECL_API_KEY")
     server = load_config(ServerConfig, overrides=server_overrides + ([f"api_key={key}"] if key else []))
-    overrides = [o for o, mine in zip(args.overrides, served) if not mine]
-    overrides += [f"model.device={args.device}"] if args.device else []
-    ensemble = SeeEnsemble.open(args.ensemble, overrides)
-    app = ensemble_app(ensemble, server, bind=args.host)  # loads the base and every expert before serving
+    ensemble, engine = _open_ensemble(args)
+    if engine is None:
+        app = ensemble_app(ensemble, server, bind=args.host)  # loads the base and every expert before serving
+    else:
+        app = create_app(
+            engine,
+            Path(ensemble.store.root).resolve().name,
+            _vllm_server_config(server, ensemble, args.host),
+            lambda query: len(engine.formatter.chat_ids(as_query(query).turns())),
+            lambda token: engine.formatter.tokenizer.decode([token]),
+        )
     print(
-        f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts) at http://{args.host}:{args.port}/v1"
-        + (" (API key required)" if server.api_key else ""),
+        f"serving ensemble {args.ensemble} ({len(ensemble.experts())} experts, {args.backend}) "
+        f"at http://{args.host}:{args.port}/v1" + (" (API key required)" if server.api_key else ""),
         flush=True,
     )
-    serve(app, args.host, args.port)
+    if engine is not None:
+        import signal
+
+        # uvicorn shuts down gracefully on SIGTERM, then raises it again; its default action would
+        # end this process before the vLLM engine processes are stopped, and they would outlive it.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        serve(app, args.host, args.port)
+    finally:
+        if engine is not None:
+            engine.close()
     return 0
+
+
+def _vllm_server_config(server, ensemble, bind: str):
+    """The server settings ensemble_app derives for the PEFT backend, for the vLLM one."""
+    import dataclasses
+
+    from seecl.serving.security import default_hosts
+
+    default = server.default_max_tokens or min(ensemble.config.generate.max_new_tokens, server.max_tokens)
+    hosts = list(server.allowed_hosts) or default_hosts(bind)
+    return dataclasses.replace(server, default_max_tokens=default, allowed_hosts=hosts)
 
 
 def _budget(text: str) -> int:
@@ -238,13 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
+    _add_backend_args(p)
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="section.field=value",
-        help="config override, e.g. --set see.threshold=0.7",
+        help="config override, e.g. --set see.threshold=0.7 or --set vllm.tensor_parallel_size=2",
     )
     p.set_defaults(func=cmd_ask)
 
@@ -286,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, auto")
+    _add_backend_args(p)
     p.add_argument(
         "--api-key",
         help="require `Authorization: Bearer KEY` (better: the SEECL_API_KEY environment variable, "
@@ -297,9 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="section.field=value",
-        help="config override, e.g. --set see.threshold=0.7 --set server.max_tokens=256 (see `seecl config`)",
+        help="config override, e.g. --set see.threshold=0.7 --set server.max_tokens=256 "
+        "--set vllm.gpu_memory_utilization=0.85 (see `seecl config`)",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export-base", help="write the ensemble's base as a model directory vLLM loads")
+    p.add_argument("--ensemble", required=True)
+    p.add_argument("--out", help="new directory (default: ENSEMBLE/vllm-base, where --backend vllm looks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd_export_base)
 
     p = sub.add_parser("config", help="print every config field with its default and meaning")
     p.add_argument("--preset", choices=["small", "paper"])

@@ -1,35 +1,24 @@
-"""Typed run configuration: dataclasses with a doc per field, YAML loading, `a.b=value` overrides.
+"""Typed run configuration: the schema, one dataclass per section with a doc per field, and presets.
 
-Owns the schema and its validation. Does not know what the values are used for: each component
-reads its own section. Every run writes its resolved config next to its outputs (`save_config`).
+Owns what can be configured and its validation. Does not know what the values are used for: each
+component reads its own section. Building, overriding, saving and describing any of these
+dataclasses is typed_config.py's job (re-exported here). Every run writes its resolved config
+next to its outputs (`save_config`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from seecl.errors import ConfigError
+from seecl.typed_config import check as _check
+from seecl.typed_config import describe as _describe
+from seecl.typed_config import doc, from_dict, merge_overrides, parse_override, save_config, to_dict
+from seecl.typed_config import load_config as _load_config
 
-
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field carrying its documentation (shown by `seecl config`)."""
-    if isinstance(default, (list, dict)):
-        value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"doc": text}, **kwargs)
-    return field(default=default, metadata={"doc": text}, **kwargs)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
+__all__ = ["doc", "from_dict", "merge_overrides", "parse_override", "save_config", "to_dict"]
 
 IndicatorKind = Literal["added", "nonsemantic", "semantic"]
 
@@ -309,6 +298,66 @@ class SetaConfig:
 
 
 @dataclass
+class VllmConfig:
+    """How `--backend vllm` builds its `vllm.LLM` (a serving setting, not part of a run's config:
+    set with `--set vllm.field=value`)."""
+
+    base_dir: str | None = doc(
+        "The ensemble's base exported for vLLM (`seecl export-base`); null: ENSEMBLE/vllm-base, "
+        "exported there on first use and again whenever the ensemble's base changes.",
+        None,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
+        "Weights dtype in vLLM; 'auto' lets vLLM choose from the exported base (float32, which vLLM "
+        "runs in 16 bits on GPUs). float32 gives the PEFT engine's routes and greedy answers.",
+        "auto",
+    )
+    tensor_parallel_size: int = doc("GPUs one model is split over.", 1)
+    gpu_memory_utilization: float | None = doc(
+        "Share of accelerator memory vLLM reserves; on vLLM's CPU build, of CPU memory. null: 0.25 "
+        "on the CPU build (its default 0.92 is refused on a 24 GiB machine), vLLM's default elsewhere.",
+        None,
+    )
+    kv_cache_memory_bytes: int | None = doc(
+        "KV cache size in bytes, instead of sizing it from gpu_memory_utilization; null: vLLM sizes it.", None
+    )
+    max_model_len: int | None = doc("Longest prompt + answer in tokens; null: the model's own limit.", None)
+    max_num_seqs: int | None = doc("Most requests vLLM runs at once; null: vLLM's default.", None)
+    enforce_eager: bool | None = doc(
+        "Run without CUDA graphs / compilation; null: true on the CPU build (which captures no graphs), "
+        "vLLM's default on GPUs.",
+        None,
+    )
+    block_size: int | None = doc(
+        "KV cache block size in tokens. Prefix caching reuses whole blocks, so a claimed query's answer "
+        "recomputes up to block_size - 1 prompt tokens after its check; null: 32 on the CPU build (its "
+        "default 128 made answers recompute about half of a SuperNI prompt), vLLM's default on GPUs.",
+        None,
+    )
+    max_lora_rank: int | None = doc(
+        "Largest expert rank the engine accepts, including experts added while it runs; null: the "
+        "current experts' largest (at least 8), rounded up to a rank vLLM supports.",
+        None,
+    )
+    llm_args: dict[str, Any] = doc("Further `vllm.LLM` keyword arguments, e.g. {swap_space: 0}.", {})
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size > 0, "vllm.tensor_parallel_size must be positive")
+        _check(
+            self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+            "vllm.gpu_memory_utilization must be in (0, 1]",
+        )
+        _check(self.max_model_len is None or self.max_model_len > 0, "vllm.max_model_len must be positive")
+        _check(self.max_num_seqs is None or self.max_num_seqs > 0, "vllm.max_num_seqs must be positive")
+        _check(self.max_lora_rank is None or self.max_lora_rank > 0, "vllm.max_lora_rank must be positive")
+        _check(self.block_size is None or self.block_size > 0, "vllm.block_size must be positive")
+        _check(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "vllm.kv_cache_memory_bytes must be positive",
+        )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -338,132 +387,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Generic machinery: dict <-> dataclass with type checks, YAML, overrides.
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, where)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass `cls` from a plain mapping; unknown keys and wrong types are errors."""
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where != "config" else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are parsed as YAML scalars/lists."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.field=value")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value ({exc})") from None
-    return path, value
-
-
-def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {'.'.join(path)}: {part} is not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
-    """Return a copy of `base` with dotted-key overrides (a dict or `a.b=v` strings) applied."""
-    out = _deep_copy(base)
-    items = (
-        overrides.items()
-        if isinstance(overrides, dict)
-        else ((".".join(p), v) for p, v in map(parse_override, overrides))
-    )
-    for key, value in items:
-        _set_path(out, key.split("."), value)
-    return out
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
-
-
 def load_config(
     cls: type = RunConfig,
     path: str | Path | None = None,
@@ -472,50 +395,14 @@ def load_config(
     defaults: dict[str, Any] | None = None,
 ) -> Any:
     """Defaults (the dataclass's, then `defaults`) <- preset <- YAML file <- overrides."""
-    data: dict[str, Any] = _deep_copy(defaults or {})
+    data = dict(defaults or {})
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
         data = merge_overrides(data, PRESETS[preset])
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = _merge_nested(data, loaded)
-    if overrides:
-        data = merge_overrides(data, overrides)
-    return from_dict(cls, data)
-
-
-def _merge_nested(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = _deep_copy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge_nested(out[key], value)
-        else:
-            out[key] = _deep_copy(value)
-    return out
-
-
-def save_config(config: Any, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return _load_config(cls, path, overrides, data)
 
 
 def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted name, default, doc) for every field, for `seecl config`."""
-    rows: list[tuple[str, str, str]] = []
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(instance, f.name)
-        if dataclasses.is_dataclass(value):
-            rows.extend(describe(type(value), f"{prefix}{f.name}."))
-        else:
-            rows.append((prefix + f.name, repr(value), f.metadata.get("doc", "")))
-    return rows
+    return _describe(cls, prefix)

@@ -3,6 +3,7 @@
 Nothing is read from disk or the network: the tokenizer has one token per byte plus the ChatML
 special tokens and a ChatML chat template; the model is a 2-layer Llama with tied embeddings (like
 SmolLM2) whose weights come from a fixed seed. Selected with `model.name: tiny-random`.
+`save_servable_tiny_model` writes a variant vLLM can serve, as a local model directory.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2):
+def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: int = 2, initializer_range: float = 0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -54,6 +55,7 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=initializer_range,
     )
     generator_state = torch.random.get_rng_state()
     try:
@@ -63,3 +65,20 @@ def build_tiny_model(tokenizer, seed: int = 0, hidden_size: int = 64, layers: in
         torch.random.set_rng_state(generator_state)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
+
+
+def save_servable_tiny_model(directory, seed: int = 0):
+    """Write a tiny model and tokenizer that vLLM's CPU build serves, for tests and smoke runs.
+
+    Heads of size 32 (vLLM's CPU attention takes 32 to 512; the default tiny model's are 16), and
+    weights 5x the usual init scale: at 0.02 every logit of so small a model stays near zero, and
+    plain LoRA experts (no indicator rows of their own) never learn to emit an indicator.
+    """
+    from pathlib import Path
+
+    directory = Path(directory)
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, seed, hidden_size=128, initializer_range=0.1)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

