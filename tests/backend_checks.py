@@ -61,3 +61,28 @@ def check_no_experts(make, reference):
     answers = backend.ask(["Hi", "2 + 2"], 3)
     assert all(a.route.answered_by == BASE and a.route.reason == "no_experts" for a in answers)
     assert [a.text for a in answers] == [a.text for a in reference(None, []).ask(["Hi", "2 + 2"], 3)]
+
+
+def check_owners_and_conversations(make, reference, queries, names):
+    """A named owner answers unrouted ("requested"), a conversation is routed on its last user turn
+    and answered after all of its turns: answers and routes equal the reference's."""
+    from seecl.serving.routing import Query
+
+    asked = [
+        Query(queries[0], owner=names[-1]),
+        Query(queries[1], owner=BASE),
+        Query(queries[2], history=(("user", "Hello"), ("assistant", "Hi! How can I help?"))),
+        queries[3],
+    ]
+    expected = reference(None).ask(asked, 5)
+    answers = make().ask(asked, 5)
+    same_routes([a.route for a in answers], [a.route for a in expected])
+    assert [(a.route.answered_by, a.route.reason) for a in answers[:2]] == [
+        (names[-1], "requested"),
+        (BASE, "requested"),
+    ]
+    assert answers[2].route.checks, "a conversation is routed"
+    assert [a.text for a in answers] == [a.text for a in expected]
+    assert [a.token_ids for a in answers] == [a.token_ids for a in expected]
+    with pytest.raises(ValueError, match="no expert named .nobody."):
+        make().ask([Query(queries[0], owner="nobody")], 3)

@@ -15,6 +15,7 @@ import pytest
 from backend_checks import (
     check_mixed_budgets,
     check_no_experts,
+    check_owners_and_conversations,
     check_protocol,
     check_routes_and_greedy_answers,
     same_routes,
@@ -107,6 +108,10 @@ def test_every_expert_declining_leaves_the_query_to_the_base(make, ensemble):
         routes = make().route(queries())
     assert all(r.answered_by == BASE and r.reason == "all_negative" for r in routes)
     assert all([c.expert for c in r.checks] == NAMES[::-1] for r in routes), "asked newest first"
+
+
+def test_named_owners_and_conversations(make, ensemble):
+    check_owners_and_conversations(make, lambda t, e=None: reference(ensemble, t, e), queries(), NAMES)
 
 
 def test_no_experts(make, ensemble):

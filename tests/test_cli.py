@@ -237,3 +237,17 @@ def test_the_vllm_backend_without_vllm_is_one_line_with_the_install_command(tmp_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "vLLM, which is not installed: pip install 'seecl[vllm]'" in err
         assert "make vllm-venv" in err and "Traceback" not in err
+
+
+def test_learn_takes_a_stratified_sample_of_a_label_sorted_file(tmp_path, capsys):
+    records = [{"prompt": f"review {i}", "response": "positive" if i < 20 else "negative"} for i in range(40)]
+    data = tmp_path / "sa.train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    ens = str(tmp_path / "e")
+    assert main(["learn", "--ensemble", ens, "--data", str(data), "--sample", "8", *TINY, "train.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--ensemble", ens, "--json"]) == 0
+    (expert,) = json.loads(capsys.readouterr().out)["experts"]
+    assert expert["n_positives"] == 8
+    assert main(["learn", "--ensemble", ens, "--data", str(data), "--sample", "8", "--limit", "8", *TINY]) == 2
+    assert "either limit" in capsys.readouterr().err

@@ -52,3 +52,46 @@ def test_paper_preset():
 def test_invalid_values_are_rejected_with_a_clear_message(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides=[override])
+
+
+def _all_fields(cls, prefix=""):
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from _all_fields(type(default), f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f.metadata.get("doc", "")
+
+
+def test_every_setting_has_a_help_line():
+    from seecl.config import RunConfig, ServerConfig, VllmConfig
+    from seecl.recipes.superni import BenchConfig
+
+    for cls in (RunConfig, ServerConfig, VllmConfig, BenchConfig):
+        missing = [name for name, text in _all_fields(cls) if not text.strip()]
+        assert not missing, f"{cls.__name__}: {missing}"
+
+
+def test_command_line_options_come_from_the_dataclasses():
+    import dataclasses
+
+    from seecl.cli import build_parser
+    from seecl.config import ServerConfig, load_config
+    from seecl.options import overrides
+    from seecl.recipes.superni import BenchConfig
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for command, cls, skip in (("bench", BenchConfig, {"run"}), ("serve", ServerConfig, set())):
+        flags = {flag for action in commands[command]._actions for flag in action.option_strings}
+        wanted = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name not in skip}
+        assert wanted <= flags, wanted - flags
+    args = parser.parse_args(["bench", "superni", "--n-train", "7", "--methods", "MTL,SEE(10%)", "--order", "2"])
+    bench = load_config(BenchConfig, overrides=overrides(args))
+    assert bench.n_train == 7 and bench.methods == ["MTL", "SEE(10%)"]
+    assert bench.order == ["trans", "sa", "qa", "sum", "qg"], "an order number names the paper's order"
+    served = parser.parse_args(["serve", "--ensemble", "e", "--max-tokens", "9", "--allowed-hosts", "a,b"])
+    assert sorted(overrides(served, "server.")) == ['allowed_hosts=["a", "b"]', "max_tokens=9"]
+    assert overrides(served, "vllm.") == []

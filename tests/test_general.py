@@ -18,9 +18,16 @@ from seecl.methods.registry import build_method, parse_label
 def test_the_builtin_pool_ships_with_the_package():
     pool = builtin_general()
     queries = [i.query for i in pool.instances]
-    assert pool.source == BUILTIN_SOURCE and len(queries) == 600 and len(set(queries)) == 600
+    assert pool.source == BUILTIN_SOURCE and len(queries) == 599 and len(set(queries)) == 599
     assert all(q.strip() for q in queries) and all(i.references == () for i in pool.instances)
     assert load_general(None).instances == pool.instances
+
+
+def test_the_pool_holds_none_of_the_questions_the_demo_scores():
+    """Regression: "Why is the sky blue?" was both in the pool (a possible trained negative) and
+    among the demo's held-out general questions."""
+    pool = {i.query.strip().lower() for i in builtin_general().instances}
+    assert not pool & {i.query.strip().lower() for i in general_task().instances}
 
 
 def test_a_users_pool_needs_no_responses(tmp_path):

@@ -12,22 +12,59 @@ import json
 import os
 import sys
 
+from seecl import options
+from seecl.config import ServerConfig, VllmConfig
 from seecl.errors import SeeclError
+from seecl.options import add_options
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _add_config_args(parser: argparse.ArgumentParser, preset: bool = True, positional: bool = True) -> None:
+    """--config FILE, --preset, and `section.field=value` overrides (as arguments, or with --set)."""
     parser.add_argument("--config", help="YAML file with config sections (see `seecl config`)")
-    parser.add_argument("--preset", choices=["small", "paper"], help="named hyper-parameter set")
+    if preset:
+        parser.add_argument("--preset", choices=["small", "paper"], help="named hyper-parameter set")
     parser.add_argument(
-        "overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. train.lr=1e-3 adapter.r=16"
+        "--set",
+        dest="set_overrides",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        help="config override, e.g. --set see.threshold=0.7 (see `seecl config` for every field)",
     )
+    if positional:
+        parser.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="section.field=value",
+            help="config overrides, e.g. train.lr=1e-3 adapter.r=16",
+        )
+
+
+def _config_sections(path: str | None) -> tuple[list[str], dict, dict]:
+    """A --config file's run-config sections as overrides, and its `server:` and `vllm:` sections."""
+    if path is None:
+        return [], {}, {}
+    import yaml
+
+    from seecl.typed_config import flatten
+
+    try:
+        data = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except OSError as exc:
+        raise SeeclError(f"config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SeeclError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SeeclError(f"{path}: top level must be a mapping")
+    server, vllm = data.pop("server", None) or {}, data.pop("vllm", None) or {}
+    return [f"{k}={json.dumps(v)}" for k, v in flatten(data).items()], server, vllm
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from seecl.recipes.demo import DEMO_TASKS, run_demo
 
     tasks = tuple(args.tasks.split(",")) if args.tasks else DEMO_TASKS
-    run_demo(args.out, tasks, args.n_train, args.n_eval, args.overrides)
+    run_demo(args.out, tasks, args.n_train, args.n_eval, _config_sections(args.config)[0] + args.overrides)
     return 0
 
 
@@ -44,7 +81,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         validate_expert_name(args.name)
     overrides = ([f"see.tau={args.tau}"] if args.tau is not None else []) + list(args.overrides)
     ensemble = SeeEnsemble.open(args.ensemble, overrides, args.config, args.preset)
-    task = load_task(args.data, name=args.task, split=args.split, limit=args.limit)
+    task = load_task(args.data, name=args.task, split=args.split, limit=args.limit, sample=args.sample)
     record = ensemble.learn(task, name=args.name)
     metrics = record["metrics"]
     from accelerate import PartialState
@@ -94,13 +131,17 @@ def _read_queries(args: argparse.Namespace) -> list[str]:
 VLLM_PREFIX = "vllm."
 
 
-def _split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """Run-config overrides (with --device) and `vllm.*` overrides (the VllmConfig, prefix removed)."""
-    run = [o for o in args.overrides if not o.startswith(VLLM_PREFIX)]
+def _split_overrides(args: argparse.Namespace) -> tuple[list[str], list[str], dict]:
+    """Run-config overrides (the --config file's, then the command line's, then --device), `vllm.*`
+    overrides (the VllmConfig's, prefix removed) and the --config file's `vllm:` section."""
+    file_run, _, file_vllm = _config_sections(getattr(args, "config", None))
+    run = file_run + [o for o in args.overrides if not o.startswith(VLLM_PREFIX)]
     vllm = [o[len(VLLM_PREFIX) :] for o in args.overrides if o.startswith(VLLM_PREFIX)]
-    if getattr(args, "backend", "peft") != "vllm" and vllm:
-        raise SeeclError(f"{vllm[0].split('=')[0]!r}: vllm.* settings need --backend vllm")
-    return run + ([f"model.device={args.device}"] if getattr(args, "device", None) else []), vllm
+    vllm += options.overrides(args, VLLM_PREFIX)
+    if getattr(args, "backend", "peft") != "vllm" and (vllm or file_vllm):
+        name = vllm[0].split("=")[0] if vllm else next(iter(file_vllm))
+        raise SeeclError(f"{name!r}: vllm.* settings need --backend vllm")
+    return run + ([f"model.device={args.device}"] if getattr(args, "device", None) else []), vllm, file_vllm
 
 
 def _open_ensemble(args: argparse.Namespace):
@@ -110,14 +151,14 @@ def _open_ensemble(args: argparse.Namespace):
 
     if not EnsembleStore(args.ensemble).exists():
         raise SeeclError(f"no ensemble at {args.ensemble}; create one with `seecl learn`")
-    overrides, vllm_overrides = _split_overrides(args)
+    overrides, vllm_overrides, file_vllm = _split_overrides(args)
     if args.backend != "vllm":
         return SeeEnsemble.open(args.ensemble, overrides), None
     from seecl.config import VllmConfig, load_config
     from seecl.serving.vllm_engine import VllmEngine
     from seecl.serving.vllm_llm import require_vllm
 
-    config = load_config(VllmConfig, overrides=vllm_overrides)
+    config = load_config(VllmConfig, overrides=vllm_overrides, defaults=file_vllm)
     require_vllm()  # before anything slow
     ensemble = SeeEnsemble.open(args.ensemble, overrides)
     return ensemble, VllmEngine(ensemble.store.root, threshold=ensemble.thresholds(), config=config)
@@ -194,30 +235,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
     from seecl.config import load_config, parse_override
-    from seecl.recipes.superni import ORDERS, BenchConfig, run_benchmark
+    from seecl.recipes.superni import BenchConfig, run_benchmark
 
-    cfg = load_config(BenchConfig, args.config)
-    flags = {
-        "data_dir": args.data_dir,
-        "eval_split": args.eval_split,
-        "ood_file": args.ood_file,
-        "out": args.out,
-        "n_train": args.n_train,
-        "n_eval": args.n_eval,
-        "n_ood": args.n_ood,
-        "reuse_experts": args.reuse_experts,
-        "full_matrix": args.full_matrix or None,
-    }
-    if args.methods:
-        flags["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.order:
-        flags["order"] = ORDERS[int(args.order)] if args.order.isdigit() else args.order.split(",")
-    run = dict(cfg.run)
+    cfg = load_config(BenchConfig, args.config, overrides=options.overrides(args))
+    run = dict(cfg.run)  # `section.field=value` arguments: the run config shared by every method
     for item in args.overrides:
         path, value = parse_override(item)
         run[".".join(path)] = value
-    cfg = dataclasses.replace(cfg, run=run, **{k: v for k, v in flags.items() if v is not None})
-    run_benchmark(cfg)
+    run_benchmark(dataclasses.replace(cfg, run=run))
     return 0
 
 
@@ -231,9 +256,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `server.*` settings are the server's own (never stored with the ensemble); the rest configure it.
     served = [o.split("=", 1)[0].startswith("server.") for o in args.overrides]
     server_overrides = [o.split(".", 1)[1] for o, mine in zip(args.overrides, served) if mine]
+    server_overrides += options.overrides(args, "server.")
     args.overrides = [o for o, mine in zip(args.overrides, served) if not mine]
-    key = args.api_key or os.environ.get("SEECL_API_KEY")
-    server = load_config(ServerConfig, overrides=server_overrides + ([f"api_key={key}"] if key else []))
+    key = os.environ.get("SEECL_API_KEY")
+    if key and not any(o.startswith("api_key=") for o in server_overrides):
+        server_overrides.append(f"api_key={key}")
+    server = load_config(ServerConfig, overrides=server_overrides, defaults=_config_sections(args.config)[1])
     ensemble, engine = _open_ensemble(args)
     if engine is None:
         app = ensemble_app(ensemble, server, bind=args.host)  # loads the base and every expert before serving
@@ -291,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated synthetic tasks (default: all five)")
     p.add_argument("--n-train", type=int, default=48, help="training instances per task")
     p.add_argument("--n-eval", type=int, default=16, help="eval queries per task")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value")
+    _add_config_args(p, preset=False)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("learn", help="append one expert for a new task to an ensemble")
@@ -300,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="data file/folder, or synthetic:<task>")
     p.add_argument("--split", default="train", help="split for TRACE folders (train/eval/test)")
     p.add_argument("--limit", type=int, help="use only the first N instances")
+    p.add_argument(
+        "--sample", type=int, help="use a seeded sample of N instances, stratified by label for classification data"
+    )
     p.add_argument("--tau", type=float, help="rehearsal ratio (shortcut for see.tau=...)")
     p.add_argument("--name", help="expert name (default: the task name)")
     _add_config_args(p)
@@ -315,14 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, auto")
     p.add_argument("--json", action="store_true", help="one JSON object per answer")
     _add_backend_args(p)
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="section.field=value",
-        help="config override, e.g. --set see.threshold=0.7 or --set vllm.tensor_parallel_size=2",
-    )
+    _add_config_args(p, preset=False, positional=False)  # positional arguments are the queries
+    add_options(p, VllmConfig, "vllm.", skip=("llm_args",), flag_prefix="vllm-")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("info", help="list an ensemble's experts")
@@ -330,32 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
+    from seecl.recipes.superni import BenchConfig
+
     p = sub.add_parser("bench", help="run a benchmark (superni: every method through the protocol)")
     p.add_argument("suite", choices=["superni"])
-    p.add_argument("--data-dir", help="folder with <task>.train.jsonl and <task>.<split>.jsonl")
-    p.add_argument("--eval-split", help="eval split name (default dev)")
-    p.add_argument("--ood-file", help="OOD queries; first half = test, second half = negatives pool")
-    p.add_argument("--methods", help="comma-separated method labels, e.g. MTL,SEE(10%%)")
-    p.add_argument("--order", help="1, 2, 3 or comma-separated task names")
-    p.add_argument("--out", help="output directory (resumes if it exists)")
-    p.add_argument("--n-train", type=int, help="training instances per task")
-    p.add_argument("--n-eval", type=int, help="eval instances per task")
-    p.add_argument("--n-ood", type=int, help="OOD test queries")
-    p.add_argument("--full-matrix", action="store_true", help="score every seen task after every stage")
-    # One directory per flag: a variadic flag would swallow the trailing `key=value` overrides.
-    p.add_argument(
-        "--reuse-experts",
-        action="append",
-        metavar="RUN_DIR",
-        help="earlier output directory whose trained adapters are reused (repeatable)",
-    )
-    p.add_argument("--config", help="YAML file with benchmark fields (and `run:` overrides)")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="section.field=value",
-        help="run-config overrides shared by all methods, e.g. train.epochs=3",
-    )
+    add_options(p, BenchConfig, skip=("run",))
+    _add_config_args(p, preset=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="serve an ensemble over an OpenAI-compatible HTTP API")
@@ -364,20 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", help="cpu, cuda, auto")
     _add_backend_args(p)
-    p.add_argument(
-        "--api-key",
-        help="require `Authorization: Bearer KEY` (better: the SEECL_API_KEY environment variable, "
-        "which other users cannot read from the process list)",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="section.field=value",
-        help="config override, e.g. --set see.threshold=0.7 --set server.max_tokens=256 "
-        "--set vllm.gpu_memory_utilization=0.85 (see `seecl config`)",
-    )
+    _add_config_args(p, preset=False)
+    add_options(p, ServerConfig, "server.")
+    add_options(p, VllmConfig, "vllm.", skip=("llm_args",), flag_prefix="vllm-")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export-base", help="write the ensemble's base as a model directory vLLM loads")
@@ -402,9 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     # bound the positional list already, so collect the trailing `key=value` items here.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+        if not hasattr(args, "set_overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = list(args.overrides) + extra
+    if hasattr(args, "set_overrides"):  # `--set a.b=v` and `a.b=v` arguments alike, in the order given
+        args.overrides = list(args.set_overrides) + list(getattr(args, "overrides", [])) + extra
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here rather than at interpreter exit

@@ -204,3 +204,14 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         else:
             rows.append((prefix + f.name, repr(value), f.metadata.get("doc", "")))
     return rows
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} and {"train.lr": 1} both -> {"train.lr": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -24,6 +24,7 @@ import pytest
 from backend_checks import (
     check_mixed_budgets,
     check_no_experts,
+    check_owners_and_conversations,
     check_protocol,
     check_routes_and_greedy_answers,
     same_routes,
@@ -34,7 +35,7 @@ from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
-from seecl.serving.routing import BASE, Sampling
+from seecl.serving.routing import BASE, Query, Sampling
 
 pytestmark = pytest.mark.vllm
 # vLLM's CPU build pins its OpenMP threads to cores unless told not to; tests share the machine.
@@ -118,6 +119,10 @@ def test_routes_and_greedy_answers_equal_the_reference_and_the_peft_engine(make,
     assert [a.text for a in answers] == [a.text for a in peft]
     assert all(a.finish_reason in ("stop", "length") for a in answers)
     assert all(ensemble.formatter().decode(a.token_ids) == a.text for a in answers)
+
+
+def test_named_owners_and_conversations_equal_the_reference(make, ensemble):
+    check_owners_and_conversations(make, reference_of(ensemble), queries(), NAMES)
 
 
 def test_all_negative_routes_equal_the_reference(make, ensemble):
@@ -273,7 +278,20 @@ def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble)
         assert [c["verdict"] for c in choice["route"]["checks"]] == [c.verdict for c in expected.route.checks]
         assert choice["message"]["content"] == expected.text
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
-        assert [m["id"] for m in models["data"]][1:] == [*NAMES, BASE]
+        model_id = models["data"][0]["id"]
+        assert [m["id"] for m in models["data"]][1:] == [f"{model_id}/{n}" for n in [*NAMES, BASE]]
+        # A request naming one expert is answered by it, unrouted, as PEFT answers it.
+        owner = NAMES[1]
+        named = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": f"{model_id}/{owner}", "prompt": query, "max_tokens": 6},
+            timeout=300,
+        )
+        assert named.status_code == 200, named.text
+        (choice,) = named.json()["choices"]
+        (expected,) = reference_of(ensemble)(ensemble.thresholds()).ask([Query(query, owner=owner)], 6)
+        assert choice["route"]["answered_by"] == owner and choice["route"]["reason"] == "requested"
+        assert choice["text"] == expected.text
     finally:
         server.terminate()
         try:

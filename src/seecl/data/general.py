@@ -1,6 +1,6 @@
 """General instructions: queries that belong to no task, the source of SEE's general negatives.
 
-Owns the pool that ships with seecl (`general_instructions.jsonl`: 600 everyday chat requests,
+Owns the pool that ships with seecl (`general_instructions.jsonl`: 599 everyday chat requests,
 coding and maths questions, writing and advice requests, written for seecl and released with it
 under Apache-2.0, chosen to avoid the formats of the SuperNI benchmark tasks) and loading a user's
 own pool instead (any supported format; responses are not needed).

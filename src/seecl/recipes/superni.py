@@ -29,6 +29,7 @@ from seecl.evaluation.report import write_report
 from seecl.methods.base import MethodContext, free_memory
 from seecl.methods.registry import build_method
 from seecl.publish import write_json_atomic
+from seecl.typed_config import flatten
 
 # kind and target language of the ten SuperNI tasks in ../shared/data/superni
 SUPERNI_TASKS = {
@@ -60,7 +61,7 @@ class BenchConfig:
     data_dir: str = doc("Folder with <task>.train.jsonl and <task>.<eval_split>.jsonl.", "../shared/data/superni")
     eval_split: str = doc("Eval file infix: <task>.<eval_split>.jsonl.", "dev")
     ood_file: str = doc("OOD queries (any supported format).", "../shared/data/ood/lima.dev.jsonl")
-    order: list[str] = doc("Task order.", ORDERS[1])
+    order: list[str] = doc("Task order: task names, or 1, 2 or 3 (the orders of the SEE paper).", ORDERS[1])
     methods: list[str] = doc("Method labels (see methods/registry.py).", DEFAULT_METHODS)
     n_train: int = doc("Training instances per task.", 100)
     n_eval: int = doc("Eval instances per task.", 50)
@@ -74,6 +75,8 @@ class BenchConfig:
     def __post_init__(self):
         from seecl.methods.registry import parse_label
 
+        if len(self.order) == 1 and self.order[0] in {str(k) for k in ORDERS}:
+            self.order = list(ORDERS[int(self.order[0])])
         for name in ("n_train", "n_eval", "n_ood"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -117,7 +120,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     run_config = from_dict(
         RunConfig,
         merge_overrides(
-            to_dict(RunConfig()), BENCH_OVERRIDES + [f"{k}={json.dumps(v)}" for k, v in _flatten(cfg.run).items()]
+            to_dict(RunConfig()), BENCH_OVERRIDES + [f"{k}={json.dumps(v)}" for k, v in flatten(cfg.run).items()]
         ),
     )
     formatter = PromptFormatter(load_tokenizer(run_config.model), None, run_config.model.system_prompt)
@@ -165,17 +168,6 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         )
     log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
     return summary
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} and {"train.lr": 1} both -> {"train.lr": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def method_dirname(label: str) -> str:

@@ -229,6 +229,8 @@ class SeeEnsemble:
                 for file in ADAPTER_FILES:
                     shutil.copy2(staged / file, directory / file)
 
+        # What this expert was trained with: a later expert of a shared-rows ensemble trains no rows.
+        trained_with = dataclasses.replace(cfg, adapter=adapter)
         memory = build_memory(task, cfg.see.memory_tau, cfg.see.seed)
         counts = {source: len(ids) for source, ids in rec.negative_ids().items()}
         record = {
@@ -239,7 +241,8 @@ class SeeEnsemble:
             "adapter_kind": cfg.adapter.kind,
             "trainable_parameters": parameters,
             "metrics": metrics,
-            "config": to_dict(cfg),
+            "config": to_dict(trained_with),
+            **({"shared_rows": shared_digest} if shared_digest else {}),
             "from_cache": cached is not None,
             "cache_key": key,
         }
@@ -249,7 +252,7 @@ class SeeEnsemble:
 
         def write(directory: Path) -> None:
             save(directory)
-            save_config(cfg, directory / "config.yaml")
+            save_config(trained_with, directory / "config.yaml")
 
         from accelerate import PartialState
 

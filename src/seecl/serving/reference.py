@@ -76,6 +76,9 @@ class SequentialRouter:
         return self._routes([as_query(q) for q in queries])
 
     def _routes(self, queries: list[Query]) -> list[Route]:
+        for query in queries:
+            if query.owner is not None and query.owner != BASE and query.owner not in self._experts:
+                raise ValueError(f"no expert named {query.owner!r} to answer with")
         routed = [i for i, q in enumerate(queries) if q.owner is None]
         walked = iter(self._walk([self.formatter.prompt_ids(queries[i].text) for i in routed]))
         return [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in queries]

@@ -56,9 +56,11 @@ from seecl.serving.routing import (
     Answer,
     Budget,
     Check,
+    Query,
     Route,
     Sampling,
     Thresholds,
+    as_query,
     indicator_verdict,
     samplings_for,
     threshold_for,
@@ -355,10 +357,18 @@ class VllmEngine:
         threshold = threshold_for(self.threshold, expert)
         return [verdict(expert, *top, self.indicators, prefix, threshold) for top, prefix in zip(tops, prefixes)]
 
-    def _answers(self, queries: Sequence[str], samplings: Sequence[Sampling]) -> list[Answer]:
+    def _answers(self, queries: Sequence[str | Query], samplings: Sequence[Sampling]) -> list[Answer]:
         experts = self.experts()
-        prompts = [self.formatter.prompt_ids(q) for q in queries]
-        routes = walk(len(prompts), experts, lambda expert, idx: self._check(expert, [prompts[i] for i in idx]))
+        asked = [as_query(q) for q in queries]
+        for query in asked:
+            if query.owner is not None and query.owner != BASE and query.owner not in experts:
+                raise ValueError(f"no expert named {query.owner!r} to answer with")
+        # A named owner answers without a walk; a conversation is routed on its last user turn.
+        routed = [i for i, q in enumerate(asked) if q.owner is None]
+        checks = [self.formatter.prompt_ids(asked[i].text) for i in routed]
+        walked = iter(walk(len(checks), experts, lambda expert, idx: self._check(expert, [checks[i] for i in idx])))
+        routes = [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in asked]
+        prompts = [self.formatter.chat_ids(q.turns()) for q in asked]
         answers = [Answer(q, "", r) for q, r in zip(queries, routes)]
         members = [i for i, s in enumerate(samplings) if s.max_tokens > 0]
         # The experts' answers share one generate call (vLLM batches different adapters); the base
@@ -392,10 +402,10 @@ class VllmEngine:
         answer.token_ids = tokens
         answer.finish_reason = "length" if getattr(completion, "finish_reason", None) == "length" else "stop"
 
-    def route(self, queries: Sequence[str]) -> list[Route]:
+    def route(self, queries: Sequence[str | Query]) -> list[Route]:
         return [a.route for a in self._answers(list(queries), [Sampling(max_tokens=0)] * len(queries))]
 
-    def ask(self, queries: Sequence[str], max_new_tokens: Budget = 64) -> list[Answer]:
+    def ask(self, queries: Sequence[str | Query], max_new_tokens: Budget = 64) -> list[Answer]:
         """Answers with their routes; a budget of 0 only routes the query. An int is a greedy budget;
         a `Sampling` maps onto vLLM's temperature/top_p/seed/stop (the routing checks stay greedy)."""
         return self._answers(list(queries), samplings_for(len(queries), max_new_tokens))
