@@ -486,6 +486,9 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds over the batches (each side's fastest round per batch counts)"
     )
+    parser.add_argument(
+        "--curve-queries", type=int, default=16, help="queries per point of the latency curve (one batch of 16 by default)"
+    )
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
     parser.add_argument(
         "--redo",
@@ -538,7 +541,8 @@ def main() -> None:
             lambda: {"method": method, **batch1(directory, queries, budgets, sample, label, args.repeats)},
         )
     part("memory", memory_in_fresh_process)
-    part("latency_vs_experts", lambda: latency_curve(queries[:: max(1, len(queries) // 32)][:32]))
+    step = max(1, len(queries) // args.curve_queries)
+    part("latency_vs_experts", lambda: latency_curve(queries[::step][: args.curve_queries]))
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
     summary = {}
     if "lora" in result:
