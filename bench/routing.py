@@ -312,8 +312,9 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     return row
 
 
-def random_experts(base, count: int, kind: str):
-    """The base with `count` freshly initialised (random B) experts attached."""
+def random_experts(base, count: int, kind: str, invocation_length: int | None = None):
+    """The base with `count` freshly initialised (random B) experts attached; aLoRA experts are
+    invoked by the chat template's assistant header, or by its last `invocation_length` tokens."""
     import torch
 
     from seecl.adapters import add_expert
@@ -322,6 +323,8 @@ def random_experts(base, count: int, kind: str):
 
     formatter = PromptFormatter(base.tokenizer, base.indicators)
     invocation = formatter.invocation_ids() if kind == "alora" else None
+    if invocation is not None and invocation_length is not None:
+        invocation = invocation[-invocation_length:]
     model = base.model
     for i in range(count):
         model = add_expert(
@@ -364,7 +367,7 @@ def memory_in_fresh_process() -> dict:
         return pool.apply(memory_curve)
 
 
-def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64)) -> dict:
+def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64), only: set[str] | None = None) -> dict:
     """Routing-only latency per query when every expert is asked.
 
     Random experts rarely put an indicator first, and a check without one sends the query to the
@@ -384,10 +387,14 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64)) -> dict:
         return "neg", p_pos, p_neg
 
     curve = {}
-    for kind in ("lora", "alora"):
+    # "alora_last_token": aLoRA experts invoked by the header's last token only (the rest of the
+    # header is read once, in the shared body), the shortest check segment an expert can have.
+    for key, kind, length in (("lora", "lora", None), ("alora", "alora", None), ("alora_last_token", "alora", 1)):
+        if only is not None and key not in only:
+            continue
         base = load_base(ModelConfig())
-        model, formatter = random_experts(base, max(counts), kind)
-        curve[kind] = {}
+        model, formatter = random_experts(base, max(counts), kind, length)
+        curve[key] = {}
         for count in counts:
             engine = RoutingEngine(
                 model, formatter, [f"e{i}" for i in range(count)], batch_size=16, prefix_cache_tokens=0
@@ -397,9 +404,9 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64)) -> dict:
                 routes, seconds = timed(lambda: engine.route(queries))
             asked = {len(route.checks) for route in routes}
             if asked != {count}:
-                raise RuntimeError(f"{kind} x{count}: queries were checked by {sorted(asked)} experts")
-            curve[kind][count] = seconds / len(queries)
-            print(f"latency {kind} x{count}: {1000 * curve[kind][count]:.1f} ms/query")
+                raise RuntimeError(f"{key} x{count}: queries were checked by {sorted(asked)} experts")
+            curve[key][count] = seconds / len(queries)
+            print(f"latency {key} x{count}: {1000 * curve[key][count]:.1f} ms/query")
         del model, base
         gc.collect()
     return curve
@@ -412,13 +419,17 @@ def plot(curve: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for kind, points in ((k, curve[k]) for k in ("lora", "alora") if k in curve):
+    for kind, points in ((k, curve[k]) for k in ("lora", "alora", "alora_last_token") if k in curve):
         xs = sorted(int(k) for k in points)
         ax.plot(
             xs,
             [1000 * points[k] if k in points else 1000 * points[str(k)] for k in xs],
             marker="o",
-            label={"lora": "LoRA experts", "alora": "aLoRA experts"}[kind],
+            label={
+                "lora": "LoRA experts",
+                "alora": "aLoRA experts (4-token invocation)",
+                "alora_last_token": "aLoRA experts (1-token invocation)",
+            }[kind],
         )
     ax.set_xlabel("experts asked per query")
     ax.set_ylabel("routing time per query (ms)")
@@ -487,7 +498,7 @@ def main() -> None:
         "--repeats", type=int, default=3, help="rounds over the batches (each side's fastest round per batch counts)"
     )
     parser.add_argument(
-        "--curve-queries", type=int, default=16, help="queries per point of the latency curve (one batch of 16 by default)"
+        "--curve-queries", type=int, default=16, help="queries per point of the latency curve (one batch of 16)"
     )
     parser.add_argument("--out", default=str(RESULTS / "routing.json"))
     parser.add_argument(
@@ -543,6 +554,10 @@ def main() -> None:
     part("memory", memory_in_fresh_process)
     step = max(1, len(queries) // args.curve_queries)
     part("latency_vs_experts", lambda: latency_curve(queries[::step][: args.curve_queries]))
+    curve = result["latency_vs_experts"]
+    if "alora_last_token" not in curve:  # a curve measured before this kind existed keeps its points
+        curve.update(latency_curve(queries[::step][: args.curve_queries], only={"alora_last_token"}))
+        write_json(out, result)
     plot(result["latency_vs_experts"], RESULTS / "routing_latency.png")
     summary = {}
     if "lora" in result:
@@ -563,10 +578,11 @@ def main() -> None:
     if "alora_batch1" in result:
         summary["overhead_batch1_alora"] = result["alora_batch1"]["overhead_measured"]
     summary.update({k: result["memory"][k] for k in ("mb_per_expert", "rss_added_100_experts_mb")})
-    alora_curve = {int(k): v for k, v in result["latency_vs_experts"].get("alora", {}).items()}
-    for count in (16, 64):
-        if count in alora_curve and 1 in alora_curve:
-            summary[f"alora_latency_{count}_over_1"] = alora_curve[count] / alora_curve[1]
+    for kind in ("alora", "alora_last_token"):
+        points = {int(k): v for k, v in result["latency_vs_experts"].get(kind, {}).items()}
+        for count in (16, 64):
+            if count in points and 1 in points:
+                summary[f"{kind}_latency_{count}_over_1"] = points[count] / points[1]
     result.update(summary)
     rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in summary.items()]
     print_table("Routing cost (SmolLM2-135M, CPU)", ["metric", "value"], rows)

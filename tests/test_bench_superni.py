@@ -32,7 +32,7 @@ def benchmark_data(tmp_path):
     return data
 
 
-def bench(data, out, *extra):
+def bench(data, out, *extra, methods=METHODS):
     return main(
         [
             "bench",
@@ -44,7 +44,7 @@ def bench(data, out, *extra):
             "--order",
             ",".join(TASKS),
             "--methods",
-            ",".join(METHODS),
+            ",".join(methods),
             "--n-train",
             "16",
             "--n-eval",
@@ -153,3 +153,18 @@ def test_bench_refuses_a_one_label_classification_subset(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "sa.train.jsonl: classification task 'sa'" in err and "{'positive': 10}" in err
+
+
+def test_rows_computed_on_other_data_leave_the_summary(benchmark_data, tmp_path, capsys):
+    """Regression: after the classification files were fixed, the rows of methods not run again
+    stayed in summary.json and report.md with scores of the old data."""
+    out = tmp_path / "run"
+    assert bench(benchmark_data, out) == 0
+    changed = make_task(TASKS[1], "train", 17).instances[1:]  # other training data for the second task
+    write_jsonl(benchmark_data / f"{TASKS[1]}.train.jsonl", changed)
+    capsys.readouterr()
+    assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0
+    assert "computed on other data" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["Non-rehearsal"], "SEE's row was scored on the old data"
+    assert "| SEE(25%) |" not in (out / "report.md").read_text()

@@ -13,6 +13,7 @@ pseudo-negatives are drawn only from the second half of the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,13 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     cache = AdapterCache(out / "cache", [Path(p) / "cache" for p in cfg.reuse_experts])
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"methods": {}}
+    # A row computed on other data (files changed, another --n-train) is not this run's: it leaves
+    # the summary and the report; its label, run again, recomputes only what changed.
+    fingerprint = benchmark_fingerprint(tasks, evals, ood)
+    stale = [label for label, row in summary["methods"].items() if row.get("benchmark") != fingerprint]
+    if stale:
+        log(f"dropped from {summary_path} (computed on other data; run them again): {', '.join(stale)}")
+        summary["methods"] = {k: v for k, v in summary["methods"].items() if k not in stale}
     summary["config"] = {
         **to_dict(cfg),
         "run_config": to_dict(run_config),
@@ -158,7 +166,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         method.close()
         del method
         free_memory()
-        summary["methods"][label] = result
+        summary["methods"][label] = {**result, "benchmark": fingerprint}
         write_json_atomic(summary_path, summary)
         write_report(summary, out)
         log(
@@ -168,6 +176,17 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         )
     log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
     return summary
+
+
+def benchmark_fingerprint(tasks: list[Task], evals: dict[str, EvalSet], ood: list[str]) -> str:
+    """The data a summary row was computed on: training and eval instances, answer budgets, OOD
+    queries (what the protocol's own cell fingerprints cover, for the whole table)."""
+    parts = [
+        [[t.name, t.fingerprint()] for t in tasks],
+        [[name, e.task.fingerprint(), e.budget] for name, e in sorted(evals.items())],
+        list(ood),
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
 def method_dirname(label: str) -> str:
