@@ -28,6 +28,23 @@ TINY = [
 ]
 
 
+# The three synthetic tasks most routing tests learn, oldest first.
+TASKS = ["reverse_list", "uppercase", "add"]
+
+
+def learn_ensemble(root, overrides: list[str], names=TASKS):
+    """A SEE ensemble at `root`, one expert per task of `names` (48 training instances each),
+    learned with the config `overrides` (callers pass TINY plus their own)."""
+    from seecl.config import load_config
+    from seecl.data.synthetic import make_task
+    from seecl.see.ensemble import SeeEnsemble
+
+    ens = SeeEnsemble(root, load_config(overrides=list(overrides)))
+    for name in names:
+        ens.learn(make_task(name, "train", 48))
+    return ens
+
+
 @pytest.fixture
 def tiny_config():
     from seecl.config import load_config

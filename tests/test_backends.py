@@ -21,7 +21,6 @@ from backend_checks import (
     same_routes,
 )
 from seecl.data.synthetic import make_task
-from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
 from seecl.serving.routing import BASE, RoutingBackend
@@ -31,13 +30,9 @@ NAMES = ["reverse_list", "uppercase", "add"]
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    from conftest import TINY
-    from seecl.config import load_config
+    from conftest import TINY, learn_ensemble
 
-    ens = SeeEnsemble(tmp_path_factory.mktemp("backends") / "ens", load_config(overrides=TINY))
-    for name in NAMES:
-        ens.learn(make_task(name, "train", 48))
-    return ens
+    return learn_ensemble(tmp_path_factory.mktemp("backends") / "ens", TINY, NAMES)
 
 
 def queries():

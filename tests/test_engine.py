@@ -13,16 +13,10 @@ NAMES = ["reverse_list", "uppercase", "add"]
 
 
 def _learn(root, *overrides):
-    from conftest import TINY
-    from seecl.config import load_config
+    from conftest import TINY, learn_ensemble
 
     # the paper's recipe: greedy indicators, so the reference router and the engine built here agree
-    ens = SeeEnsemble(
-        root, load_config(overrides=TINY + ["see.calibrate=false", "see.general_negatives=0", *overrides])
-    )
-    for name in NAMES:
-        ens.learn(make_task(name, "train", 48))
-    return ens
+    return learn_ensemble(root, TINY + ["see.calibrate=false", "see.general_negatives=0", *overrides], NAMES)
 
 
 @pytest.fixture(scope="module")

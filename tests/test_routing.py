@@ -5,7 +5,6 @@ import torch
 
 from seecl.data.synthetic import make_task
 from seecl.model.indicators import Indicators
-from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.routing import BASE, Check, decide, walk
 
 ADDED = Indicators("added", "<<pos>>", "<<neg>>", (10,), (11,))
@@ -77,13 +76,9 @@ NAMES = ["reverse_list", "uppercase", "add"]
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    from conftest import TINY
-    from seecl.config import load_config
+    from conftest import TINY, learn_ensemble
 
-    ens = SeeEnsemble(tmp_path_factory.mktemp("routing") / "ens", load_config(overrides=TINY))
-    for name in NAMES:
-        ens.learn(make_task(name, "train", 48))
-    return ens
+    return learn_ensemble(tmp_path_factory.mktemp("routing") / "ens", TINY, NAMES)
 
 
 def test_end_to_end_routing_accuracy_on_the_tiny_model(learned):

@@ -23,13 +23,10 @@ KEY = "s3cret-key"
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    from conftest import TINY
-    from seecl.config import load_config
+    from conftest import TINY, learn_ensemble
 
     root = tmp_path_factory.mktemp("clients") / "ens"
-    ens = SeeEnsemble(root, load_config(overrides=TINY))
-    for name in ("reverse_list", "uppercase", "add"):
-        ens.learn(make_task(name, "train", 48))
+    learn_ensemble(root, TINY)
     return SeeEnsemble.open(root)
 
 

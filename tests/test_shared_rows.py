@@ -16,14 +16,9 @@ NAMES = ["reverse_list", "uppercase", "add"]
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    from conftest import TINY
+    from conftest import TINY, learn_ensemble
 
-    ens = SeeEnsemble(
-        tmp_path_factory.mktemp("shared") / "ens", load_config(overrides=TINY + ["model.indicator_rows=shared"])
-    )
-    for name in NAMES:
-        ens.learn(make_task(name, "train", 48))
-    return ens
+    return learn_ensemble(tmp_path_factory.mktemp("shared") / "ens", TINY + ["model.indicator_rows=shared"], NAMES)
 
 
 def test_every_expert_is_a_plain_lora_adapter(shared):

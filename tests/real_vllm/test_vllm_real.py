@@ -29,8 +29,8 @@ from backend_checks import (
     check_routes_and_greedy_answers,
     same_routes,
 )
-from conftest import TINY
-from seecl.config import VllmConfig, load_config
+from conftest import TINY, learn_ensemble
+from seecl.config import VllmConfig
 from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.engine import RoutingEngine
@@ -60,10 +60,7 @@ def tiny_ensemble(root, overrides):
     from seecl.model.tiny import save_servable_tiny_model
 
     model = save_servable_tiny_model(root / "tiny-model")
-    ens = SeeEnsemble(root / "ens", load_config(overrides=overrides + [f"model.name={model}"]))
-    for name in NAMES:
-        ens.learn(make_task(name, "train", 48))
-    return ens
+    return learn_ensemble(root / "ens", overrides + [f"model.name={model}"], NAMES)
 
 
 @pytest.fixture(scope="module")
