@@ -44,18 +44,9 @@ def _config_sections(path: str | None) -> tuple[list[str], dict, dict]:
     """A --config file's run-config sections as overrides, and its `server:` and `vllm:` sections."""
     if path is None:
         return [], {}, {}
-    import yaml
+    from seecl.typed_config import flatten, read_yaml
 
-    from seecl.typed_config import flatten
-
-    try:
-        data = yaml.safe_load(open(path, encoding="utf-8")) or {}
-    except OSError as exc:
-        raise SeeclError(f"config file {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SeeclError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise SeeclError(f"{path}: top level must be a mapping")
+    data = read_yaml(path)
     server, vllm = data.pop("server", None) or {}, data.pop("vllm", None) or {}
     return [f"{k}={json.dumps(v)}" for k, v in flatten(data).items()], server, vllm
 

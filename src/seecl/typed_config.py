@@ -169,6 +169,20 @@ def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping (empty for an empty file), or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
 def load_config(
     cls: type,
     path: str | Path | None = None,
@@ -178,16 +192,7 @@ def load_config(
     """Defaults (the dataclass's, then `defaults`) <- YAML file <- overrides."""
     data: dict[str, Any] = _deep_copy(defaults or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = _merge_nested(data, loaded)
+        data = _merge_nested(data, read_yaml(path))
     if overrides:
         data = merge_overrides(data, overrides)
     return from_dict(cls, data)

@@ -52,6 +52,7 @@ from seecl.serving.routing import (
     Thresholds,
     as_query,
     budgets_for,
+    check_owners,
     decide,
     samplings_for,
     threshold_for,
@@ -316,9 +317,7 @@ class RoutingEngine(BatchForwards):
     ) -> list[Answer]:
         """Answers with their routes; a max_tokens of 0 only routes the query (no answer is generated)."""
         queries = [as_query(q) for q in queries]
-        for query in queries:
-            if query.owner is not None and query.owner not in (*self._experts, BASE):
-                raise ValueError(f"no expert named {query.owner!r} to answer with")
+        check_owners(queries, self._experts)
         prompts = [self.formatter.prompt_ids(q.text) for q in queries]  # what routing reads
         # What an answer is decoded after: the whole conversation, when there is one.
         answer_prompts = [self.formatter.chat_ids(q.turns()) if q.history else p for q, p in zip(queries, prompts)]

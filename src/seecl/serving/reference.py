@@ -26,6 +26,7 @@ from seecl.serving.routing import (
     as_query,
     budgets_for,
     decide,
+    routes_with_owners,
     threshold_for,
     walk,
 )
@@ -76,12 +77,9 @@ class SequentialRouter:
         return self._routes([as_query(q) for q in queries])
 
     def _routes(self, queries: list[Query]) -> list[Route]:
-        for query in queries:
-            if query.owner is not None and query.owner != BASE and query.owner not in self._experts:
-                raise ValueError(f"no expert named {query.owner!r} to answer with")
-        routed = [i for i, q in enumerate(queries) if q.owner is None]
-        walked = iter(self._walk([self.formatter.prompt_ids(queries[i].text) for i in routed]))
-        return [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in queries]
+        return routes_with_owners(
+            queries, self._experts, lambda unowned: self._walk([self.formatter.prompt_ids(q.text) for q in unowned])
+        )
 
     def ask(
         self, queries: Sequence[str | Query], max_new_tokens: Budget = 64, on_token: OnToken | None = None

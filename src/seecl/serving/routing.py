@@ -190,6 +190,23 @@ def threshold_for(thresholds: Thresholds, expert: str) -> float | None:
     return thresholds.get(expert) if isinstance(thresholds, dict) else thresholds
 
 
+def check_owners(queries: Sequence[Query], experts: Sequence[str]) -> None:
+    """Every owner a query names is one of `experts` or BASE."""
+    for query in queries:
+        if query.owner is not None and query.owner != BASE and query.owner not in experts:
+            raise ValueError(f"no expert named {query.owner!r} to answer with")
+
+
+def routes_with_owners(
+    queries: Sequence[Query], experts: Sequence[str], walk_unowned: Callable[[list[Query]], list[Route]]
+) -> list[Route]:
+    """The routes of `queries`: a query that names its owner is answered by it without a walk
+    ("requested"); the others get `walk_unowned(those queries)`, in order."""
+    check_owners(queries, experts)
+    walked = iter(walk_unowned([q for q in queries if q.owner is None]))
+    return [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in queries]
+
+
 def walk(n_queries: int, experts: Sequence[str], check: CheckFn) -> list[Route]:
     """Route every query through `experts` (oldest first, as an ensemble lists them), asking the
     newest first: `check(expert, query_indices)` is asked for the still-open queries only."""

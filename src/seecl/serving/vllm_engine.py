@@ -62,6 +62,7 @@ from seecl.serving.routing import (
     Thresholds,
     as_query,
     indicator_verdict,
+    routes_with_owners,
     samplings_for,
     threshold_for,
     walk,
@@ -360,14 +361,12 @@ class VllmEngine:
     def _answers(self, queries: Sequence[str | Query], samplings: Sequence[Sampling]) -> list[Answer]:
         experts = self.experts()
         asked = [as_query(q) for q in queries]
-        for query in asked:
-            if query.owner is not None and query.owner != BASE and query.owner not in experts:
-                raise ValueError(f"no expert named {query.owner!r} to answer with")
-        # A named owner answers without a walk; a conversation is routed on its last user turn.
-        routed = [i for i, q in enumerate(asked) if q.owner is None]
-        checks = [self.formatter.prompt_ids(asked[i].text) for i in routed]
-        walked = iter(walk(len(checks), experts, lambda expert, idx: self._check(expert, [checks[i] for i in idx])))
-        routes = [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in asked]
+
+        def walk_unowned(unowned: list[Query]) -> list[Route]:  # routed on the last user turn
+            checks = [self.formatter.prompt_ids(q.text) for q in unowned]
+            return walk(len(checks), experts, lambda expert, idx: self._check(expert, [checks[i] for i in idx]))
+
+        routes = routes_with_owners(asked, experts, walk_unowned)
         prompts = [self.formatter.chat_ids(q.turns()) for q in asked]
         answers = [Answer(q, "", r) for q, r in zip(queries, routes)]
         members = [i for i, s in enumerate(samplings) if s.max_tokens > 0]
