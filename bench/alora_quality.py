@@ -25,6 +25,7 @@ from common import DATA, RESULTS, ROOT, machine, print_table, write_json
 
 VARIANTS = {
     "base": [],
+    "last_token": ["adapter.alora_invocation=last_token"],
     "r16": ["adapter.r=16", "adapter.alpha=32"],
     "all_linear": ["adapter.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"],
     "qkvo": ["adapter.targets=[q_proj,k_proj,v_proj,o_proj]"],

@@ -312,24 +312,18 @@ def batch1(ensemble_dir: Path, queries, budgets, sample: list[int], label: str, 
     return row
 
 
-def random_experts(base, count: int, kind: str, invocation_length: int | None = None):
-    """The base with `count` freshly initialised (random B) experts attached; aLoRA experts are
-    invoked by the chat template's assistant header, or by its last `invocation_length` tokens."""
+def random_experts(base, count: int, adapter):
+    """The base with `count` freshly initialised (random B) experts of settings `adapter` attached."""
     import torch
 
-    from seecl.adapters import add_expert
-    from seecl.config import AdapterConfig
+    from seecl.adapters import add_expert, invocation_tokens
     from seecl.data.prompts import PromptFormatter
 
     formatter = PromptFormatter(base.tokenizer, base.indicators)
-    invocation = formatter.invocation_ids() if kind == "alora" else None
-    if invocation is not None and invocation_length is not None:
-        invocation = invocation[-invocation_length:]
+    invocation = invocation_tokens(adapter, formatter.invocation_ids())
     model = base.model
     for i in range(count):
-        model = add_expert(
-            model, f"e{i}", AdapterConfig(kind=kind), base.indicators, seed=i, invocation_tokens=invocation
-        )
+        model = add_expert(model, f"e{i}", adapter, base.indicators, seed=i, invocation_tokens=invocation)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if f"lora_B.e{i}." in name:
@@ -377,7 +371,7 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64), only: set
     from unittest import mock
 
     import seecl.serving.engine
-    from seecl.config import ModelConfig
+    from seecl.config import AdapterConfig, ModelConfig
     from seecl.model.base import load_base
     from seecl.serving.engine import RoutingEngine
     from seecl.serving.routing import decide
@@ -389,11 +383,16 @@ def latency_curve(queries: list[str], counts=(1, 2, 4, 8, 16, 32, 64), only: set
     curve = {}
     # "alora_last_token": aLoRA experts invoked by the header's last token only (the rest of the
     # header is read once, in the shared body), the shortest check segment an expert can have.
-    for key, kind, length in (("lora", "lora", None), ("alora", "alora", None), ("alora_last_token", "alora", 1)):
+    kinds = {
+        "lora": AdapterConfig(kind="lora"),
+        "alora": AdapterConfig(kind="alora"),
+        "alora_last_token": AdapterConfig(kind="alora", alora_invocation="last_token"),
+    }
+    for key, adapter in kinds.items():
         if only is not None and key not in only:
             continue
         base = load_base(ModelConfig())
-        model, formatter = random_experts(base, max(counts), kind, length)
+        model, formatter = random_experts(base, max(counts), adapter)
         curve[key] = {}
         for count in counts:
             engine = RoutingEngine(

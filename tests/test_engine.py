@@ -324,6 +324,32 @@ def test_alora_experts_route_and_answer_like_the_reference(learned_alora, check_
     assert BASE in seen and len(seen - {BASE}) >= 2, seen
 
 
+@pytest.fixture(scope="module")
+def learned_alora_last_token(tmp_path_factory):
+    return _learn(
+        tmp_path_factory.mktemp("engine_alora_last") / "ens",
+        "adapter.kind=alora",
+        "adapter.alora_invocation=last_token",
+    )
+
+
+def test_one_token_alora_experts_route_and_answer_like_the_reference(learned_alora_last_token):
+    """Experts invoked by the header's last token alone: each check is one token plus the indicator,
+    and the routes and greedy answers are still those of asking one expert after another."""
+    ens = learned_alora_last_token
+    engine = _engine(ens)
+    assert engine.invocation == ens.formatter().invocation_ids()[-1:]
+    queries = _queries()
+    owners = set()
+    for threshold in (None, 0.999999, {"reverse_list": 0.5, "uppercase": 0.999999, "add": 0.6}):
+        reference = ens.router(threshold).ask(queries, 6)
+        _assert_same(_engine(ens, threshold=threshold).ask(queries, 6), reference)
+        owners |= {a.route.answered_by for a in reference}
+    assert BASE in owners and len(owners - {BASE}) >= 2, owners
+    claimed = [a.route.answered_by for a in ens.router().ask(queries[: 4 * len(NAMES)], 6)]
+    assert sum(c == n for c, n in zip(claimed, [n for n in NAMES for _ in range(4)])) >= 8, "the experts learn to route"
+
+
 def test_batched_alora_checks_equal_one_expert_at_a_time(learned_alora):
     """The segment forward gives every expert's indicator probabilities as its own pass would."""
     queries = _queries()

@@ -155,6 +155,24 @@ def test_combined_variants_apply_every_switch(tmp_path):
     )
     see = build_method("SEE(10%)-general-calibrated", ctx).ensemble.config.see
     assert see.calibrate and see.general_negatives == 3 and see.tau == 0.1
+    adapter = build_method("SEE(10%)-aLoRA-lasttoken", ctx).ensemble.config.adapter
+    assert adapter.kind == "alora" and adapter.alora_invocation == "last_token"
+    from seecl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="add `aLoRA`"):
+        build_method("SEE(10%)-lasttoken", ctx)
+
+
+def test_cache_keys_of_experts_cached_before_alora_invocation_existed_stay_valid():
+    """The setting enters an adapter's cache material only where it changes the adapter."""
+    from seecl.adapters import cache_material
+    from seecl.config import AdapterConfig
+
+    assert "alora_invocation" not in cache_material(AdapterConfig())
+    assert "alora_invocation" not in cache_material(AdapterConfig(kind="alora"))
+    assert (
+        cache_material(AdapterConfig(kind="alora", alora_invocation="last_token"))["alora_invocation"] == "last_token"
+    )
 
 
 def test_randsel_replays_the_sample_drawn_when_the_task_was_learned():

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from oracles import reference_loss
-from seecl.adapters import add_expert
+from seecl.adapters import add_expert, invocation_tokens
 from seecl.config import AdapterConfig, TrainConfig
 from seecl.data.prompts import Example, PromptFormatter
 from seecl.data.synthetic import make_task
-from seecl.loss import SupervisedLoss, prefix_groups
+from seecl.loss import SupervisedLoss, invocation_starts, prefix_groups
 from seecl.training import collate, plan_batches, train
 
 
@@ -144,7 +144,8 @@ def test_alora_loss_runs_bodies_without_autograd_and_equals_the_full_pass(fresh_
     loss_fn = SupervisedLoss(model)
     lengths = batch["attention_mask"].sum(1).tolist()
     backbone = model.get_base_model().base_model
-    starts = loss_fn._alora_starts(backbone, batch["input_ids"], batch["labels"], lengths)
+    invoked = invocation_starts(model, batch["input_ids"], batch["labels"])
+    starts = loss_fn._alora_starts(backbone, batch["input_ids"], batch["labels"], lengths, invoked)
     assert starts is not None and all(0 < s < n for s, n in zip(starts, lengths)), "the split applies"
 
     seen_grad_modes = []
@@ -168,6 +169,43 @@ def test_alora_loss_runs_bodies_without_autograd_and_equals_the_full_pass(fresh_
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
+def test_a_one_token_alora_invocation_starts_at_the_prompt_end_even_when_the_answer_holds_it(fresh_tiny_base):
+    """`adapter.alora_invocation=last_token`: the adapter is invoked by the header's last token (a
+    newline), which answers hold too. Training acts from the prompt's end, as routing does, not
+    from the token's last occurrence (PEFT's search), and so equals PEFT's forward given the
+    prompt-end offsets."""
+    base = fresh_tiny_base
+    fmt = PromptFormatter(base.tokenizer, base.indicators)
+    cfg = AdapterConfig(r=4, alpha=8, dropout=0.0, kind="alora", alora_invocation="last_token")
+    invocation = invocation_tokens(cfg, fmt.invocation_ids())
+    assert invocation == fmt.invocation_ids()[-1:]
+    model = add_expert(base.model, "e", cfg, base.indicators, seed=0, invocation_tokens=invocation)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    newline = base.tokenizer.decode(invocation)
+    examples = [fmt.see_example(f"question {k}", f"one{newline}two{newline}three" if k % 2 else None) for k in range(4)]
+    assert any(invocation[0] in e.input_ids[len(fmt.prompt_ids(f"question {k}")) :] for k, e in enumerate(examples))
+    batch = collate(examples, base.tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    prompt_ends = [len(fmt.prompt_ids(f"question {k}")) for k in range(4)]
+    starts = invocation_starts(model, batch["input_ids"], batch["labels"])
+    assert starts == [end - 1 for end in prompt_ends]
+
+    def peft_loss(offsets):
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], alora_offsets=offsets
+        ).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+
+    loss = SupervisedLoss(model)(**batch)
+    assert torch.allclose(loss, peft_loss([width - s for s in starts]), rtol=1e-5)
+    assert not torch.allclose(loss, reference_loss(model, batch), rtol=1e-3), "PEFT's search starts elsewhere"
 
 
 def test_prefix_groups_share_only_loss_free_heads():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from seecl.config import AdapterConfig
+from seecl.config import AdapterConfig, to_dict
 from seecl.errors import StoreError
 from seecl.model.indicators import Indicators
 
@@ -38,6 +38,24 @@ def peft_config(cfg: AdapterConfig, indicators: Indicators | None, invocation_to
         task_type="CAUSAL_LM",
         **kwargs,
     )
+
+
+def invocation_tokens(cfg: AdapterConfig, header: list[int]) -> list[int] | None:
+    """The tokens that invoke an expert of these settings, given the chat template's assistant
+    header: None for a plain LoRA expert, the header or its last token for an aLoRA expert."""
+    if cfg.kind != "alora":
+        return None
+    return list(header[-1:] if cfg.alora_invocation == "last_token" else header)
+
+
+def cache_material(cfg: AdapterConfig) -> dict:
+    """The settings an adapter cache key is built from. `alora_invocation` is left out where it
+    changes nothing (LoRA experts) or keeps its default, so that experts cached before it existed
+    keep their keys."""
+    material = to_dict(cfg)
+    if cfg.kind != "alora" or cfg.alora_invocation == "header":
+        material.pop("alora_invocation")
+    return material
 
 
 def only_train(model, name: str) -> None:

@@ -66,6 +66,11 @@ class AdapterConfig:
     train_indicator_rows: bool = doc(
         "Train the indicator tokens' embedding (and tied output) rows in every expert.", True
     )
+    alora_invocation: Literal["header", "last_token"] = doc(
+        "What invokes an aLoRA expert: the whole assistant-turn header, or only its last token "
+        "(a routing check then runs one token per expert instead of the header's).",
+        "header",
+    )
 
     def __post_init__(self) -> None:
         _check(self.r > 0, f"adapter.r must be positive, got {self.r}")

@@ -38,6 +38,24 @@ def alora_offsets(model: torch.nn.Module, input_ids: torch.Tensor) -> list[int |
     return calculate_alora_offsets(model.peft_config, model.active_adapter, input_ids)
 
 
+def invocation_starts(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> list[int | None]:
+    """Per row of a training batch, where the active aLoRA adapter's invocation starts: right before
+    the row's first supervised token when the invocation tokens end its prompt there, else PEFT's
+    last occurrence (None: not found). Searching the whole row would find a one-token invocation
+    (a newline) inside the answer, and the adapter would then start there."""
+    invocation = list(model.active_peft_config.alora_invocation_tokens)
+    n, width = len(invocation), input_ids.shape[1]
+    starts = []
+    for row, row_labels, offset in zip(input_ids, labels, alora_offsets(model, input_ids)):
+        supervised = (row_labels != IGNORE).nonzero()
+        first = int(supervised[0]) if len(supervised) else -1
+        if first >= n and row[first - n : first].tolist() == invocation:
+            starts.append(first - n)
+        else:
+            starts.append(None if offset is None else width - offset)  # PEFT counts from the padded end
+    return starts
+
+
 def alora_scope(model: torch.nn.Module, input_ids: torch.Tensor, offsets: list[int | None] | None = None):
     """For an active aLoRA adapter, tell its layers where each row's invocation starts.
 
@@ -147,7 +165,8 @@ class SupervisedLoss(torch.nn.Module):
         backbone, head = causal_lm_parts(self.model)
         lengths = attention_mask.sum(1).tolist()
         alora = is_alora(self.model)
-        starts = self._alora_starts(backbone, input_ids, labels, lengths) if alora else None
+        invoked = invocation_starts(self.model, input_ids, labels) if alora else None
+        starts = self._alora_starts(backbone, input_ids, labels, lengths, invoked) if alora else None
         if starts is not None:
             return self._alora_tail_loss(backbone, head, input_ids, labels, lengths, starts)
         groups, rest = [], list(range(len(lengths)))
@@ -165,7 +184,8 @@ class SupervisedLoss(torch.nn.Module):
             index = torch.tensor(rest, device=input_ids.device)
             width = max(lengths[i] for i in rest)
             ids, mask = input_ids[index, :width], attention_mask[index, :width]
-            with alora_scope(self.model, ids):
+            offsets = [None if invoked[i] is None else width - invoked[i] for i in rest] if alora else None
+            with alora_scope(self.model, ids, offsets):
                 hidden = backbone(
                     **backbone_inputs(backbone, ids), attention_mask=mask, use_cache=False
                 ).last_hidden_state
@@ -174,15 +194,13 @@ class SupervisedLoss(torch.nn.Module):
             self.attention_pairs += sum(lengths[i] * (lengths[i] + 1) // 2 for i in rest)
         return loss
 
-    def _alora_starts(self, backbone, input_ids, labels, lengths) -> list[int] | None:
-        """Where each row's invocation starts, if every row's body (the positions before it) can run
-        without autograd: nothing before the invocation is supervised (the first invocation token's
-        label included) and the body holds no trained token row. None otherwise."""
+    def _alora_starts(self, backbone, input_ids, labels, lengths, invoked) -> list[int] | None:
+        """The invocation starts `invoked`, if every row's body (the positions before its start) can
+        run without autograd: nothing before the invocation is supervised (the first invocation
+        token's label included) and the body holds no trained token row. None otherwise."""
         rows = token_rows(backbone.get_input_embeddings())
-        width = input_ids.shape[1]  # PEFT counts each offset back from the padded row's end
         starts = []
-        for i, (length, offset) in enumerate(zip(lengths, alora_offsets(self.model, input_ids))):
-            start = None if offset is None else width - offset
+        for i, (length, start) in enumerate(zip(lengths, invoked)):
             if start is None or not 0 < start < length:
                 return None
             if (labels[i, : start + 1] != IGNORE).any():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from seecl import training
+from seecl.adapters import cache_material
 from seecl.config import to_dict
 from seecl.data.prompts import PromptFormatter
 from seecl.data.task import Task
@@ -183,7 +184,7 @@ class LayerMethod:
             "settings": self.settings(),
             "model": cfg.model.name,
             "system": cfg.model.system_prompt,
-            "adapter": to_dict(cfg.adapter),
+            "adapter": cache_material(cfg.adapter),
             "train": run,
             "tasks": [[t.name, t.fingerprint()] for t in tasks],
         }

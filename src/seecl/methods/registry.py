@@ -10,7 +10,8 @@ indicator rows), whatever the library's defaults; each variant switches one thin
 `pseudo` (negatives from the benchmark's general instruction set instead of earlier tasks),
 `nonsemantic` / `semantic` (indicator type), `general` (general negatives from the benchmark's
 general set), `builtin` (general negatives from the instructions that ship with seecl, what
-`seecl learn` uses by default), `aLoRA` (activated-LoRA experts), `calibrated` (per-expert P(pos)
+`seecl learn` uses by default), `aLoRA` (activated-LoRA experts), `lasttoken` (with `aLoRA`: experts
+invoked by the assistant header's last token alone), `calibrated` (per-expert P(pos)
 thresholds calibrated on the experts' own queries; reuses the experts), `shared` (indicator rows
 trained by the first expert and shared by the ensemble: plain LoRA experts, servable by vLLM).
 """
@@ -37,6 +38,7 @@ SEE_VARIANTS: dict[str, list[str]] = {
     "general": [],  # the count comes from the context (set by the benchmark), the pool too
     "builtin": [],  # the count comes from the context; the pool is the one that ships with seecl
     "aLoRA": ["adapter.kind=alora"],
+    "lasttoken": ["adapter.alora_invocation=last_token"],  # with aLoRA: invoked by one token
     "calibrated": ["see.calibrate=true"],  # same experts as SEE(x%): only routing changes
     "shared": ["model.indicator_rows=shared"],
 }
@@ -57,6 +59,8 @@ def _build_see(cls, ctx: MethodContext, label: str, tau: float | None, variants:
     overrides = SEE_PAPER + [f"see.tau={tau}"] + [o for v in variants for o in SEE_VARIANTS[v]]
     if {"general", "builtin"} <= set(variants):
         raise ConfigError(f"{label!r}: general negatives come from the benchmark's set or the built-in one, not both")
+    if "lasttoken" in variants and "aLoRA" not in variants:
+        raise ConfigError(f"{label!r}: `lasttoken` sets how aLoRA experts are invoked; add `aLoRA`")
     if {"general", "builtin"} & set(variants):
         overrides.append(f"see.general_negatives={ctx.general_negatives}")
     if {"general", "pseudo"} & set(variants):

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from seecl import training
 from seecl.adapters import (
     add_expert,
+    cache_material,
     load_expert,
     only_train,
     save_expert,
     trainable_parameters,
 )
 from seecl.cache import cache_key
-from seecl.config import to_dict
 from seecl.data.prompts import PromptFormatter
 from seecl.data.task import Instance
 from seecl.methods.base import MODEL, MethodContext, unrouted
@@ -55,7 +55,7 @@ class SingleAdapter:
             model=cfg.model.name,
             system=cfg.model.system_prompt,
             indicator=cfg.model.indicator,
-            adapter=to_dict(cfg.adapter),
+            adapter=cache_material(cfg.adapter),
             run=run_fingerprint(examples, cfg.train),
             init=init,
         )

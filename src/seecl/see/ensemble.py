@@ -20,7 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from seecl import training
-from seecl.adapters import add_expert, load_expert, save_expert, trainable_parameters
+from seecl.adapters import (
+    add_expert,
+    cache_material,
+    invocation_tokens,
+    load_expert,
+    save_expert,
+    trainable_parameters,
+)
 from seecl.cache import AdapterCache, cache_key
 from seecl.config import RunConfig, load_config, save_config, to_dict
 from seecl.data.general import load_general
@@ -180,7 +187,7 @@ class SeeEnsemble:
             model=cfg.model.name,
             system=cfg.model.system_prompt,
             indicators=self.base.indicators.to_dict(),
-            adapter=to_dict(adapter),
+            adapter=cache_material(adapter),
             run=run_fingerprint(examples, cfg.train),
             **({"shared_rows": shared_digest} if shared_digest else {}),
         )
@@ -193,7 +200,7 @@ class SeeEnsemble:
                 for file in ADAPTER_FILES:
                     shutil.copy2(cached / file, directory / file)
         else:
-            invocation = formatter.invocation_ids() if cfg.adapter.kind == "alora" else None
+            invocation = invocation_tokens(adapter, formatter.invocation_ids())
             model = add_expert(self.model, name, adapter, self.base.indicators, cfg.train.seed, invocation)
             self._model = model
             self._engine = None
