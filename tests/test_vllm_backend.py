@@ -4,6 +4,7 @@ on a real vLLM is tested under `make test-vllm` (tests/real_vllm/)."""
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -43,7 +44,7 @@ LORA = ("e1", 1, "/ens/experts/e1")
 
 
 # -- a hand-written ensemble: manifest, LoRA-only adapters, exported tokenizer ----------------------------
-def write_adapter(directory, r=8, rows=False):
+def write_adapter(directory, r=8, rows=False, saved_modules=False):
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
@@ -54,11 +55,14 @@ def write_adapter(directory, r=8, rows=False):
     if rows:
         tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.zeros(2, 64)
         config["trainable_token_indices"] = [258, 259]
+    if saved_modules:  # a whole module trained and saved beside the LoRA matrices
+        tensors["base_model.model.lm_head.modules_to_save.weight"] = torch.zeros(260, 64)
+        config["modules_to_save"] = ["lm_head"]
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     (directory / "adapter_config.json").write_text(json.dumps(config))
 
 
-def write_ensemble(root, names, rows=(), ranks=None, kind="added"):
+def write_ensemble(root, names, rows=(), ranks=None, kind="added", saved_modules=()):
     from seecl.model.indicators import INDICATOR_STRINGS
     from seecl.model.tiny import build_tiny_tokenizer
 
@@ -70,7 +74,7 @@ def write_ensemble(root, names, rows=(), ranks=None, kind="added"):
     (root / "base" / "config.json").write_text(json.dumps({"vocab_size": len(tokenizer)}))
     pos, neg = (tokenizer.encode(t, add_special_tokens=False) for t in texts)
     for name in names:
-        write_adapter(root / "ens" / "experts" / name, (ranks or {}).get(name, 8), name in rows)
+        write_adapter(root / "ens" / "experts" / name, (ranks or {}).get(name, 8), name in rows, name in saved_modules)
     manifest = {
         "format": FORMAT,
         "created": "now",
@@ -322,15 +326,14 @@ def test_lora_settings_cover_every_expert(tmp_path):
     assert settings.llm_kwargs() == {"enable_lora": True, "max_lora_rank": 16, "max_loras": 2, "max_cpu_loras": 2}
 
 
-def test_hand_written_token_rows_are_refused(tmp_path):
-    ens, base = write_ensemble(tmp_path, ["plain", "rowed"], rows=["rowed"])
+def test_weights_beyond_lora_matrices_and_indicator_rows_are_refused_by_name(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["plain", "rowed", "saved"], rows=["rowed"], saved_modules=["saved"])
     check_servable("plain", ens / "experts" / "plain")
+    check_servable("rowed", ens / "experts" / "rowed")  # indicator rows: rewritten as LoRA
     assert token_row_tensors(ens / "experts" / "rowed") == [
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
     ]
-    with pytest.raises(
-        SeeclError, match=r"expert 'rowed'.*model.indicator_rows=shared.*adapter.train_indicator_rows=false"
-    ):
+    with pytest.raises(SeeclError, match=r"expert 'saved' cannot be served.*modules_to_save.*seecl learn"):
         VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
 
 
@@ -351,13 +354,15 @@ def tiny_ensemble(tmp_path_factory):
     return ens
 
 
-def test_experts_trained_with_indicator_rows_are_refused(tiny_ensemble, tmp_path):
+def test_experts_trained_with_indicator_rows_are_served_through_their_lora_rewrite(tiny_ensemble, tmp_path):
     store = tiny_ensemble.store
-    check_servable("add", store.expert_dir("add"))
     assert any("trainable_tokens" in n for n in token_row_tensors(store.expert_dir("uppercase")))
     base = export_base(store.root, tmp_path / "base")
-    with pytest.raises(SeeclError, match=r"expert 'uppercase'.*train_indicator_rows=false"):
-        VllmEngine(store.root, base, llm=FakeLLM(), logprob_token_ids=True)
+    engine = VllmEngine(store.root, base, llm=FakeLLM(), logprob_token_ids=True)
+    assert engine.loras["add"][2] == str(store.expert_dir("add").resolve()), "plain LoRA: served as saved"
+    rewritten = Path(engine.loras["uppercase"][2])
+    assert rewritten == (store.root / "vllm-experts" / "uppercase").resolve()
+    assert token_row_tensors(rewritten) == [], "LoRA matrices only"
 
 
 def test_exported_base_loads_with_transformers_and_equals_the_resized_base(tiny_ensemble, tiny_base, tmp_path):
@@ -394,11 +399,11 @@ def test_an_expert_published_while_the_engine_runs_is_asked_from_the_next_call(t
     assert [(r.answered_by, r.reason) for r in routes] == [("e3", "claimed"), (BASE, "all_negative")]
     assert [c.expert for c in routes[1].checks] == ["e3", "e2", "e1"], "the newest expert is asked first"
 
-    write_adapter(ens / "experts" / "e4", rows=True)
+    write_adapter(ens / "experts" / "e4", saved_modules=True)
     manifest["experts"].append({"name": "e4", "dir": "experts/e4"})
     (ens / "manifest.json.new").write_text(json.dumps(manifest))
     (ens / "manifest.json.new").replace(ens / "manifest.json")
-    with pytest.raises(SeeclError, match=r"expert 'e4' cannot be served.*train_indicator_rows=false"):
+    with pytest.raises(SeeclError, match=r"expert 'e4' cannot be served.*modules_to_save"):
         engine.route(["for e3"])
 
 

@@ -19,8 +19,32 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 ROWS_FILE = "indicator_rows.safetensors"
-_TOKEN_TENSOR = ".token_adapter.trainable_tokens_delta"
+TOKEN_ROWS_TENSOR = ".token_adapter.trainable_tokens_delta"
 _PEFT_PREFIX = "base_model.model."
+
+
+def read_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """A saved PEFT adapter split into its trained indicator rows and the rest, without changing it.
+
+    Returns (token ids, {module path: [len(ids), hidden] rows} e.g. {"model.embed_tokens": ...},
+    the other tensors, the adapter config without `trainable_token_indices`).
+    """
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    token_ids = config.pop("trainable_token_indices", None)
+    if not token_ids:
+        raise ValueError(f"{adapter_dir}: the adapter trained no indicator rows")
+    if isinstance(token_ids, dict):  # PEFT's per-module form; the indicator rows are the same everywhere
+        token_ids = next(iter(token_ids.values()))
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    rows = {
+        name[len(_PEFT_PREFIX) : -len(TOKEN_ROWS_TENSOR)]: tensor.clone()
+        for name, tensor in tensors.items()
+        if name.endswith(TOKEN_ROWS_TENSOR)
+    }
+    plain = {name: tensor for name, tensor in tensors.items() if not name.endswith(TOKEN_ROWS_TENSOR)}
+    return list(token_ids), rows, plain, config
 
 
 def take_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
@@ -29,25 +53,11 @@ def take_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
     Returns the token ids and {module path: [len(ids), hidden] rows}, e.g. {"model.embed_tokens": ...}.
     """
     adapter_dir = Path(adapter_dir)
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    config_path = adapter_dir / "adapter_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    token_ids = config.pop("trainable_token_indices", None)
-    if not token_ids:
-        raise ValueError(f"{adapter_dir}: the adapter trained no indicator rows")
-    if isinstance(token_ids, dict):  # PEFT's per-module form; the indicator rows are the same everywhere
-        token_ids = next(iter(token_ids.values()))
-    with safe_open(str(weights_path), framework="pt") as handle:
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    rows = {
-        name[len(_PEFT_PREFIX) : -len(_TOKEN_TENSOR)]: tensor.clone()
-        for name, tensor in tensors.items()
-        if name.endswith(_TOKEN_TENSOR)
-    }
-    plain = {name: tensor for name, tensor in tensors.items() if not name.endswith(_TOKEN_TENSOR)}
-    save_file(plain, str(weights_path), metadata={"format": "pt"})
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return list(token_ids), rows
+    token_ids, rows, plain, config = read_rows(adapter_dir)
+    save_file(plain, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    (adapter_dir / "adapter_config.json").write_text(text, encoding="utf-8")
+    return token_ids, rows
 
 
 def apply_rows(model: torch.nn.Module, token_ids: list[int], rows: dict[str, torch.Tensor]) -> None:

