@@ -3,11 +3,10 @@ expert alone, and against seecl's own engine, on the same queries in one run.
 
 Workload: the SuperNI dev queries of bench/routing.py (`--n-per-task` per task, 250 by default,
 answer budgets from each task's training references), answered by the experts of `--ensemble`
-(a directory) or of the SuperNI run's method `--label` (bench/routing.py's `ensure_ensemble`). vLLM
-serves only plain-LoRA experts (`model.indicator_rows=shared`): an ensemble whose experts train
-their own indicator rows is refused by name (docs/vllm.md). Sides, measured batch by batch (`--batch-size`) and
-interleaved over `--repeats` rounds, each side's fastest round per batch counting
-(common.interleaved):
+(a directory) or of the SuperNI run's method `--label` (bench/routing.py's `ensure_ensemble`), e.g.
+`SEE(10%)`, whose experts' own indicator rows vLLM receives as LoRA (docs/vllm.md). Sides,
+measured batch by batch (`--batch-size`) and interleaved over `--repeats` rounds, each side's
+fastest round per batch counting (common.interleaved):
 
 - vllm: `VllmEngine.ask` -> queries/s;
 - vllm_single: the newest expert answering the same batch on the same vLLM, no routing, decoding
@@ -200,7 +199,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ensemble", help="ensemble directory whose (plain LoRA) experts route")
+    source.add_argument("--ensemble", help="ensemble directory whose experts route")
     source.add_argument("--label", help="SEE method of the SuperNI run (results/superni-mini) whose experts route")
     source.add_argument("--smoke", action="store_true", help="tiny model and synthetic queries (checks the script)")
     parser.add_argument("--n-per-task", type=int, default=50)

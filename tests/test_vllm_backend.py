@@ -206,6 +206,9 @@ def test_a_sampling_maps_onto_sampling_params_and_routing_stays_greedy():
     with pytest.raises(ValueError, match="logprobs"):
         answer_params(Sampling(logprobs=2), 2)
     assert cut_at_stop("a, b. c. d", [". ", "x"]) == "a, b" and cut_at_stop("abc", ["z"]) == "abc"
+    # found before the answer's trailing whitespace is dropped, as the PEFT engine finds it
+    assert cut_at_stop("LE ", ["E "]) == "L" and cut_at_stop("  LE LET ", ["E "]) == "L"
+    assert cut_at_stop(" ab \n", []) == "ab"
 
 
 def test_llm_kwargs_from_the_config():

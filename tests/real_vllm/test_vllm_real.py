@@ -1,12 +1,13 @@
 """The vLLM engine on a real vLLM (its CPU build is enough): `make test-vllm`, marker `vllm`.
 
 A tiny model vLLM's CPU kernels serve is built in the test and three experts are trained on it the
-default way, with `model.indicator_rows=shared`: the first expert's <<pos>>/<<neg>> rows become the
-ensemble's, exported with its base, and every expert is a plain LoRA adapter. One `vllm.LLM` over
-the exported base serves every engine of the module; the CLI tests start their own in a
-subprocess, as a user would; a second ensemble with in-vocabulary «pos»/«neg» (a multi-token
-indicator, whose experts also say neither) gets its own. Routes and greedy answers are compared
-with the reference router and the PEFT engine in float32. Nothing is downloaded.
+default way: each trains its own <<pos>>/<<neg>> rows, which reach vLLM rewritten as embedding and
+output-head LoRA. One `vllm.LLM` over the exported base serves every engine of the module; the CLI
+tests start their own in a subprocess, as a user would. Two more ensembles get their own: one with
+`model.indicator_rows=shared` (the first expert's rows exported with the base, every expert a plain
+LoRA), one with in-vocabulary «pos»/«neg» (a multi-token indicator, whose experts also say
+neither). Routes and greedy answers are compared with the reference router and the PEFT engine in
+float32. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 NAMES = ["reverse_list", "uppercase", "add"]
+DEFAULT = TINY  # per-expert indicator rows
 SHARED = TINY + ["model.indicator_rows=shared"]
 NONSEMANTIC = TINY + ["model.indicator=nonsemantic", "adapter.train_indicator_rows=false", "train.epochs=12"]
 # float32 for the PEFT path's numbers; a small context and KV cache start vLLM quickly on a CPU.
@@ -65,18 +67,27 @@ def tiny_ensemble(root, overrides):
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    ens = tiny_ensemble(tmp_path_factory.mktemp("vllm-real"), SHARED)
-    assert ens.store.manifest()["indicator_rows"]["trained_by"] == NAMES[0]
+    from seecl.serving.vllm_experts import has_token_rows
+
+    ens = tiny_ensemble(tmp_path_factory.mktemp("vllm-real"), DEFAULT)
+    assert all(has_token_rows(ens.store.expert_dir(n)) for n in NAMES), "every expert trains its own rows"
     return ens
+
+
+def served_llm(ens):
+    """A `vllm.LLM` over the ensemble's exported base, for the vLLM form of its experts."""
+    from seecl.serving.vllm_experts import ensure_expert
+    from seecl.serving.vllm_export import ensure_base
+    from seecl.serving.vllm_llm import build_llm
+
+    base = ensure_base(ens.store.root)
+    experts = [ensure_expert(ens.store.root, n, base) for n in NAMES]
+    return build_llm(base, experts, VllmConfig(**VLLM_SETTINGS))
 
 
 @pytest.fixture(scope="module")
 def llm(ensemble):
-    from seecl.serving.vllm_export import ensure_base
-    from seecl.serving.vllm_llm import build_llm
-
-    base = ensure_base(ensemble.store.root)
-    llm = build_llm(base, [ensemble.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
+    llm = served_llm(ensemble)
     yield llm
     # Stopped here, while pytest still captures output: at interpreter exit vLLM's shutdown
     # logging would write to streams pytest has closed.
@@ -131,17 +142,35 @@ def test_all_negative_routes_equal_the_reference(make, ensemble):
     assert {r.reason for r in expected} == {"all_negative"}
 
 
+def test_a_shared_rows_ensemble_equals_the_reference_and_the_peft_engine(tmp_path):
+    """model.indicator_rows=shared: the first expert's rows are exported with the base and every
+    expert is a plain LoRA adapter, served as saved."""
+    from seecl.serving.vllm_engine import VllmEngine
+
+    ens = tiny_ensemble(tmp_path, SHARED)
+    assert ens.store.manifest()["indicator_rows"]["trained_by"] == NAMES[0]
+    llm = served_llm(ens)
+    try:
+        qs = queries()
+        engine = VllmEngine(ens.store.root, llm=llm)
+        assert all(engine.loras[n][2] == str(ens.store.expert_dir(n).resolve()) for n in NAMES)
+        answers = engine.ask(qs, 6)
+        peft = RoutingEngine(ens.model, ens.formatter(), NAMES, None, batch_size=4).ask(qs, 6)
+        same_routes([a.route for a in answers], [a.route for a in peft])
+        assert [a.text for a in answers] == [a.text for a in peft]
+        assert len({a.route.answered_by for a in peft}) >= 3
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def test_a_multi_token_indicator_and_neither_equal_the_reference(tmp_path):
     """«pos»/«neg» share their first two tokens (decided after a greedy prefix), and these experts
     sometimes produce neither indicator: the query goes to the base model at once."""
     from seecl.serving.vllm_engine import VllmEngine
-    from seecl.serving.vllm_export import ensure_base
-    from seecl.serving.vllm_llm import build_llm
 
     ens = tiny_ensemble(tmp_path, NONSEMANTIC)
     assert len(ens.base.indicators.shared_prefix) == 2
-    base = ensure_base(ens.store.root)
-    llm = build_llm(base, [ens.store.expert_dir(n) for n in NAMES], VllmConfig(**VLLM_SETTINGS))
+    llm = served_llm(ens)
     try:
         qs = queries()
         expected = reference_of(ens)(None).ask(qs, 6)
@@ -203,7 +232,7 @@ def test_an_expert_added_while_the_engine_runs_is_asked_first(ensemble, llm, tmp
     engine = VllmEngine(root, llm=llm)
     qs = queries() + [i.query for i in make_task("sentiment", "eval", 2).instances]
     same_routes(engine.route(qs), reference_of(ensemble)(None).route(qs))
-    grown = SeeEnsemble.open(root, [o for o in SHARED if not o.startswith("model.")])
+    grown = SeeEnsemble.open(root, [o for o in DEFAULT if not o.startswith("model.")])
     grown.learn(make_task("sentiment", "train", 48))
     assert engine.experts() == [*NAMES, "sentiment"]
     after = engine.ask(qs, 6)

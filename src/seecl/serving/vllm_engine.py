@@ -188,9 +188,12 @@ def verdict(
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """The text before the first of the stop strings (all of it if none occurs)."""
+    """An answer's text from its decoded tokens, as the PEFT engine makes it (decoding.py): leading
+    whitespace dropped, cut before the first stop string, trailing whitespace dropped. Stop strings
+    are looked for before the trailing whitespace goes: a stop string may end in a space."""
+    text = text.lstrip()
     found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return text[: min(found)] if found else text
+    return (text[: min(found)] if found else text).rstrip()
 
 
 def _first_token(output) -> tuple[int, dict[int, float]]:
@@ -401,7 +404,7 @@ class VllmEngine:
         tokens = [int(t) for t in completion.token_ids]
         if self.formatter.eos_id in tokens:
             tokens = tokens[: tokens.index(self.formatter.eos_id)]
-        answer.text = cut_at_stop(self.formatter.decode(tokens), sampling.stop)
+        answer.text = cut_at_stop(self.formatter.tokenizer.decode(tokens, skip_special_tokens=True), sampling.stop)
         answer.token_ids = tokens
         answer.finish_reason = "length" if getattr(completion, "finish_reason", None) == "length" else "stop"
 
