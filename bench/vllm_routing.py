@@ -12,7 +12,9 @@ fastest round per batch counting (common.interleaved):
 - vllm_single: the newest expert answering the same batch on the same vLLM, no routing, decoding
   exactly as many tokens as each routed answer took (its length plus the end token) ->
   `overhead_measured` = vllm time / vllm_single time - 1;
-- engine: seecl's PEFT engine (`SeeEnsemble.engine`, batch 16) -> `vllm_speedup_vs_engine`;
+- engine: seecl's PEFT engine (`SeeEnsemble.engine`, batch 16) -> `vllm_speedup_vs_engine`, and
+  how many routes and greedy answers of vLLM equal the engine's (`same_route_as_engine`,
+  `same_answer_as_engine`, `max_p_pos_difference`);
 - ttft_tpot: the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) (bench/routing.py) from vLLM's own
   TTFT (one prompt pass of the batch, prefix cache skipped) and TPOT (one decode step of the
   batch) for the newest expert -> `overhead_eq8_batch`.
@@ -43,8 +45,8 @@ def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> 
 
 
 def smoke_workload(root: Path):
-    """A tiny servable ensemble (three experts sharing the first one's indicator rows, each a plain
-    LoRA, on a tiny model vLLM serves) and synthetic queries."""
+    """A tiny ensemble trained the default way (three experts, each with its own indicator rows, on
+    a tiny model vLLM serves) and synthetic queries."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -56,8 +58,7 @@ def smoke_workload(root: Path):
 
     names = ["reverse_list", "uppercase", "add"]
     model = save_servable_tiny_model(root / "tiny-model")
-    overrides = TINY + ["model.indicator_rows=shared"]
-    ens = SeeEnsemble(root / "ens", load_config(overrides=overrides + [f"model.name={model}"]))
+    ens = SeeEnsemble(root / "ens", load_config(overrides=TINY + [f"model.name={model}"]))
     for name in names:
         ens.learn(make_task(name, "train", 48))
     queries, owners = [], []
@@ -141,6 +142,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     engine._generate(single_requests(engine, single_lora, queries[:2], [2, 2]))
     peft.ask(queries[:2], 2)
     answers: dict = {}
+    peft_answers: dict = {}
 
     def vllm_side(item: int) -> float:
         chosen = batches[item]
@@ -156,7 +158,9 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
 
     def engine_side(item: int) -> float:
         chosen = batches[item]
-        return timed(lambda: peft.ask([queries[i] for i in chosen], [budgets[i] for i in chosen]))[1]
+        answered, seconds = timed(lambda: peft.ask([queries[i] for i in chosen], [budgets[i] for i in chosen]))
+        peft_answers.update(zip(chosen, answered))
+        return seconds
 
     def probe(item: int) -> tuple[float, float]:
         prompts = [[*formatter.prompt_ids(queries[i]), *engine.indicators.pos_ids] for i in batches[item]]
@@ -170,12 +174,19 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
+    pairs = [(answers[i], peft_answers[i]) for i in range(len(queries))]
     return {
         "ensemble": str(ens.store.root),
         "experts": experts,
         "queries": len(queries),
         "batch_size": size,
         "routing_accuracy": routed,
+        # vLLM against the PEFT engine on the same queries: routes and greedy answers
+        "same_route_as_engine": sum(a.route.answered_by == b.route.answered_by for a, b in pairs),
+        "same_answer_as_engine": sum(a.text == b.text for a, b in pairs),
+        "max_p_pos_difference": max(
+            (abs(c.p_pos - d.p_pos) for a, b in pairs for c, d in zip(a.route.checks, b.route.checks)), default=0.0
+        ),
         "vllm_config": {k: v for k, v in vars(config).items()},
         "vllm_qps": len(queries) / vllm_s,
         "vllm_single_qps": len(queries) / single_s,
