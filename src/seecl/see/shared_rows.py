@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 ROWS_FILE = "indicator_rows.safetensors"
 TOKEN_ROWS_TENSOR = ".token_adapter.trainable_tokens_delta"
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 
 
 def read_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
@@ -39,7 +39,7 @@ def read_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor], di
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     rows = {
-        name[len(_PEFT_PREFIX) : -len(TOKEN_ROWS_TENSOR)]: tensor.clone()
+        name[len(PEFT_PREFIX) : -len(TOKEN_ROWS_TENSOR)]: tensor.clone()
         for name, tensor in tensors.items()
         if name.endswith(TOKEN_ROWS_TENSOR)
     }

@@ -245,7 +245,7 @@ class VllmEngine:
             check_servable(name, self.store.expert_dir(name))
         self.base_dir = ensure_base(self.store.root, base_dir or config.base_dir, export_dtype(config.dtype))
         self._source = base_source(self.store.root)  # what the loaded base was built from
-        self._register(initial)
+        self._register(initial, checked=True)
         tokenizer = AutoTokenizer.from_pretrained(str(self.base_dir))
         check_base(self.base_dir, tokenizer, manifest)
         ind = manifest["indicators"]
@@ -293,11 +293,12 @@ class VllmEngine:
             words.append(word)
         return words
 
-    def _register(self, names: Sequence[str]) -> None:
+    def _register(self, names: Sequence[str], checked: bool = False) -> None:
         for name in names:
             if name in self.loras:
                 continue
-            check_servable(name, self.store.expert_dir(name))
+            if not checked:
+                check_servable(name, self.store.expert_dir(name))
             directory = ensure_expert(self.store.root, name, self.base_dir)  # indicator rows as LoRA
             rank = lora_settings([directory]).max_rank
             if self.max_rank is not None and rank > self.max_rank:

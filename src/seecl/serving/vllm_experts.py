@@ -26,21 +26,20 @@ from safetensors.torch import save_file
 
 from seecl.errors import SeeclError
 from seecl.publish import clean_stale, publish_dir
-from seecl.see.shared_rows import read_rows
+from seecl.see.shared_rows import PEFT_PREFIX, read_rows
 from seecl.see.store import EnsembleStore
 from seecl.serving.vllm_export import STAMP as EXPORT_STAMP
 from seecl.serving.vllm_export import sha256_file
+from seecl.serving.vllm_llm import adapter_config
 
 EXPERTS_DIR = "vllm-experts"  # inside the ensemble directory
 STAMP = "seecl-vllm-expert.json"
 STAMP_FORMAT = "seecl-vllm-expert/1"
-_PEFT_PREFIX = "base_model.model."
 OUTPUT_HEAD = "lm_head"
 
 
 def has_token_rows(directory: str | Path) -> bool:
-    config = json.loads((Path(directory) / "adapter_config.json").read_text(encoding="utf-8"))
-    return bool(config.get("trainable_token_indices"))
+    return bool(adapter_config(Path(directory)).get("trainable_token_indices"))
 
 
 def _base_tensors(base_dir: Path) -> dict[str, Path]:
@@ -56,22 +55,21 @@ def _base_tensors(base_dir: Path) -> dict[str, Path]:
         return {name: single for name in handle.keys()}
 
 
-def base_rows(base_dir: str | Path, module: str, token_ids: list[int]) -> torch.Tensor:
-    """Rows `token_ids` of weight `module` in the exported base, read without loading the model."""
-    base_dir = Path(base_dir)
+def base_rows(files: dict[str, Path], module: str, token_ids: list[int]) -> torch.Tensor:
+    """Rows `token_ids` of weight `module` in an exported base (`_base_tensors`), read without
+    loading the model."""
     name = f"{module}.weight"
-    files = _base_tensors(base_dir)
     if name not in files:
-        raise SeeclError(f"{base_dir}: the exported base has no tensor {name!r}")
+        raise SeeclError(f"the exported base has no tensor {name!r}")
     with safe_open(str(files[name]), framework="pt") as handle:
         rows = handle.get_slice(name)
         return torch.stack([rows[i : i + 1][0] for i in token_ids])
 
 
-def _ties_embeddings(base_dir: Path) -> bool:
+def _base_config(base_dir: Path) -> dict:
+    """The exported base's config.json, over its text model's settings (for multimodal ones)."""
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    text = config.get("text_config") or {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+    return {**(config.get("text_config") or {}), **{k: v for k, v in config.items() if v is not None}}
 
 
 def lora_rows_adapter(expert_dir: str | Path, out_dir: str | Path, base_dir: str | Path) -> None:
@@ -89,11 +87,13 @@ def lora_rows_adapter(expert_dir: str | Path, out_dir: str | Path, base_dir: str
     targets = list(config.get("target_modules") or [])
     heads = {module: (values, module) for module, values in rows.items()}  # rows, base weight they replace
     embedding = next((m for m in rows if m.endswith("embed_tokens")), None)
-    if embedding is not None and OUTPUT_HEAD not in rows and _ties_embeddings(base_dir):
+    base_config = _base_config(base_dir)
+    if embedding is not None and OUTPUT_HEAD not in rows and base_config.get("tie_word_embeddings", False):
         heads[OUTPUT_HEAD] = (rows[embedding], embedding)  # PEFT ties the head's rows to the embedding's
-    vocab = _vocab_size(base_dir)
+    vocab = int(base_config["vocab_size"])
+    files = _base_tensors(base_dir)
     for module, (values, weight) in heads.items():
-        delta = (values.to(torch.float32) - base_rows(base_dir, weight, token_ids).to(torch.float32)) / scaling
+        delta = (values.to(torch.float32) - base_rows(files, weight, token_ids).to(torch.float32)) / scaling
         one_hot = torch.zeros(len(token_ids), vocab)
         one_hot[range(len(token_ids)), token_ids] = 1.0
         pad = (0, 0, 0, r - len(token_ids))  # rank r, the rows in the first len(token_ids) ranks
@@ -102,7 +102,7 @@ def lora_rows_adapter(expert_dir: str | Path, out_dir: str | Path, base_dir: str
         else:  # embedding += A^T[token] B^T * scaling
             lora = {"lora_embedding_A": F.pad(one_hot, pad), "lora_embedding_B": F.pad(delta, pad).T}
         for suffix, tensor in lora.items():
-            tensors[f"{_PEFT_PREFIX}{module}.{suffix}"] = tensor.to(values.dtype)
+            tensors[f"{PEFT_PREFIX}{module}.{suffix}"] = tensor.to(values.dtype)
         short = module.rsplit(".", 1)[-1]
         if short not in targets:
             targets.append(short)
@@ -110,11 +110,6 @@ def lora_rows_adapter(expert_dir: str | Path, out_dir: str | Path, base_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"))
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _vocab_size(base_dir: Path) -> int:
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    return int(config.get("vocab_size") or (config.get("text_config") or {})["vocab_size"])
 
 
 def _source(expert_dir: Path, base_dir: Path) -> dict:

@@ -88,7 +88,7 @@ def lora_table(ensemble_dir: str | Path, experts: Sequence[str]) -> dict[str, Lo
     return {name: (name, lora_id(store.expert_dir(name)), str(store.expert_dir(name).resolve())) for name in experts}
 
 
-def _adapter_config(directory: Path) -> dict[str, Any]:
+def adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / "adapter_config.json"
     if not path.is_file():
         raise SeeclError(f"{directory}: adapter_config.json missing")
@@ -111,7 +111,7 @@ def check_servable(name: str, directory: str | Path) -> None:
     """Raise if vLLM would serve expert `name` differently from PEFT (its routing would change).
     Indicator rows are servable: they are rewritten as LoRA matrices (vllm_experts.py)."""
     directory = Path(directory)
-    config = _adapter_config(directory)
+    config = adapter_config(directory)
     extra = [n for n in token_row_tensors(directory) if not n.endswith(TOKEN_ROWS_TENSOR)]
     if config.get("modules_to_save"):
         extra.append(f"modules_to_save={config['modules_to_save']}")
@@ -168,7 +168,7 @@ def lora_settings(expert_dirs: Sequence[str | Path], min_rank: int = 1) -> LoraS
     targets: list[str] = []
     max_rank = min_rank
     for directory in expert_dirs:
-        config = _adapter_config(Path(directory))
+        config = adapter_config(Path(directory))
         modules = config.get("target_modules") or []
         for module in [modules] if isinstance(modules, str) else modules:
             if module not in targets:
