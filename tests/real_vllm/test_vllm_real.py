@@ -345,5 +345,5 @@ def test_the_vllm_routing_benchmark_runs_its_smoke_mode(tmp_path):
     row = json.loads(out.read_text())["vllm"]
     assert row["queries"] == 24 and row["routing_accuracy"] > 0.5
     assert row["same_route_as_engine"] == row["same_answer_as_engine"] == 24, "vLLM answers as the PEFT engine"
-    for key in ("vllm_qps", "vllm_single_qps", "engine_qps", "overhead_measured", "overhead_eq8_batch"):
+    for key in ("vllm_qps", "vllm_single_qps", "engine_qps", "overhead_measured", "cost_model_unsimplified_eq8_batch"):
         assert isinstance(row[key], float)
