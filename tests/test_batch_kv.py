@@ -1,4 +1,5 @@
-"""Batch states in in-place buffers: gathering, taking rows, rewinding, and forwards writing in place."""
+"""Batch states in in-place buffers (gathering, taking rows, rewinding, forwards writing in place) and
+the KV cache helpers of seecl.model.kv they rest on."""
 
 import torch
 
@@ -69,3 +70,68 @@ def test_a_forward_writes_into_the_buffers_and_rewinding_lets_the_next_one_overw
     assert torch.allclose(tails[0][0], full.logits[0, -1], atol=1e-5)  # row 0 continued with its own token
     assert torch.allclose(tails[1][1], full.logits[1, -1], atol=1e-5), "the rewound body, not the first tail"
     assert body.cache.get_seq_length() == 4
+
+
+def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_deprecation(tiny_base, recwarn):
+    import inspect
+
+    from seecl.model.kv import cache_keyword, returned_cache
+
+    model = tiny_base.model
+    assert cache_keyword() in inspect.signature(type(model).forward).parameters
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.inference_mode():
+        first = model(input_ids=ids, use_cache=True)
+        again = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(): returned_cache(first)})
+    assert returned_cache(again).get_seq_length() == 4
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
+
+
+def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_base):
+    from transformers import DynamicCache
+
+    from seecl.model.kv import cache_keyword, kv_cache, returned_cache
+
+    model = tiny_base.model
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    with torch.inference_mode():
+        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
+        before = [(k.clone(), v.clone()) for k, v in layers]
+        shared = kv_cache(layers)
+        assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(shared.layers, layers))
+        step = torch.tensor([[9], [10]])
+        out = model(input_ids=step, use_cache=True, **{cache_keyword(): shared})
+        copied = model(input_ids=step, use_cache=True, **{cache_keyword(): DynamicCache(ddp_cache_data=before)})
+    assert torch.equal(out.logits, copied.logits)
+    assert shared.get_seq_length() == 5
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))
+
+
+def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(tiny_base):
+    from transformers import DynamicCache
+
+    from oracles import kv_buffer
+    from seecl.model.kv import cache_keyword, returned_cache
+
+    model = tiny_base.model
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.inference_mode():
+        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
+        before = [(k.clone(), v.clone()) for k, v in layers]
+        buffered = kv_buffer(layers, capacity=6)  # room for 2 more positions, then it must grow
+        growing = DynamicCache(ddp_cache_data=before)
+        for step, token in enumerate([13, 14, 15, 16, 17]):
+            if step == 2:  # drop the middle row from both
+                index = torch.tensor([0, 2])
+                buffered.batch_select_indices(index)
+                growing.batch_select_indices(index)
+            rows = buffered.layers[0].keys.shape[0]
+            feed = torch.full((rows, 1), token)
+            out = model(input_ids=feed, use_cache=True, **{cache_keyword(): buffered})
+            ref = model(input_ids=feed, use_cache=True, **{cache_keyword(): growing})
+            buffered, growing = returned_cache(out), returned_cache(ref)
+            assert torch.allclose(out.logits, ref.logits, atol=1e-6)
+    assert buffered.get_seq_length() == 9
+    for mine, theirs in zip(buffered.layers, growing.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))

@@ -6,7 +6,6 @@ import torch
 from seecl.data.synthetic import make_task
 from seecl.see.ensemble import SeeEnsemble
 from seecl.serving.engine import RoutingEngine
-from seecl.serving.prefix_cache import PrefixCache
 from seecl.serving.routing import BASE, Query
 
 NAMES = ["reverse_list", "uppercase", "add"]
@@ -176,50 +175,6 @@ def test_prefix_cache_is_used_and_does_not_change_answers(learned):
     _assert_same(second, learned.router().ask(queries, 6))
 
 
-def _kv(length: int, value: float = 0.0):
-    """One layer's (k, v) for `length` positions, position i holding value + i."""
-    k = (value + torch.arange(length, dtype=torch.float32)).view(1, 1, length, 1)
-    return [(k, k.clone())]
-
-
-def test_prefix_cache_evicts_least_recently_used_within_budget():
-    cache = PrefixCache(max_tokens=10, block=2)
-    cache.store("a", [1, 2, 3, 4], _kv(4))
-    cache.store("a", [5, 6, 7, 8], _kv(4))
-    assert cache.lookup("a", [1, 2, 3, 4, 9])[0] == 4  # touch the first: the second is now oldest
-    cache.store("b", [1, 2, 3, 4], _kv(4))
-    assert cache.tokens <= 10
-    assert cache.lookup("a", [5, 6, 7, 8])[0] == 0
-    assert cache.lookup("a", [1, 2, 3, 4])[0] == 4
-    assert cache.lookup("b", [1, 9])[0] == 0  # owners never share entries
-    cache.store("c", list(range(20)), _kv(20))  # larger than the whole budget: not kept
-    assert cache.lookup("c", list(range(20)))[0] == 0
-
-
-def test_prefix_cache_serves_every_block_aligned_head_of_an_entry():
-    cache = PrefixCache(max_tokens=100, block=2)
-    cache.store("a", [1, 2, 3, 4, 5, 6, 7], _kv(7))  # kept as its aligned part [1..6]
-    assert cache.tokens == 6
-    length, layers = cache.lookup("a", [1, 2, 3, 9, 9])  # shares one block and a half
-    assert length == 2
-    assert layers[0][0].flatten().tolist() == [0.0, 1.0]
-    assert cache.lookup("a", [1, 2, 3, 4, 5, 6, 8])[0] == 6
-    assert cache.lookup("a", [2, 1])[0] == 0
-
-
-def test_prefix_cache_heads_stay_reachable_after_their_entry_is_evicted():
-    cache = PrefixCache(max_tokens=8, block=2)
-    cache.store("a", [1, 2, 3, 4], _kv(4, 10.0))
-    cache.store("a", [1, 2, 5, 6], _kv(4, 20.0))
-    cache.store("a", [7, 8, 9, 10], _kv(4))  # evicts [1, 2, 3, 4], whose head [1, 2] lives on
-    length, layers = cache.lookup("a", [1, 2, 3, 4])  # served by [1, 2, 5, 6], now the newest
-    assert length == 2 and layers[0][0].flatten().tolist() == [20.0, 21.0]
-    cache.store("a", [11, 12], _kv(2))  # evicts [7, 8, 9, 10]
-    cache.store("a", [13, 14, 15, 16], _kv(4))  # evicts [1, 2, 5, 6]: nothing starts with [1, 2] any more
-    assert cache.lookup("a", [1, 2, 5, 6])[0] == 0
-    assert set(cache.heads.values()) <= set(cache.entries)
-
-
 def test_one_query_at_a_time_reuses_the_shared_definition(learned):
     definition = "Definition: write the words of the input in capital letters, keeping their order. "
     queries = [definition + inst.query for inst in make_task("uppercase", "eval", 4).instances]
@@ -252,16 +207,6 @@ def test_a_batch_spanning_two_definitions_prefills_each_on_its_own_head(learned)
         head = common_prefix_length(family) // block * block
         assert head > batch_head
         assert engine.prefix_cache.lookup(newest, family[0])[0] >= head, "the family's own head is cached"
-
-
-def test_shared_runs_split_a_batch_where_its_rows_stop_sharing_more_than_all():
-    from seecl.serving.prefix_cache import shared_runs
-
-    prompts = [[1, 2, 3, 4, 9], [1, 2, 3, 4, 8], [1, 2, 5, 6, 7], [1, 2, 5, 6, 0], [1, 2, 7]]
-    assert shared_runs(prompts, 2) == [[0, 1], [2, 3], [4]]
-    assert shared_runs(prompts[:2], 2) == [[0, 1]]
-    assert shared_runs([[1, 2, 3], [4, 5, 6], [7]], 2) == [[0, 1, 2]]  # nothing shared: one pass
-    assert shared_runs([[9], [8]] + prompts[:2] + [[7]], 2) == [[0, 1], [2, 3], [4]]
 
 
 def test_engine_leaves_indicator_rows_unmerged(learned):
@@ -429,29 +374,6 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
         assert nll == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
 
 
-def test_batch_order_keeps_shared_prefixes_together_and_sorts_by_length():
-    from seecl.serving.prefix_cache import batch_order
-
-    shared_a, shared_b = list(range(100, 140)), list(range(200, 240))
-    prompts = [
-        shared_a + [1] * 9,
-        [7, 3],
-        shared_b + [2] * 3,
-        shared_a + [5] * 2,
-        [9] * 5,
-        shared_b + [1] * 7,
-        shared_a + [3] * 4,
-        [8],
-    ]
-    order = batch_order(prompts, block=32)
-    assert sorted(order) == list(range(len(prompts))), "a permutation"
-    assert order == [3, 6, 0, 2, 5, 7, 1, 4], "groups by shared block, then loners; shortest first in each"
-    assert batch_order(prompts, block=32) == order, "deterministic"
-    header = list(range(300, 340))  # a system prompt every prompt starts with: groups form behind it
-    assert batch_order([header + p for p in prompts], block=32) == order
-    assert batch_order([header + p for p in prompts], block=8) == order
-
-
 def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     engine = _engine(learned)
     decoded: list[list[int]] = []
@@ -476,71 +398,6 @@ def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     decoded.clear()
     engine.generate(BASE, queries, budget, ignore_eos=True)
     assert decoded == exact
-
-
-def test_kv_cache_goes_in_under_the_name_the_installed_model_takes_without_deprecation(tiny_base, recwarn):
-    import inspect
-
-    from seecl.model.kv import cache_keyword, returned_cache
-
-    model = tiny_base.model
-    assert cache_keyword() in inspect.signature(type(model).forward).parameters
-    ids = torch.tensor([[1, 2, 3]])
-    with torch.inference_mode():
-        first = model(input_ids=ids, use_cache=True)
-        again = model(input_ids=ids[:, -1:], use_cache=True, **{cache_keyword(): returned_cache(first)})
-    assert returned_cache(again).get_seq_length() == 4
-    assert not [w for w in recwarn if "past_key_values" in str(w.message)]
-
-
-def test_kv_cache_shares_its_tensors_and_a_forward_leaves_them_unchanged(tiny_base):
-    from transformers import DynamicCache
-
-    from seecl.model.kv import cache_keyword, kv_cache, returned_cache
-
-    model = tiny_base.model
-    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-    with torch.inference_mode():
-        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
-        before = [(k.clone(), v.clone()) for k, v in layers]
-        shared = kv_cache(layers)
-        assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(shared.layers, layers))
-        step = torch.tensor([[9], [10]])
-        out = model(input_ids=step, use_cache=True, **{cache_keyword(): shared})
-        copied = model(input_ids=step, use_cache=True, **{cache_keyword(): DynamicCache(ddp_cache_data=before)})
-    assert torch.equal(out.logits, copied.logits)
-    assert shared.get_seq_length() == 5
-    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))
-
-
-def test_kv_buffer_decodes_like_a_growing_cache_and_leaves_its_source_unchanged(tiny_base):
-    from transformers import DynamicCache
-
-    from oracles import kv_buffer
-    from seecl.model.kv import cache_keyword, returned_cache
-
-    model = tiny_base.model
-    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
-    with torch.inference_mode():
-        layers = [(layer.keys, layer.values) for layer in returned_cache(model(input_ids=ids, use_cache=True)).layers]
-        before = [(k.clone(), v.clone()) for k, v in layers]
-        buffered = kv_buffer(layers, capacity=6)  # room for 2 more positions, then it must grow
-        growing = DynamicCache(ddp_cache_data=before)
-        for step, token in enumerate([13, 14, 15, 16, 17]):
-            if step == 2:  # drop the middle row from both
-                index = torch.tensor([0, 2])
-                buffered.batch_select_indices(index)
-                growing.batch_select_indices(index)
-            rows = buffered.layers[0].keys.shape[0]
-            feed = torch.full((rows, 1), token)
-            out = model(input_ids=feed, use_cache=True, **{cache_keyword(): buffered})
-            ref = model(input_ids=feed, use_cache=True, **{cache_keyword(): growing})
-            buffered, growing = returned_cache(out), returned_cache(ref)
-            assert torch.allclose(out.logits, ref.logits, atol=1e-6)
-    assert buffered.get_seq_length() == 9
-    for mine, theirs in zip(buffered.layers, growing.layers):
-        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
-    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(layers, before))
 
 
 def test_answers_never_hold_an_indicator_token(tmp_path):
