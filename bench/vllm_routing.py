@@ -128,10 +128,11 @@ def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
 def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     experts = ens.experts()
     newest = experts[-1]
-    # Its own id: the prefix cache is keyed by adapter, so the single side never reuses routed KV.
+    # The newest expert under ids of its own: vLLM's prefix cache is keyed by adapter, so neither
+    # the single side nor the probe's two passes reuse the KV the routed side left.
     name, number, path = engine.loras[newest]
-    single_lora = (f"{name}-single", 1_000_000 + number, path)
-    probe_loras = [(f"{name}-probe{k}", (2 + k) * 1_000_000 + number, path) for k in range(2)]
+    roles = ("single", "probe0", "probe1")
+    single_lora, *probe_loras = [(f"{name}-{r}", (k + 1) * 1_000_000 + number, path) for k, r in enumerate(roles)]
     peft = ens.engine()
     formatter = engine.formatter
     size = args.batch_size
