@@ -374,6 +374,18 @@ def test_response_nll_equals_the_full_sequence_loss(learned):
         assert nll == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
 
 
+def test_perplexity_over_known_routes_equals_routing_again_and_routes_nothing(learned, monkeypatch):
+    engine = _engine(learned)
+    insts = [i for n in NAMES for i in make_task(n, "eval", 2).instances]
+    queries, responses = [i.query for i in insts], [i.references[0] for i in insts]
+    routed = engine.perplexity(queries, responses)
+    owners = [route.answered_by for route in engine.route(queries)]
+    monkeypatch.setattr(engine, "route", lambda *_: pytest.fail("routed again although the routes were given"))
+    assert engine.perplexity(queries, responses, owners) == pytest.approx(routed, rel=1e-6)
+    with pytest.raises(ValueError, match="owners for"):
+        engine.perplexity(queries, responses, owners[:-1])
+
+
 def test_generate_ignore_eos_decodes_exactly_the_budget(learned):
     engine = _engine(learned)
     decoded: list[list[int]] = []

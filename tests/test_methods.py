@@ -85,6 +85,19 @@ def test_final_routing_is_scored_on_the_final_ensemble_after_an_earlier_stage_is
     assert rescored["matrix"] == summary["matrix"]
 
 
+def test_the_perplexity_scores_the_final_rows_routes_without_routing_again(tmp_path, monkeypatch):
+    from seecl.serving.engine import RoutingEngine
+
+    _, protocol, summary = run_protocol(tmp_path, "SEE(25%)")
+    state = json.loads(protocol.path.read_text())
+    del state["perplexity"]
+    protocol.path.write_text(json.dumps(state))
+    monkeypatch.setattr(RoutingEngine, "route", lambda *_: pytest.fail("the perplexity routed the queries again"))
+    with forbid_training():
+        _, _, rescored = run_protocol(tmp_path, "SEE(25%)")
+    assert rescored["perplexity"] == pytest.approx(summary["perplexity"], rel=1e-6)
+
+
 def test_a_copy_without_ensembles_and_predictions_resumes_from_the_cache(tmp_path, monkeypatch):
     """What a new machine gets of a run (protocol.json and the adapter cache) is enough to go on."""
     import shutil

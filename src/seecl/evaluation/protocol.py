@@ -201,6 +201,7 @@ class Protocol:
                     name: self.method.perplexity(
                         [i.query for i in self.eval_sets[name].task.instances],
                         [i.references[0] for i in self.eval_sets[name].task.instances],
+                        self._final_routes(name),
                     )
                     for name in (t.name for t in self.tasks)
                 }
@@ -240,6 +241,18 @@ class Protocol:
         self.state["seconds"]["eval"] += time.perf_counter() - started
         self._save()
         self.log(f"  {self.method.label} stage {stage + 1} {task}: ROUGE-L {cell['rouge_l']:.1f}")
+
+    def _final_routes(self, task: str) -> list[str] | None:
+        """Who answered each eval query of `task` in the final row (its predictions file), so the
+        perplexity scores the routes the routing metrics count instead of routing them again; None
+        when the file is missing or was written for other instances."""
+        path = self._predictions(self.stages()[-1][0], task)
+        if not path.is_file():
+            return None
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if [r.get("id") for r in rows] != [i.id for i in self.eval_sets[task].task.instances]:
+            return None
+        return [r["answered_by"] for r in rows]
 
     def _score_routing(self) -> None:
         """Routing metrics from the final row's answers, and RB-Acc from OOD routes only."""

@@ -75,8 +75,8 @@ class SeeMethod:
     def routes(self, queries):
         return self.ensemble.route(list(queries))
 
-    def perplexity(self, queries, responses) -> float:
-        return self.ensemble.engine().perplexity(list(queries), list(responses))
+    def perplexity(self, queries, responses, owners=None) -> float:
+        return self.ensemble.engine().perplexity(list(queries), list(responses), owners)
 
     def trainable_parameters(self) -> int:
         routed = set(self.ensemble.experts())

@@ -393,10 +393,16 @@ class RoutingEngine(BatchForwards):
     def route(self, queries: Sequence[str | Query]) -> list[Route]:
         return [answer.route for answer in self.run(queries, [Sampling(max_tokens=0)] * len(queries))]
 
-    def perplexity(self, queries: Sequence[str], responses: Sequence[str]) -> float:
-        """Ensemble perplexity (docs/design.md §3): each (q, r) scored by the expert q is routed to."""
-        owners = [route.answered_by for route in self.route(list(queries))]
-        scored = self.response_nll(list(queries), list(responses), owners)
+    def perplexity(
+        self, queries: Sequence[str], responses: Sequence[str], owners: Sequence[str] | None = None
+    ) -> float:
+        """Ensemble perplexity (docs/design.md §3): each (q, r) scored by the expert q is routed to
+        (`owners`, when those routes are known already)."""
+        if owners is None:
+            owners = [route.answered_by for route in self.route(list(queries))]
+        elif len(owners) != len(queries):
+            raise ValueError(f"{len(owners)} owners for {len(queries)} queries")
+        scored = self.response_nll(list(queries), list(responses), list(owners))
         return math.exp(sum(n for n, _ in scored) / max(1, sum(t for _, t in scored)))
 
     def ask(

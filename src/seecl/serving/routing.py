@@ -279,6 +279,10 @@ class RoutingBackend(Protocol):
 
 @runtime_checkable
 class ScoresPerplexity(Protocol):
-    """Backends (and methods) that score reference responses: each (q, r) by the expert q is routed to."""
+    """Backends (and methods) that score reference responses: each (q, r) by the expert q is routed to.
+    `owners`, when given, are those experts (routes taken earlier on the same model), and nothing is
+    routed again."""
 
-    def perplexity(self, queries: Sequence[str], responses: Sequence[str]) -> float: ...
+    def perplexity(
+        self, queries: Sequence[str], responses: Sequence[str], owners: Sequence[str] | None = None
+    ) -> float: ...
