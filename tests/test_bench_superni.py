@@ -168,3 +168,13 @@ def test_rows_computed_on_other_data_leave_the_summary(benchmark_data, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == ["Non-rehearsal"], "SEE's row was scored on the old data"
     assert "| SEE(25%) |" not in (out / "report.md").read_text()
+
+
+def test_the_report_names_the_settings_a_run_changed_for_every_method():
+    from seecl.config import RunConfig, from_dict, merge_overrides, to_dict
+    from seecl.recipes.superni import BenchConfig, changed_settings
+
+    cfg = BenchConfig(run={"train.lr": "2e-3", "train.checkpoint_every": 25, "train.epochs": 8})
+    run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), ["train.lr=2e-3", "train.epochs=8"]))
+    assert changed_settings(cfg, run_config) == " Changed for every method: train.epochs=8, train.lr=0.002."
+    assert changed_settings(BenchConfig(run={"train.checkpoint_every": 25}), RunConfig()) == ""

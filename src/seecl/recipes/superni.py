@@ -105,6 +105,21 @@ def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[T
     return tasks, evals
 
 
+def changed_settings(cfg: BenchConfig, run_config: RunConfig) -> str:
+    """The run settings this benchmark changed for every method, as resolved (a rerun's report says
+    which regime its numbers come from); resuming and progress settings change no result."""
+    resolved = to_dict(run_config)
+    changed = []
+    for key in sorted(flatten(cfg.run)):
+        if key in ("train.checkpoint_every", "train.progress"):
+            continue
+        value = resolved
+        for part in key.split("."):
+            value = value[part]
+        changed.append(f"{key}={value}")
+    return f" Changed for every method: {', '.join(changed)}." if changed else ""
+
+
 def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
     instances = load_instances(cfg.ood_file)
     half = len(instances) // 2
@@ -145,7 +160,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     summary["description"] = (
         f"Order {' -> '.join(cfg.order)}; {cfg.n_train} training and {cfg.n_eval} {cfg.eval_split} instances per "
         f"task; {cfg.n_ood} OOD queries ({cfg.ood_file}); base model {run_config.model.name}; "
-        f"ROUGE-L x100 (Unicode tokenizer for trans); routing metrics on 0-1."
+        f"ROUGE-L x100 (Unicode tokenizer for trans); routing metrics on 0-1." + changed_settings(cfg, run_config)
     )
     log(f"seecl bench superni: {len(cfg.methods)} methods x {len(tasks)} tasks -> {out}/")
     total = time.perf_counter()
