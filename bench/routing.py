@@ -235,6 +235,7 @@ def compare(ensemble_dir: Path, queries, budgets, owners, label: str, sample: li
     naive_qps = len(sample) / naive_s
     row = {
         "experts": experts,
+        "thresholds": ens.thresholds(),  # as `seecl serve` routes by default
         "queries": len(queries),
         "routing_accuracy": routed,
         "naive_queries": len(sample),

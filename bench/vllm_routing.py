@@ -178,6 +178,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     return {
         "ensemble": str(ens.store.root),
         "experts": experts,
+        "thresholds": ens.thresholds(),  # as `seecl serve` routes by default
         "queries": len(queries),
         "batch_size": size,
         "routing_accuracy": routed,
