@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from seecl.data.task import Task
+from seecl.errors import SeeclError
 from seecl.evaluation.metrics import (
     BASE,
     average_score,
@@ -256,13 +257,15 @@ class Protocol:
 
     def _score_routing(self) -> None:
         """Routing metrics from the final row's answers, and RB-Acc from OOD routes only."""
-        last = len(self.tasks) - 1
         names = [t.name for t in self.tasks]
         truth, routed = [], []
         for task in names:
-            for line in self._predictions(last, task).read_text().splitlines():
-                truth.append(task)
-                routed.append(json.loads(line)["answered_by"])
+            owners = self._final_routes(task)
+            if owners is None:
+                path = self._predictions(self.stages()[-1][0], task)
+                raise SeeclError(f"{path}: the final row's answers are missing or were written for other instances")
+            truth += [task] * len(owners)
+            routed += owners
         started = time.perf_counter()
         with tracking(len(self.ood), f"{self.method.label} OOD routing", self.progress):
             ood_routes = [r.answered_by for r in self.method.routes(self.ood)] if self.ood else []
