@@ -108,15 +108,9 @@ def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[T
 def changed_settings(cfg: BenchConfig, run_config: RunConfig) -> str:
     """The run settings this benchmark changed for every method, as resolved (a rerun's report says
     which regime its numbers come from); resuming and progress settings change no result."""
-    resolved = to_dict(run_config)
-    changed = []
-    for key in sorted(flatten(cfg.run)):
-        if key in ("train.checkpoint_every", "train.progress"):
-            continue
-        value = resolved
-        for part in key.split("."):
-            value = value[part]
-        changed.append(f"{key}={value}")
+    resolved = flatten(to_dict(run_config))
+    skipped = ("train.checkpoint_every", "train.progress")
+    changed = [f"{key}={resolved[key]}" for key in sorted(flatten(cfg.run)) if key not in skipped]
     return f" Changed for every method: {', '.join(changed)}." if changed else ""
 
 
