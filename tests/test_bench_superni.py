@@ -178,3 +178,39 @@ def test_the_report_names_the_settings_a_run_changed_for_every_method():
     run_config = from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), ["train.lr=2e-3", "train.epochs=8"]))
     assert changed_settings(cfg, run_config) == " Changed for every method: train.epochs=8, train.lr=0.002."
     assert changed_settings(BenchConfig(run={"train.checkpoint_every": 25}), RunConfig()) == ""
+
+
+def test_a_rerun_with_other_settings_recomputes_and_keeps_the_old_state(benchmark_data, tmp_path, capsys):
+    """Regression: a rerun into the same OUT with another setting (here adapter.r) trained nothing
+    and reported the old row as computed with the new setting."""
+    out = tmp_path / "run"
+    assert bench(benchmark_data, out) == 0
+    before = json.loads((out / "summary.json").read_text())["methods"]
+    workdir = out / "methods" / "Non-rehearsal"
+    assert json.loads((workdir / "settings.json").read_text())["adapter.r"] == 8
+
+    # What only changes speed or progress output keeps every result: nothing is trained again.
+    with forbid_training():
+        assert bench(benchmark_data, out, "train.checkpoint_every=3", "generate.batch_size=3") == 0
+    assert json.loads((out / "summary.json").read_text())["methods"] == before
+
+    capsys.readouterr()
+    assert bench(benchmark_data, out, "adapter.r=2", methods=["Non-rehearsal"]) == 0
+    log = capsys.readouterr().out
+    assert "computed with other settings (adapter.r: 8 -> 2)" in log
+    assert "dropped from" in log and "SEE(25%)" in log, "the other row was computed with r=8"
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["Non-rehearsal"]
+    assert (
+        summary["methods"]["Non-rehearsal"]["trainable_parameters"] != before["Non-rehearsal"]["trainable_parameters"]
+    )
+    assert json.loads((workdir / "settings.json").read_text())["adapter.r"] == 2
+    (aside,) = (out / "methods").glob("Non-rehearsal.replaced-*")
+    assert (aside / "protocol.json").is_file(), "the old state is kept whole"
+    assert json.loads((aside / "settings.json").read_text())["adapter.r"] == 8
+
+    # Back to the first settings: the adapters trained then come from the cache.
+    with forbid_training():
+        assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0
+    again = json.loads((out / "summary.json").read_text())["methods"]["Non-rehearsal"]
+    assert again["AR"] == before["Non-rehearsal"]["AR"]

@@ -4,7 +4,9 @@ A recipe that reads top to bottom: load the tasks of the chosen order (the first
 training and `n_eval` eval instances of each), the OOD queries, build one method per label, run
 each through the protocol (resumable per stage: rerunning the same command continues where it
 stopped; trained adapters are shared through `OUT/cache`), and write OUT/summary.json,
-OUT/report.md and the plots after every method.
+OUT/report.md and the plots after every method. A rerun resumes only what was computed with the
+same data and settings: each method's directory records its settings (`settings.json`), and a
+summary row computed on other data or with other settings leaves the table.
 
 The OOD file serves two purposes and is split so that no expert is trained on an OOD query that
 RB-Acc is measured on: the first `n_ood` queries are the OOD test set; general negatives and
@@ -55,6 +57,19 @@ DEFAULT_METHODS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(10%)", "KMeansSel(
 # tokens to every example and query; it carries no task information. The run config records the
 # paper's SEE recipe (no general negatives, greedy indicators); SEE labels pin it themselves.
 BENCH_OVERRIDES = ["model.system_prompt=", "train.progress=true", "see.general_negatives=0", "see.calibrate=false"]
+# Settings that change how fast or where a run goes, never its numbers: a rerun may change them and
+# keep everything it computed. Every other setting is part of what a row was computed with.
+SPEED_SETTINGS = (
+    "train.checkpoint_every",
+    "train.progress",
+    "model.device",
+    "generate.batch_size",
+    "generate.engine",
+    "generate.prefix_cache_tokens",
+    "generate.prefix_block",
+    "generate.prefill_tokens",
+    "generate.check_group",
+)
 
 
 @dataclass
@@ -109,8 +124,7 @@ def changed_settings(cfg: BenchConfig, run_config: RunConfig) -> str:
     """The run settings this benchmark changed for every method, as resolved (a rerun's report says
     which regime its numbers come from); resuming and progress settings change no result."""
     resolved = flatten(to_dict(run_config))
-    skipped = ("train.checkpoint_every", "train.progress")
-    changed = [f"{key}={resolved[key]}" for key in sorted(flatten(cfg.run)) if key not in skipped]
+    changed = [f"{key}={resolved[key]}" for key in sorted(flatten(cfg.run)) if key not in SPEED_SETTINGS]
     return f" Changed for every method: {', '.join(changed)}." if changed else ""
 
 
@@ -142,10 +156,19 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     # A row computed on other data (files changed, another --n-train) is not this run's: it leaves
     # the summary and the report; its label, run again, recomputes only what changed.
     fingerprint = benchmark_fingerprint(tasks, evals, ood)
-    stale = [label for label, row in summary["methods"].items() if row.get("benchmark") != fingerprint]
-    if stale:
-        log(f"dropped from {summary_path} (computed on other data; run them again): {', '.join(stale)}")
-        summary["methods"] = {k: v for k, v in summary["methods"].items() if k not in stale}
+    settings = result_settings(cfg, run_config, general)
+    settings_digest = _digest(settings)
+    for reason, stale in (
+        ("computed on other data", [k for k, row in summary["methods"].items() if row.get("benchmark") != fingerprint]),
+        # rows from before settings were recorded carry none and stay
+        (
+            "computed with other settings",
+            [k for k, row in summary["methods"].items() if row.get("settings", settings_digest) != settings_digest],
+        ),
+    ):
+        if stale:
+            log(f"dropped from {summary_path} ({reason}; run them again): {', '.join(stale)}")
+            summary["methods"] = {k: v for k, v in summary["methods"].items() if k not in stale}
     summary["config"] = {
         **to_dict(cfg),
         "run_config": to_dict(run_config),
@@ -160,9 +183,11 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     total = time.perf_counter()
     for label in cfg.methods:
         started = time.perf_counter()
+        workdir = out / "methods" / method_dirname(label)
+        claim_workdir(workdir, {"label": label, **settings}, log)
         ctx = MethodContext(
             run_config,
-            out / "methods" / method_dirname(label),
+            workdir,
             cache,
             general,
             general_negatives=cfg.general_negatives,
@@ -175,7 +200,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         method.close()
         del method
         free_memory()
-        summary["methods"][label] = {**result, "benchmark": fingerprint}
+        summary["methods"][label] = {**result, "benchmark": fingerprint, "settings": settings_digest}
         write_json_atomic(summary_path, summary)
         write_report(summary, out)
         log(
@@ -196,6 +221,47 @@ def benchmark_fingerprint(tasks: list[Task], evals: dict[str, EvalSet], ood: lis
         list(ood),
     ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def result_settings(cfg: BenchConfig, run_config: RunConfig, general: Task) -> dict:
+    """Every setting a row's numbers depend on beyond the data `benchmark_fingerprint` covers: the
+    resolved run config without `SPEED_SETTINGS`, and the general instructions SEE(x%)-general
+    draws its negatives from."""
+    resolved = {k: v for k, v in flatten(to_dict(run_config)).items() if k not in SPEED_SETTINGS}
+    return {
+        **resolved,
+        "bench.general_negatives": cfg.general_negatives,
+        "bench.general_pool": general.fingerprint(),
+    }
+
+
+def claim_workdir(workdir: Path, settings: dict, log=print) -> None:
+    """Make `workdir` a method's state for `settings` (written to its settings.json). State computed
+    with other settings (a rerun into the same OUT with, say, another `adapter.r`) is never resumed
+    or reported as this run's: it is moved aside, whole, to `<workdir>.replaced-<time>`, and the
+    method runs again (what the adapter cache holds for these settings is still reused). A
+    directory from before settings were recorded is taken as computed with these settings."""
+    path = workdir / "settings.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != settings:
+            changes = [
+                f"{key}: {stored.get(key)!r} -> {settings.get(key)!r}"
+                for key in sorted(set(stored) | set(settings))
+                if stored.get(key) != settings.get(key)
+            ]
+            aside = workdir.with_name(f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            workdir.rename(aside)
+            log(
+                f"  {settings.get('label')}: {workdir} was computed with other settings ({'; '.join(changes)}); "
+                f"moved it to {aside} and computing it again"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def method_dirname(label: str) -> str:
