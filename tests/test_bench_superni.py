@@ -214,3 +214,26 @@ def test_a_rerun_with_other_settings_recomputes_and_keeps_the_old_state(benchmar
         assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0
     again = json.loads((out / "summary.json").read_text())["methods"]["Non-rehearsal"]
     assert again["AR"] == before["Non-rehearsal"]["AR"]
+
+
+def test_a_longer_order_reuses_the_scores_of_its_first_stages(benchmark_data, tmp_path, capsys):
+    short = tmp_path / "short"
+    assert bench(benchmark_data, short, "--order", TASKS[0]) == 0
+    scored = json.loads((short / "summary.json").read_text())["methods"]
+    capsys.readouterr()
+    longer = tmp_path / "longer"
+    assert bench(benchmark_data, longer, "--reuse-experts", str(short)) == 0
+    log = capsys.readouterr().out
+    summary = json.loads((longer / "summary.json").read_text())["methods"]
+    for label in METHODS:
+        assert f"{label} stage 1 {TASKS[0]}: scored by" in log
+        assert summary[label]["reused_cells"] == 1
+        assert summary[label]["matrix"][0][0] == scored[label]["matrix"][0][0]
+        assert summary[label]["matrix"][1][1] is not None and summary[label]["AR"] is not None
+    assert "(+1 cells reused)" in (longer / "report.md").read_text(), "the time column says it is not the whole cost"
+
+    # Scores of other settings are not this run's, even on the same data.
+    other = tmp_path / "other"
+    assert bench(benchmark_data, other, "--reuse-experts", str(short), "adapter.r=2", methods=["Non-rehearsal"]) == 0
+    assert "reused" not in capsys.readouterr().out
+    assert json.loads((other / "summary.json").read_text())["methods"]["Non-rehearsal"]["reused_cells"] == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,11 +62,14 @@ class Protocol:
         full_matrix: bool = False,
         log: Callable[[str], None] = print,
         progress: bool = False,
+        reuse: Sequence[Path] = (),
     ):
         """`progress` shows a bar with counts and ETA while each cell, the OOD routing and the
-        perplexity are computed."""
+        perplexity are computed. `reuse` names other runs' working directories of this method
+        with the same settings (the caller checks them): a cell they scored on the same data is
+        copied instead of computed (e.g. the first five stages of a ten-task run)."""
         self.method, self.tasks, self.eval_sets = method, list(train_tasks), eval_sets
-        self.progress = progress
+        self.progress, self.reuse = progress, [Path(p) for p in reuse]
         self.workdir, self.ood, self.full_matrix, self.log = Path(workdir), list(ood_queries), full_matrix, log
         self.path = self.workdir / "protocol.json"
         self.state = (
@@ -157,7 +161,30 @@ class Protocol:
             return [(i, [t]) for i, t in enumerate(self.tasks)]
         return [(i, self.tasks[: i + 1]) for i in range(len(self.tasks))]
 
+    def _reuse_cells(self) -> None:
+        """Copy the cells (and their answers) other runs scored on the same data: same stage
+        fingerprint, same eval set and budget."""
+        wanted = {f"{s}:{t}": self.cell_fingerprint(s, t) for s, _ in self.stages() for t in self.cells_for(s)}
+        before = len(self.state["cells"])
+        for workdir in self.reuse:
+            path = workdir / "protocol.json"
+            cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+            for key, fingerprint in wanted.items():
+                cell = cells.get(key)
+                if key in self.state["cells"] or not cell or cell.get("fingerprint") != fingerprint:
+                    continue
+                stage, task = key.split(":", 1)
+                answers = workdir / self._predictions(int(stage), task).relative_to(self.workdir)
+                if answers.is_file():
+                    self._predictions(int(stage), task).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(answers, self._predictions(int(stage), task))
+                self.state["cells"][key] = {**cell, "reused_from": str(workdir)}
+                self.log(f"  {self.method.label} stage {int(stage) + 1} {task}: scored by {workdir}, reused")
+        if len(self.state["cells"]) > before:
+            self._save()
+
     def run(self) -> dict:
+        self._reuse_cells()
         final_stage = self.stages()[-1][0]
         if self.method.routed and "routing" not in self.state:
             # routing is scored from the final row's answers; a copy of the run that kept only
@@ -327,6 +354,7 @@ class Protocol:
             "perplexity": self.state.get("perplexity"),
             "trainable_parameters": parameters,
             "seconds": {k: round(v, 1) for k, v in self.state["seconds"].items()},
+            "reused_cells": sum(1 for c in self.state["cells"].values() if "reused_from" in c),
         }
 
 

@@ -1,6 +1,6 @@
 """Benchmark summaries -> markdown tables and PNG plots (matplotlib, no display needed).
 
-Input is the `summary.json` structure of evaluation/superni.py: {"config": ..., "methods": {label:
+Input is the `summary.json` structure of recipes/superni.py: {"config": ..., "methods": {label:
 method summary}}. Plots: per-task scores by method, the routing confusion matrix of one routed
 method, and tau curves (AR and routing F1 against tau for SEE(x%) labels).
 """
@@ -48,7 +48,7 @@ def main_table(summary: dict) -> str:
             _fmt(m.get("routing_f1_with_ood"), 3),
             _fmt(m["rb_acc"], 3),
             f"{params[-1]:,}" if params else "–",
-            f"{seconds / 60:.0f}",
+            f"{seconds / 60:.0f}" + (f" (+{m['reused_cells']} cells reused)" if m.get("reused_cells") else ""),
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -85,7 +85,11 @@ class BenchConfig:
     general_negatives: int = doc("General negatives per expert for SEE(x%)-general.", 10)
     full_matrix: bool = doc("Score every seen task after every stage (default: diagonal + final row).", False)
     out: str = doc("Output directory.", "results/superni-mini")
-    reuse_experts: list[str] = doc("Earlier output directories whose trained adapters may be reused.", [])
+    reuse_experts: list[str] = doc(
+        "Earlier output directories whose trained adapters may be reused, and their scores where a "
+        "method ran with the same settings on the same data (e.g. the first stages of a longer order).",
+        [],
+    )
     run: dict = field(default_factory=dict, metadata={"doc": "RunConfig overrides (dotted keys) for all methods."})
 
     def __post_init__(self):
@@ -185,6 +189,13 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         started = time.perf_counter()
         workdir = out / "methods" / method_dirname(label)
         claim_workdir(workdir, {"label": label, **settings}, log)
+        # scores of earlier runs are reused only where the label ran with exactly these settings
+        reusable = [
+            d
+            for d in (Path(r) / "methods" / method_dirname(label) for r in cfg.reuse_experts)
+            if (d / "settings.json").is_file()
+            and json.loads((d / "settings.json").read_text()) == {"label": label, **settings}
+        ]
         ctx = MethodContext(
             run_config,
             workdir,
@@ -196,7 +207,8 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         log(f"== {label}")
         ood_queries = ood if method.routed else ()
         progress = run_config.train.progress  # the benchmark's bars: training steps and scoring alike
-        result = Protocol(method, tasks, evals, ctx.workdir, ood_queries, cfg.full_matrix, log, progress).run()
+        protocol = Protocol(method, tasks, evals, workdir, ood_queries, cfg.full_matrix, log, progress, reusable)
+        result = protocol.run()
         method.close()
         del method
         free_memory()
