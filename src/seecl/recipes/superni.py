@@ -240,11 +240,12 @@ def result_settings(cfg: BenchConfig, run_config: RunConfig, general: Task) -> d
     resolved run config without `SPEED_SETTINGS`, and the general instructions SEE(x%)-general
     draws its negatives from."""
     resolved = {k: v for k, v in flatten(to_dict(run_config)).items() if k not in SPEED_SETTINGS}
-    return {
+    settings = {
         **resolved,
         "bench.general_negatives": cfg.general_negatives,
         "bench.general_pool": general.fingerprint(),
     }
+    return json.loads(json.dumps(settings, default=str))  # as settings.json reads back (tuples as lists)
 
 
 def claim_workdir(workdir: Path, settings: dict, log=print) -> None:
