@@ -237,3 +237,15 @@ def test_a_longer_order_reuses_the_scores_of_its_first_stages(benchmark_data, tm
     assert bench(benchmark_data, other, "--reuse-experts", str(short), "adapter.r=2", methods=["Non-rehearsal"]) == 0
     assert "reused" not in capsys.readouterr().out
     assert json.loads((other / "summary.json").read_text())["methods"]["Non-rehearsal"]["reused_cells"] == 0
+
+
+def test_result_settings_read_back_from_settings_json_unchanged():
+    from seecl.config import RunConfig
+    from seecl.recipes.superni import SPEED_SETTINGS, BenchConfig, result_settings
+
+    run_config = RunConfig()
+    run_config.adapter.targets = ("q_proj", "v_proj")  # a tuple would read back as a list
+    settings = result_settings(BenchConfig(), run_config, general_task())
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["adapter.targets"] == ["q_proj", "v_proj"] and settings["train.lr"] == run_config.train.lr
+    assert not set(SPEED_SETTINGS) & set(settings)
