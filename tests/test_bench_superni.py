@@ -249,3 +249,9 @@ def test_result_settings_read_back_from_settings_json_unchanged():
     assert json.loads(json.dumps(settings)) == settings
     assert settings["adapter.targets"] == ["q_proj", "v_proj"] and settings["train.lr"] == run_config.train.lr
     assert not set(SPEED_SETTINGS) & set(settings)
+
+
+def test_a_mistyped_reuse_directory_is_refused(benchmark_data, tmp_path, capsys):
+    assert bench(benchmark_data, tmp_path / "run", "--reuse-experts", str(tmp_path / "no-such-run")) == 2
+    assert "no-such-run is not a `seecl bench` output directory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "refused before anything is written"

@@ -106,6 +106,11 @@ class BenchConfig:
             raise ConfigError(f"methods must be distinct labels, got {self.methods}")
         for label in self.methods:
             parse_label(label)
+        for earlier in self.reuse_experts:  # a mistyped directory would silently reuse nothing
+            if not (Path(earlier) / "cache").is_dir() and not (Path(earlier) / "methods").is_dir():
+                raise ConfigError(
+                    f"reuse_experts: {earlier} is not a `seecl bench` output directory (no cache/ or methods/)"
+                )
 
 
 def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[Task], dict[str, EvalSet]]:
