@@ -255,3 +255,19 @@ def test_a_mistyped_reuse_directory_is_refused(benchmark_data, tmp_path, capsys)
     assert bench(benchmark_data, tmp_path / "run", "--reuse-experts", str(tmp_path / "no-such-run")) == 2
     assert "no-such-run is not a `seecl bench` output directory" in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_a_second_run_into_the_same_directory_is_turned_away(benchmark_data, tmp_path, capsys):
+    """Two runs into one OUT would each rewrite summary.json from their own copy, dropping the
+    other's rows; the second is refused, naming the first."""
+    import os
+
+    from seecl.publish import held
+
+    out = tmp_path / "run"
+    with held(out / ".bench.lock", "seecl bench superni --methods SEE(10%)"):
+        assert bench(benchmark_data, out) == 2
+    err = capsys.readouterr().err
+    assert "is busy: seecl bench superni --methods SEE(10%)" in err and f"pid {os.getpid()}" in err
+    assert not (out / "summary.json").exists()
+    assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0, "the lock goes with its holder"

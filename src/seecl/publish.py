@@ -7,24 +7,67 @@ into place. Replacing an existing directory swaps the two in one `renameat2(RENA
 Linux, so the final path always names a complete directory; elsewhere the old one is first moved
 aside and put back by `clean_stale` if the writer died between the two renames. Staging names carry
 the writer's pid, so `clean_stale` removes only what dead writers left behind and never another
-live writer's work.
+live writer's work. `held` gives one process at a time a directory (a learner, a benchmark run)
+and tells the others who holds it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime as dt
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 _STAGING = ".staging"
 _ASIDE = ".aside"
+
+
+def now() -> str:
+    """The time records are stamped with: UTC, to the second."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@contextmanager
+def held(lock: Path, what: str, error: type[Exception] = RuntimeError) -> Iterator[None]:
+    """Hold `lock` (a file, created if missing) for one process doing `what`, or raise `error`
+    at once naming the holder (its `what`, pid, host and start). The lock is the kernel's
+    (flock), so a holder killed with SIGKILL releases it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    # Opened without truncating: the holder's record stays readable to those turned away.
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(f"{lock.parent} is busy: {_holder(fd)}; wait for it to finish") from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"{record['what']} (pid {record['pid']} on {record['host']}, since {record['since']})"
+    except (ValueError, KeyError, UnicodeDecodeError):
+        return "another process holds it"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -26,12 +26,12 @@ from seecl.config import RunConfig, doc, from_dict, merge_overrides, to_dict
 from seecl.data.formats import load_instances, load_task, require_labels
 from seecl.data.prompts import PromptFormatter
 from seecl.data.task import Task
-from seecl.errors import ConfigError, DataError
+from seecl.errors import ConfigError, DataError, SeeclError
 from seecl.evaluation.protocol import EvalSet, Protocol
 from seecl.evaluation.report import write_report
 from seecl.methods.base import MethodContext, free_memory
 from seecl.methods.registry import build_method
-from seecl.publish import write_json_atomic
+from seecl.publish import held, write_json_atomic
 from seecl.typed_config import flatten
 
 # kind and target language of the ten SuperNI tasks in ../shared/data/superni
@@ -147,6 +147,13 @@ def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
 
 
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
+    """Run `cfg` into `cfg.out`, which one run at a time holds: two runs into the same directory
+    would each rewrite summary.json from their own copy and drop the other's rows."""
+    with held(Path(cfg.out) / ".bench.lock", f"seecl bench superni --methods {','.join(cfg.methods)}", SeeclError):
+        return _run(cfg, log)
+
+
+def _run(cfg: BenchConfig, log=print) -> dict:
     from seecl.model.base import load_tokenizer
 
     out = Path(cfg.out)

@@ -22,12 +22,10 @@ before they become paths). This module does not train or load models.
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import json
 import os
 import shutil
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,17 +35,13 @@ from typing import Any
 
 from seecl.data.task import check_name
 from seecl.errors import DataError, StoreError
-from seecl.publish import _alive, clean_stale, publish_dir, write_json_atomic
+from seecl.publish import _alive, clean_stale, held, now, publish_dir, write_json_atomic
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
 LEARN_LOCK = ".learn.lock"
 WORK = ".work"  # resumable training checkpoints, one directory per expert being learned
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def validate_expert_name(name: str) -> str:
@@ -152,32 +146,8 @@ class EnsembleStore:
     @contextmanager
     def learning(self, what: str) -> Iterator[None]:
         """Hold the ensemble for one learner (`what` it does, for others to read) or fail at once."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        # Opened without truncating: the holder's record stays readable to those turned away.
-        fd = os.open(self.root / LEARN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise StoreError(f"{self.root} is busy: {self._holder(fd)}; wait for it to finish") from None
-            record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": now()}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
-            try:
-                yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-    @staticmethod
-    def _holder(fd: int) -> str:
-        try:
-            record = json.loads(os.pread(fd, 4096, 0).decode())
-            return f"{record['what']} (pid {record['pid']} on {record['host']}, since {record['since']})"
-        except (ValueError, KeyError, UnicodeDecodeError):
-            return "another process is learning an expert"
+        with held(self.root / LEARN_LOCK, what, StoreError):
+            yield
 
     def _try_lock(self) -> bool:
         """Whether no writer holds the ensemble lock right now (checked without waiting)."""
