@@ -70,26 +70,26 @@ TASKS = ["qa", "qg", "sa", "sum", "trans"]
 RUN = ROOT / "results" / "superni-mini"  # the `seecl bench superni` run whose experts are timed
 
 
-def bench_config(n_per_task: int):
-    """The SuperNI run's benchmark settings (its summary.json), read from this machine's data copy."""
+def bench_config(n_per_task: int, run: Path = RUN, tasks: list[str] = TASKS):
+    """A SuperNI run's benchmark settings (its summary.json), read from this machine's data copy."""
     from seecl.config import from_dict
     from seecl.recipes.superni import BenchConfig
 
-    recorded = json.loads((RUN / "summary.json").read_text())["config"] if (RUN / "summary.json").exists() else {}
+    recorded = json.loads((run / "summary.json").read_text())["config"] if (run / "summary.json").exists() else {}
     fields = {k: v for k, v in recorded.items() if k in BenchConfig.__dataclass_fields__}
-    cfg = from_dict(BenchConfig, {**fields, "order": TASKS, "n_eval": n_per_task})
+    cfg = from_dict(BenchConfig, {**fields, "order": tasks, "n_eval": n_per_task})
     cfg.data_dir = str(DATA / "superni")
     cfg.ood_file = str(DATA / "ood" / Path(cfg.ood_file).name)
     return cfg, recorded.get("run_config")
 
 
-def workload(formatter, n_per_task: int):
-    """Every eval query of the five tasks, its task's answer budget, and the task it belongs to."""
+def workload(formatter, n_per_task: int, tasks: list[str] = TASKS):
+    """Every eval query of the tasks, its task's answer budget, and the task it belongs to."""
     from seecl.recipes.superni import load_benchmark
 
-    _, evals = load_benchmark(bench_config(n_per_task)[0], formatter)
+    _, evals = load_benchmark(bench_config(n_per_task, tasks=tasks)[0], formatter)
     queries, budgets, owners = [], [], []
-    for name in TASKS:
+    for name in tasks:
         for inst in evals[name].task.instances:
             queries.append(inst.query)
             budgets.append(evals[name].budget)
@@ -97,8 +97,8 @@ def workload(formatter, n_per_task: int):
     return queries, budgets, owners
 
 
-def ensure_ensemble(label: str, n_per_task: int) -> Path:
-    """The ensemble of `label` from the SuperNI run; when absent or incomplete (an interrupted
+def ensure_ensemble(label: str, n_per_task: int, run: Path = RUN, tasks: list[str] = TASKS) -> Path:
+    """The ensemble of `label` from a SuperNI run; when absent or incomplete (an interrupted
     run) it is learned through the method, which keeps the experts already published, copies
     every expert the run's adapter cache holds and trains only the others."""
     from seecl.cache import AdapterCache
@@ -110,20 +110,20 @@ def ensure_ensemble(label: str, n_per_task: int) -> Path:
     from seecl.recipes.superni import load_benchmark, load_ood, method_dirname
     from seecl.see.store import EnsembleStore
 
-    workdir = RUN / "methods" / method_dirname(label)
+    workdir = run / "methods" / method_dirname(label)
     store = EnsembleStore(workdir / "ensemble")
-    if store.exists() and store.expert_names() == TASKS:
+    if store.exists() and store.expert_names() == tasks:
         return store.root
-    cfg, recorded = bench_config(n_per_task)
+    cfg, recorded = bench_config(n_per_task, run, tasks)
     if recorded is None:
-        raise SystemExit(f"no {RUN / 'summary.json'}: run `seecl bench superni` first")
+        raise SystemExit(f"no {run / 'summary.json'}: run `seecl bench superni` first")
     run_config = from_dict(RunConfig, recorded)
     base = load_base(run_config.model)
     tasks, _ = load_benchmark(cfg, PromptFormatter(base.tokenizer, None, run_config.model.system_prompt))
     del base
     _, general = load_ood(cfg)
     ctx = MethodContext(
-        run_config, workdir, AdapterCache(RUN / "cache"), general, general_negatives=cfg.general_negatives
+        run_config, workdir, AdapterCache(run / "cache"), general, general_negatives=cfg.general_negatives
     )
     method = build_method(label, ctx)
     for stage in range(len(tasks)):
