@@ -271,3 +271,19 @@ def test_a_second_run_into_the_same_directory_is_turned_away(benchmark_data, tmp
     assert "is busy: seecl bench superni --methods SEE(10%)" in err and f"pid {os.getpid()}" in err
     assert not (out / "summary.json").exists()
     assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0, "the lock goes with its holder"
+
+
+def test_unreadable_settings_and_protocol_files_cost_a_recompute_not_a_crash(benchmark_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert bench(benchmark_data, out, methods=["Non-rehearsal"]) == 0
+    workdir = out / "methods" / "Non-rehearsal"
+    reused = tmp_path / "reused"
+    (reused / "methods" / "Non-rehearsal").mkdir(parents=True)
+    (reused / "methods" / "Non-rehearsal" / "settings.json").write_bytes((workdir / "settings.json").read_bytes())
+    (reused / "methods" / "Non-rehearsal" / "protocol.json").write_bytes(b"\xff{not json")
+    (workdir / "settings.json").write_bytes(b"\xff\xfe{")
+    capsys.readouterr()
+    assert bench(benchmark_data, out, "--reuse-experts", str(reused), methods=["Non-rehearsal"]) == 0
+    assert "computed with other settings" in capsys.readouterr().out
+    assert list((out / "methods").glob("Non-rehearsal.replaced-*")), "the unreadable state is kept aside"
+    assert json.loads((workdir / "settings.json").read_text())["label"] == "Non-rehearsal"

@@ -167,8 +167,10 @@ class Protocol:
         wanted = {f"{s}:{t}": self.cell_fingerprint(s, t) for s, _ in self.stages() for t in self.cells_for(s)}
         before = len(self.state["cells"])
         for workdir in self.reuse:
-            path = workdir / "protocol.json"
-            cells = json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+            try:  # another run's state is only a source: unreadable, it offers nothing
+                cells = json.loads((workdir / "protocol.json").read_text(encoding="utf-8")).get("cells", {})
+            except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+                cells = {}
             for key, fingerprint in wanted.items():
                 cell = cells.get(key)
                 if key in self.state["cells"] or not cell or cell.get("fingerprint") != fingerprint:

@@ -205,8 +205,7 @@ def _run(cfg: BenchConfig, log=print) -> dict:
         reusable = [
             d
             for d in (Path(r) / "methods" / method_dirname(label) for r in cfg.reuse_experts)
-            if (d / "settings.json").is_file()
-            and json.loads((d / "settings.json").read_text()) == {"label": label, **settings}
+            if (d / "settings.json").is_file() and read_settings(d / "settings.json") == {"label": label, **settings}
         ]
         ctx = MethodContext(
             run_config,
@@ -268,7 +267,7 @@ def claim_workdir(workdir: Path, settings: dict, log=print) -> None:
     directory from before settings were recorded is taken as computed with these settings."""
     path = workdir / "settings.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
+        stored = read_settings(path)
         if stored != settings:
             changes = [
                 f"{key}: {stored.get(key)!r} -> {settings.get(key)!r}"
@@ -283,6 +282,16 @@ def claim_workdir(workdir: Path, settings: dict, log=print) -> None:
             )
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+def read_settings(path: Path) -> dict:
+    """A method directory's recorded settings; an unreadable file (edited by hand, other bytes)
+    records none, so that state counts as computed with other settings."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def _digest(value) -> str:
