@@ -169,22 +169,10 @@ def _run(cfg: BenchConfig, log=print) -> dict:
     cache = AdapterCache(out / "cache", [Path(p) / "cache" for p in cfg.reuse_experts])
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"methods": {}}
-    # A row computed on other data (files changed, another --n-train) is not this run's: it leaves
-    # the summary and the report; its label, run again, recomputes only what changed.
     fingerprint = benchmark_fingerprint(tasks, evals, ood)
     settings = result_settings(cfg, run_config, general)
     settings_digest = _digest(settings)
-    for reason, stale in (
-        ("computed on other data", [k for k, row in summary["methods"].items() if row.get("benchmark") != fingerprint]),
-        # rows from before settings were recorded carry none and stay
-        (
-            "computed with other settings",
-            [k for k, row in summary["methods"].items() if row.get("settings", settings_digest) != settings_digest],
-        ),
-    ):
-        if stale:
-            log(f"dropped from {summary_path} ({reason}; run them again): {', '.join(stale)}")
-            summary["methods"] = {k: v for k, v in summary["methods"].items() if k not in stale}
+    drop_stale_rows(summary, fingerprint, settings_digest, f"{summary_path}", log)
     summary["config"] = {
         **to_dict(cfg),
         "run_config": to_dict(run_config),
@@ -201,12 +189,7 @@ def _run(cfg: BenchConfig, log=print) -> dict:
         started = time.perf_counter()
         workdir = out / "methods" / method_dirname(label)
         claim_workdir(workdir, {"label": label, **settings}, log)
-        # scores of earlier runs are reused only where the label ran with exactly these settings
-        reusable = [
-            d
-            for d in (Path(r) / "methods" / method_dirname(label) for r in cfg.reuse_experts)
-            if (d / "settings.json").is_file() and read_settings(d / "settings.json") == {"label": label, **settings}
-        ]
+        reusable = reusable_workdirs(cfg.reuse_experts, label, settings)
         ctx = MethodContext(
             run_config,
             workdir,
@@ -233,6 +216,31 @@ def _run(cfg: BenchConfig, log=print) -> dict:
         )
     log(f"total {(time.perf_counter() - total) / 60:.1f} min; {summary_path}")
     return summary
+
+
+def drop_stale_rows(summary: dict, fingerprint: str, settings_digest: str, where: str, log=print) -> None:
+    """A row computed on other data (files changed, another --n-train) or with other settings is
+    not this run's: it leaves the summary and the report; its label, run again, recomputes only
+    what changed. Rows from before settings were recorded carry none and stay."""
+    rows = summary["methods"]
+    for reason, stale in (
+        ("computed on other data", [k for k, row in rows.items() if row.get("benchmark") != fingerprint]),
+        (
+            "computed with other settings",
+            [k for k, row in rows.items() if row.get("settings", settings_digest) != settings_digest],
+        ),
+    ):
+        if stale:
+            log(f"dropped from {where} ({reason}; run them again): {', '.join(stale)}")
+            rows = {k: v for k, v in rows.items() if k not in stale}
+    summary["methods"] = rows
+
+
+def reusable_workdirs(earlier_runs: list[str], label: str, settings: dict) -> list[Path]:
+    """The directories of `label` in earlier runs whose scores this run may copy: those that
+    recorded exactly these settings."""
+    candidates = (Path(run) / "methods" / method_dirname(label) for run in earlier_runs)
+    return [d for d in candidates if read_settings(d / "settings.json") == {"label": label, **settings}]
 
 
 def benchmark_fingerprint(tasks: list[Task], evals: dict[str, EvalSet], ood: list[str]) -> str:
