@@ -251,10 +251,13 @@ def test_result_settings_read_back_from_settings_json_unchanged():
     assert not set(SPEED_SETTINGS) & set(settings)
 
 
-def test_a_mistyped_reuse_directory_is_refused(benchmark_data, tmp_path, capsys):
+def test_a_mistyped_reuse_or_output_directory_is_refused(benchmark_data, tmp_path, capsys):
     assert bench(benchmark_data, tmp_path / "run", "--reuse-experts", str(tmp_path / "no-such-run")) == 2
     assert "no-such-run is not a `seecl bench` output directory" in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "refused before anything is written"
+    (tmp_path / "a-file").write_text("")
+    assert bench(benchmark_data, tmp_path / "a-file") == 2
+    assert "a-file exists and is not a directory" in capsys.readouterr().err
 
 
 def test_a_second_run_into_the_same_directory_is_turned_away(benchmark_data, tmp_path, capsys):

@@ -106,6 +106,8 @@ class BenchConfig:
             raise ConfigError(f"methods must be distinct labels, got {self.methods}")
         for label in self.methods:
             parse_label(label)
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"out: {self.out} exists and is not a directory")
         for earlier in self.reuse_experts:  # a mistyped directory would silently reuse nothing
             if not (Path(earlier) / "cache").is_dir() and not (Path(earlier) / "methods").is_dir():
                 raise ConfigError(
