@@ -255,6 +255,8 @@ def test_a_mistyped_reuse_or_output_directory_is_refused(benchmark_data, tmp_pat
     assert bench(benchmark_data, tmp_path / "run", "--reuse-experts", str(tmp_path / "no-such-run")) == 2
     assert "no-such-run is not a `seecl bench` output directory" in capsys.readouterr().err
     assert not (tmp_path / "run").exists(), "refused before anything is written"
+    assert bench(benchmark_data, tmp_path / "run", "--order", "uppercase,../../etc/passwd") == 2
+    assert "invalid task name '../../etc/passwd'" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     assert bench(benchmark_data, tmp_path / "a-file") == 2
     assert "a-file exists and is not a directory" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from seecl.cache import AdapterCache
 from seecl.config import RunConfig, doc, from_dict, merge_overrides, to_dict
 from seecl.data.formats import load_instances, load_task, require_labels
 from seecl.data.prompts import PromptFormatter
-from seecl.data.task import Task
+from seecl.data.task import Task, check_name
 from seecl.errors import ConfigError, DataError, SeeclError
 from seecl.evaluation.protocol import EvalSet, Protocol
 from seecl.evaluation.report import write_report
@@ -102,6 +102,8 @@ class BenchConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.order or len(set(self.order)) != len(self.order):
             raise ConfigError(f"order must name distinct tasks, got {self.order}")
+        for name in self.order:  # names become file, directory and expert names
+            check_name(name, "task")
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods must be distinct labels, got {self.methods}")
         for label in self.methods:
