@@ -107,6 +107,10 @@ def test_bench_rejects_an_oversized_ood_test_set(benchmark_data, tmp_path, capsy
             ",".join(TASKS),
             "--methods",
             "SEE(25%)",
+            "--n-train",
+            "16",
+            "--n-eval",
+            "4",
             "--n-ood",
             "5",
             "--out",
@@ -257,6 +261,8 @@ def test_a_mistyped_reuse_or_output_directory_is_refused(benchmark_data, tmp_pat
     assert not (tmp_path / "run").exists(), "refused before anything is written"
     assert bench(benchmark_data, tmp_path / "run", "--order", "uppercase,../../etc/passwd") == 2
     assert "invalid task name '../../etc/passwd'" in capsys.readouterr().err
+    assert bench(benchmark_data, tmp_path / "run", "--n-train", "17") == 2
+    assert "uppercase.train.jsonl: holds 16 instances; n_train=17 asks for more" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")
     assert bench(benchmark_data, tmp_path / "a-file") == 2
     assert "a-file exists and is not a directory" in capsys.readouterr().err

@@ -124,6 +124,9 @@ def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[T
         kind, language = SUPERNI_TASKS.get(name, ("generation", "en"))
         train = load_task(data / f"{name}.train.jsonl", name=name, limit=cfg.n_train)
         test = load_task(data / f"{name}.{cfg.eval_split}.jsonl", name=name, limit=cfg.n_eval)
+        for subset, wanted, what in ((train, cfg.n_train, "n_train"), (test, cfg.n_eval, "n_eval")):
+            if len(subset) < wanted:  # the report would state sizes the run did not use
+                raise DataError(f"holds {len(subset)} instances; {what}={wanted} asks for more", subset.source)
         if kind == "classification":  # a one-label subset would score nothing but that label
             require_labels(train, train.source)
             require_labels(test, test.source)
