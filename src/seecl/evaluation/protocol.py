@@ -176,10 +176,11 @@ class Protocol:
                 if key in self.state["cells"] or not cell or cell.get("fingerprint") != fingerprint:
                     continue
                 stage, task = key.split(":", 1)
-                answers = workdir / self._predictions(int(stage), task).relative_to(self.workdir)
+                ours = self._predictions(int(stage), task)
+                answers = workdir / ours.relative_to(self.workdir)
                 if answers.is_file():
-                    self._predictions(int(stage), task).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(answers, self._predictions(int(stage), task))
+                    ours.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(answers, ours)
                 self.state["cells"][key] = {**cell, "reused_from": str(workdir)}
                 self.log(f"  {self.method.label} stage {int(stage) + 1} {task}: scored by {workdir}, reused")
         if len(self.state["cells"]) > before:

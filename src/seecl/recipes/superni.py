@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from seecl.cache import AdapterCache
+from seecl.cache import AdapterCache, cache_key
 from seecl.config import RunConfig, doc, from_dict, merge_overrides, to_dict
 from seecl.data.formats import load_instances, load_task, require_labels
 from seecl.data.prompts import PromptFormatter
@@ -178,8 +178,8 @@ def _run(cfg: BenchConfig, log=print) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"methods": {}}
     fingerprint = benchmark_fingerprint(tasks, evals, ood)
     settings = result_settings(cfg, run_config, general)
-    settings_digest = _digest(settings)
-    drop_stale_rows(summary, fingerprint, settings_digest, f"{summary_path}", log)
+    settings_digest = cache_key(settings=settings)  # what a summary row records of them
+    drop_stale_rows(summary, fingerprint, settings_digest, summary_path, log)
     summary["config"] = {
         **to_dict(cfg),
         "run_config": to_dict(run_config),
@@ -225,7 +225,7 @@ def _run(cfg: BenchConfig, log=print) -> dict:
     return summary
 
 
-def drop_stale_rows(summary: dict, fingerprint: str, settings_digest: str, where: str, log=print) -> None:
+def drop_stale_rows(summary: dict, fingerprint: str, settings_digest: str, where: Path, log=print) -> None:
     """A row computed on other data (files changed, another --n-train) or with other settings is
     not this run's: it leaves the summary and the report; its label, run again, recomputes only
     what changed. Rows from before settings were recorded carry none and stay."""
@@ -307,10 +307,6 @@ def read_settings(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError):
         return {}
     return stored if isinstance(stored, dict) else {}
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def method_dirname(label: str) -> str:
