@@ -10,6 +10,20 @@ from seecl.loss import SupervisedLoss, invocation_starts, prefix_groups
 from seecl.training import collate, plan_batches, train
 
 
+def assert_loss_and_grads_equal_reference(model, loss, batch) -> dict:
+    """`loss` (already computed on `batch`) and its gradients equal the full-logits reference."""
+    reference = reference_loss(model, batch)
+    assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    reference_loss(model, batch).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    return grads
+
+
 def fake_examples(n_pos, n_neg, pos_len=10, neg_len=30):
     pos = [
         Example(tuple(range(pos_len + i % 3)), tuple([-100] * (pos_len - 2) + [1, 2] + [3] * (i % 3)), True)
@@ -88,16 +102,7 @@ def test_sparse_supervised_loss_equals_full_logits_loss(fresh_tiny_base):
     task = make_task("add", "train", 6)
     examples = [fmt.see_example(i.query, i.response if k % 2 else None) for k, i in enumerate(task.instances)]
     batch = collate(examples, base.tokenizer.pad_token_id)
-    sparse = SupervisedLoss(model)(**batch)
-    full = reference_loss(model, batch)
-    assert torch.allclose(sparse, full, rtol=1e-5), (sparse, full)
-    sparse.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    reference_loss(model, batch).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    assert_loss_and_grads_equal_reference(model, SupervisedLoss(model)(**batch), batch)
 
 
 def test_supervised_loss_never_materialises_the_embedding_matrix(fresh_tiny_base, monkeypatch):
@@ -159,16 +164,8 @@ def test_alora_loss_runs_bodies_without_autograd_and_equals_the_full_pass(fresh_
     loss = loss_fn(**batch)
     monkeypatch.undo()
     assert seen_grad_modes == [False, True], "bodies without autograd, then the tails with it"
-    reference = reference_loss(model, batch)
-    assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = assert_loss_and_grads_equal_reference(model, loss, batch)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n), "the adapter is trained"
-    model.zero_grad()
-    reference_loss(model, batch).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
 
 
 def test_a_one_token_alora_invocation_starts_at_the_prompt_end_even_when_the_answer_holds_it(fresh_tiny_base):
@@ -232,15 +229,7 @@ def test_shared_prefix_loss_equals_per_row_loss(fresh_tiny_base):
     shared_loss = SupervisedLoss(model, share_prefix_tokens=8)
     loss = shared_loss(**batch)
     assert shared_loss.computed_tokens < sum(len(e) for e in examples) - 2 * 20
-    reference = reference_loss(model, batch)
-    assert torch.allclose(loss, reference, rtol=1e-5), (loss, reference)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    reference_loss(model, batch).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+    assert_loss_and_grads_equal_reference(model, loss, batch)
 
 
 def test_training_reduces_loss_and_touches_only_the_new_adapter(fresh_tiny_base):
