@@ -132,29 +132,8 @@ def test_bench_refuses_a_one_label_classification_subset(tmp_path, capsys):
     (data / "sa.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "sa.dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_jsonl(data / "ood.jsonl", general_task().instances[:8])
-    code = main(
-        [
-            "bench",
-            "superni",
-            "--data-dir",
-            str(data),
-            "--ood-file",
-            str(data / "ood.jsonl"),
-            "--order",
-            "sa",
-            "--methods",
-            "MTL",
-            "--n-train",
-            "10",
-            "--n-eval",
-            "10",
-            "--n-ood",
-            "4",
-            "--out",
-            str(tmp_path / "x"),
-            *TINY,
-        ]
-    )
+    # later options win: the helper's order and sizes are replaced
+    code = bench(data, tmp_path / "x", "--order", "sa", "--n-train", "10", "--n-eval", "10", methods=["MTL"])
     err = capsys.readouterr().err
     assert code == 2 and "sa.train.jsonl: classification task 'sa'" in err and "{'positive': 10}" in err
 
