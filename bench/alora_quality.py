@@ -6,9 +6,10 @@ each seed, an ensemble of SEE(10%)-aLoRA experts for the first four tasks (copie
 runs' adapter caches when they hold them), then one last expert per variant, trained on the same
 reconstruction. Each variant is scored as the benchmark's final row would score it: all 250 dev
 queries routed through the five experts (the new one is asked first), the last task's ROUGE-L, and
-routing F1. The LoRA row is SEE(10%)'s own last expert, routed the same way.
+routing F1. The reference variant `lora` is SEE(10%)'s own ensemble of LoRA experts (from the same
+adapter caches), scored the same way in the same run; every row reports its gap to it.
 
-    python bench/alora_quality.py --seeds 0 --variants base,r16,all_linear
+    python bench/alora_quality.py --seeds 0 --variants lora,base,r16,all_linear
     python bench/alora_quality.py --seeds 0,1,2 --variants base,all_linear   # resumes per (seed, variant)
 
 Writes results/bench/alora_quality.json.
@@ -23,7 +24,9 @@ from pathlib import Path
 
 from common import DATA, RESULTS, ROOT, machine, print_table, write_json
 
+REFERENCE = "lora"  # every expert a plain LoRA expert: what the aLoRA variants are measured against
 VARIANTS = {
+    REFERENCE: [],
     "base": [],
     "last_token": ["adapter.alora_invocation=last_token"],
     "r16": ["adapter.r=16", "adapter.alpha=32"],
@@ -37,12 +40,13 @@ WORK = ROOT / "runs" / "alora_quality"
 SEED_RUNS = {0: "superni-mini", 1: "superni-mini-seed1", 2: "superni-mini-seed2"}
 
 
-def run_config(seed: int, extra: list[str]):
+def run_config(seed: int, extra: list[str], alora: bool = True):
     from seecl.config import RunConfig, from_dict, merge_overrides, to_dict
     from seecl.methods.registry import SEE_PAPER, SEE_VARIANTS
     from seecl.recipes.superni import BENCH_OVERRIDES
 
-    overrides = BENCH_OVERRIDES + SEE_PAPER + SEE_VARIANTS["aLoRA"] + ["see.tau=0.1", "train.progress=false"]
+    overrides = BENCH_OVERRIDES + SEE_PAPER + (SEE_VARIANTS["aLoRA"] if alora else []) + ["see.tau=0.1"]
+    overrides += ["train.progress=false"]
     overrides += [f"train.seed={seed}", f"see.seed={seed}", "train.checkpoint_every=25", *extra]
     return from_dict(RunConfig, merge_overrides(to_dict(RunConfig()), overrides))
 
@@ -111,16 +115,17 @@ def main() -> None:
             if key in results["runs"] and not args.redo:
                 continue
             started = time.perf_counter()
-            ensemble = SeeEnsemble(WORK / f"seed{seed}" / variant, run_config(seed, []))
+            alora = variant != REFERENCE
+            ensemble = SeeEnsemble(WORK / f"seed{seed}" / variant, run_config(seed, [], alora))
             for task in tasks[:-1]:
                 if task.name not in ensemble.experts():
                     ensemble.learn(task, cache=cache)  # the first four experts: shared by every variant
-            ensemble.config = run_config(seed, VARIANTS[variant])
+            ensemble.config = run_config(seed, VARIANTS[variant], alora)
             if tasks[-1].name not in ensemble.experts():
                 record = ensemble.learn(tasks[-1], cache=cache)
             else:
                 record = ensemble.store.records()[-1]
-            ensemble.config = run_config(seed, VARIANTS[variant] + ["see.calibrate=false"])
+            ensemble.config = run_config(seed, VARIANTS[variant] + ["see.calibrate=false"], alora)
             ensemble._engine = None
             measured = evaluate(ensemble, evals)
             measured.update(
@@ -133,13 +138,15 @@ def main() -> None:
             results["runs"][key] = measured
             write_json(OUT, results)
             print(key, measured, flush=True)
-    rows = [
-        [k, r["rouge_l"], r["routing_f1"], r["claims_of_other_tasks"], r["trainable_parameters"]]
-        for k, r in sorted(results["runs"].items())
-    ]
+    rows = []
+    for key, r in sorted(results["runs"].items()):
+        reference = results["runs"].get(f"seed{r['seed']}/{REFERENCE}")
+        gap = None if reference is None else round(r["rouge_l"] - reference["rouge_l"], 1)
+        rouge, f1 = round(r["rouge_l"], 1), round(r["routing_f1"], 3)
+        rows.append([key, rouge, gap, f1, r["claims_of_other_tasks"], r["trainable_parameters"]])
     print_table(
         "aLoRA variants on the last task",
-        ["seed/variant", "ROUGE-L", "routing F1", "claims of others", "trainable params"],
+        ["seed/variant", "ROUGE-L", "vs LoRA", "routing F1", "claims of others", "trainable params"],
         rows,
     )
 
