@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY
 from seecl.cli import main
 from seecl.data.synthetic import general_task, make_task
+from seecl.recipes import superni
 from seecl.training import forbid_training
 
 TASKS = ["uppercase", "add"]
@@ -277,3 +278,18 @@ def test_unreadable_settings_and_protocol_files_cost_a_recompute_not_a_crash(ben
     assert "computed with other settings" in capsys.readouterr().out
     assert list((out / "methods").glob("Non-rehearsal.replaced-*")), "the unreadable state is kept aside"
     assert json.loads((workdir / "settings.json").read_text())["label"] == "Non-rehearsal"
+
+
+def test_two_replacements_within_one_second_keep_both_old_states(tmp_path, monkeypatch):
+    """Regression: the second of two quick reruns with other settings crashed (Directory not empty)
+    renaming onto the first one's `.replaced-<time>` directory of the same second."""
+    monkeypatch.setattr(superni.time, "strftime", lambda fmt: "20261204-143135")
+    workdir = tmp_path / "methods" / "SEE(10%)"
+    for r in (8, 4, 2):
+        superni.claim_workdir(workdir, {"label": "SEE(10%)", "adapter.r": r}, log=lambda *_: None)
+        (workdir / "protocol.json").write_text(json.dumps({"r": r}))
+    asides = sorted(p.name for p in tmp_path.joinpath("methods").glob("SEE(10%).replaced-*"))
+    assert asides == ["SEE(10%).replaced-20261204-143135", "SEE(10%).replaced-20261204-143135-2"]
+    kept = {json.loads((tmp_path / "methods" / name / "protocol.json").read_text())["r"] for name in asides}
+    assert kept == {8, 4}, "each old state is kept whole, none overwritten"
+    assert json.loads((workdir / "settings.json").read_text())["adapter.r"] == 2

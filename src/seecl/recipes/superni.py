@@ -289,14 +289,30 @@ def claim_workdir(workdir: Path, settings: dict, log=print) -> None:
                 for key in sorted(set(stored) | set(settings))
                 if stored.get(key) != settings.get(key)
             ]
-            aside = workdir.with_name(f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-            workdir.rename(aside)
+            aside = move_aside(workdir)
             log(
                 f"  {settings.get('label')}: {workdir} was computed with other settings ({'; '.join(changes)}); "
                 f"moved it to {aside} and computing it again"
             )
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, settings)
+
+
+def move_aside(workdir: Path) -> Path:
+    """Rename `workdir` to a fresh `<workdir>.replaced-<time>[-n]` and return it. Two replacements
+    within one second (two quick reruns) get two directories; neither overwrites the other."""
+    stamp = f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = workdir.with_name(stamp), 1
+    while True:
+        if not aside.exists():
+            try:
+                workdir.rename(aside)
+                return aside
+            except OSError:  # another process took the name first
+                if not aside.exists():
+                    raise
+        n += 1
+        aside = workdir.with_name(f"{stamp}-{n}")
 
 
 def read_settings(path: Path) -> dict:
