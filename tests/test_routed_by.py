@@ -78,3 +78,63 @@ def test_ensembles_with_other_experts_are_refused_with_both_lists(pair, tmp_path
     partial = learn_ensemble(tmp_path / "two", GREEDY, NAMES[:2])
     with pytest.raises(ConfigError, match=r"router's experts .*'add'.* and the answerer's .*differ"):
         RoutedBy(router, partial).ask(["Hi"], 4)
+
+
+def test_seecl_ask_with_routers_prints_the_routers_routes_and_the_answerers_answers(pair, capsys):
+    import json
+
+    from seecl.cli import main
+
+    router, answerer = pair
+    queries = _queries()[:2] + _queries()[8:10]
+    expected = RoutedBy(router, answerer).ask(queries, 5)
+    capsys.readouterr()
+    argv = ["ask", "--ensemble", str(answerer.store.root), "--routers", str(router.store.root)]
+    assert main([*argv, "--json", "--max-new-tokens", "5", "--set", "see.calibrate=false", *queries]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [p["answered_by"] for p in printed] == [a.route.answered_by for a in expected]
+    assert [p["answer"] for p in printed] == [a.text for a in expected]
+
+    assert main([*argv[:3], "--routers", str(answerer.store.root / "missing"), "Hi"]) != 0
+    assert "no ensemble at" in capsys.readouterr().err
+    assert main([*argv, "--backend", "vllm", "Hi"]) != 0
+    assert "--routers needs --backend peft" in capsys.readouterr().err
+
+
+def test_a_served_pair_switches_only_once_both_ensembles_learned_the_new_task(tmp_path):
+    from seecl.serving.live import LiveEnsemble
+
+    answerer = learn_ensemble(tmp_path / "lora", GREEDY, NAMES[:1])
+    router = learn_ensemble(tmp_path / "alora", GREEDY + ["adapter.kind=alora"], NAMES[:1])
+    live = LiveEnsemble(answerer, router)
+    assert live.experts() == NAMES[:1] and not live.greedy_only
+    answerer.learn(make_task(NAMES[1], "train", 48))
+    assert not live.refresh() and live.experts() == NAMES[:1], "the router has not learned it yet"
+    query = make_task(NAMES[0], "eval", 1).instances[0].query
+    assert live.ask([query], 4)[0].route.checks[0].expert == NAMES[0]
+    router.learn(make_task(NAMES[1], "train", 48))
+    assert live.refresh() and live.experts() == NAMES[:2]
+    assert live.ask([query], 4)[0].route.checks[0].expert == NAMES[1], "the newest expert is asked first"
+
+    with pytest.raises(ConfigError, match="differ"):
+        LiveEnsemble(learn_ensemble(tmp_path / "other", GREEDY, NAMES[2:]), router)
+
+
+def test_the_server_answers_with_the_pairs_routes(pair):
+    import httpx
+
+    from conftest import running
+    from seecl.serving.server import ensemble_app
+
+    router, answerer = pair
+    query = _queries()[9]
+    (expected,) = RoutedBy(router, answerer).ask([query], 5)
+    with running(ensemble_app(answerer, router=router)) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": query}], "max_tokens": 5}
+        )
+    assert response.status_code == 200, response.text
+    (choice,) = response.json()["choices"]
+    assert choice["message"]["content"] == expected.text
+    assert choice["route"]["answered_by"] == expected.route.answered_by
+    assert [c["expert"] for c in choice["route"]["checks"]] == [c.expert for c in expected.route.checks]

@@ -145,6 +145,8 @@ def _open_ensemble(args: argparse.Namespace):
     overrides, vllm_overrides, file_vllm = _split_overrides(args)
     if args.backend != "vllm":
         return SeeEnsemble.open(args.ensemble, overrides), None
+    if args.routers:
+        raise SeeclError("--routers needs --backend peft: vLLM cannot serve the activated-LoRA experts routers are")
     from seecl.config import VllmConfig, load_config
     from seecl.serving.vllm_engine import VllmEngine
     from seecl.serving.vllm_llm import require_vllm
@@ -156,10 +158,14 @@ def _open_ensemble(args: argparse.Namespace):
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    from seecl.serving.routed_by import RoutedBy
+
     ensemble, engine = _open_ensemble(args)
+    routers = _open_routers(args)
     budget = ensemble.config.generate.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    backend = engine or (ensemble if routers is None else RoutedBy(routers, ensemble))
     try:
-        answers = (engine or ensemble).ask(_read_queries(args), budget)
+        answers = backend.ask(_read_queries(args), budget)
     finally:
         if engine is not None:
             engine.close()
@@ -220,6 +226,23 @@ def _add_backend_args(parser: argparse.ArgumentParser) -> None:
         default="peft",
         help="peft: seecl's engine (generate.engine); vllm: vLLM, set up with --set vllm.FIELD=VALUE (docs/vllm.md)",
     )
+    parser.add_argument(
+        "--routers",
+        metavar="ENSEMBLE",
+        help="route with this ensemble's experts (aLoRA experts of the same tasks) and answer with --ensemble's",
+    )
+
+
+def _open_routers(args: argparse.Namespace):
+    """The --routers ensemble (opened with the same overrides), or None."""
+    from seecl.see.ensemble import SeeEnsemble
+    from seecl.see.store import EnsembleStore
+
+    if not args.routers:
+        return None
+    if not EnsembleStore(args.routers).exists():
+        raise SeeclError(f"no ensemble at {args.routers} (--routers); create one with `seecl learn`")
+    return SeeEnsemble.open(args.routers, _split_overrides(args)[0])
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -255,7 +278,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = load_config(ServerConfig, overrides=server_overrides, defaults=_config_sections(args.config)[1])
     ensemble, engine = _open_ensemble(args)
     if engine is None:
-        app = ensemble_app(ensemble, server, bind=args.host)  # loads the base and every expert before serving
+        # loads the base and every expert (of both ensembles, with --routers) before serving
+        app = ensemble_app(ensemble, server, bind=args.host, router=_open_routers(args))
     else:
         app = create_app(
             engine,

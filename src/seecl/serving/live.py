@@ -4,8 +4,10 @@ Owns the switch to a grown ensemble. `refresh` (called by the server's worker th
 batches, never during one) notices a replaced manifest by its stat, loads the new experts' adapters
 and builds a backend over them, and only then makes it the one `ask` uses: a batch runs on one
 expert list from start to end, and no request sees a half-loaded ensemble. `experts()` is the list
-being served (safe to read from any thread). Does not decide what changed on disk (the store) or
-how queries are answered (the backend).
+being served (safe to read from any thread). With a `router` ensemble (`RoutedBy`: its experts
+route, the served ensemble's answer) both manifests are watched, and a grown pair is served only once
+both hold the same experts: between one's new expert and the other's, the old pair goes on serving.
+Does not decide what changed on disk (the store) or how queries are answered (the backend).
 """
 
 from __future__ import annotations
@@ -13,40 +15,54 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from seecl.errors import ConfigError
+from seecl.serving.routed_by import RoutedBy
 from seecl.serving.routing import Answer, Budget, OnToken, Query
 
 log = logging.getLogger("seecl.server")
 
 
 class LiveEnsemble:
-    """A SeeEnsemble behind a server: its backend over the experts loaded so far."""
+    """A SeeEnsemble behind a server: its backend over the experts loaded so far (routed by
+    `router`'s experts, when given)."""
 
-    def __init__(self, ensemble):
-        self.ensemble = ensemble
-        self._stamp = ensemble.store.manifest_stamp()
-        self._backend = ensemble.backend()  # loads every expert published so far
-        self._experts = tuple(self._backend.experts())
+    def __init__(self, ensemble, router=None):
+        self.ensemble, self.router = ensemble, router
+        self._stamp = self._stamps()
+        self._backend = self._build()  # loads every expert published so far
+        self._experts = tuple(self._backend.experts())  # a pair that differs is refused here
         self.reloads = 0
+
+    def _stamps(self):
+        return [e.store.manifest_stamp() for e in (self.ensemble, self.router) if e is not None]
+
+    def _build(self):
+        if self.router is None:
+            return self.ensemble.backend()
+        return RoutedBy(self.router.backend(), self.ensemble.backend())
 
     def experts(self) -> list[str]:
         return list(self._experts)
 
     @property
     def greedy_only(self) -> bool:
-        """Whether the backend decodes greedily only (the reference router): the server then
-        refuses sampled requests before they join a batch."""
+        """Whether the backend that answers decodes greedily only (the reference router): the
+        server then refuses sampled requests before they join a batch."""
         from seecl.serving.engine import RoutingEngine
 
-        return not isinstance(self._backend, RoutingEngine)
+        return not isinstance(getattr(self._backend, "answerer", self._backend), RoutingEngine)
 
     def refresh(self) -> bool:
         """Serve the experts committed since the last look; whether the expert list changed."""
-        stamp = self.ensemble.store.manifest_stamp()
+        stamp = self._stamps()
         if stamp == self._stamp:
             return False
-        backend = self.ensemble.backend()  # loads new adapters; the current backend serves until it is swapped
+        backend = self._build()  # loads new adapters; the current backend serves until it is swapped
+        try:
+            experts = tuple(backend.experts())
+        except ConfigError:  # one of the pair has a new expert the other has not learned yet
+            return False
         self._stamp = stamp
-        experts = tuple(backend.experts())
         changed = experts != self._experts
         # The backend first: a request checked against the new list (experts are only ever added)
         # is answered by this thread, after the swap.

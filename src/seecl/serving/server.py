@@ -292,12 +292,17 @@ def create_app(
 
 
 def ensemble_app(
-    ensemble, config: ServerConfig | None = None, model_id: str | None = None, bind: str = "127.0.0.1"
+    ensemble,
+    config: ServerConfig | None = None,
+    model_id: str | None = None,
+    bind: str = "127.0.0.1",
+    router=None,
 ) -> FastAPI:
     """The app over a SeeEnsemble, picking up experts learned while it serves: its id is the
     directory name, tokens are its tokenizer's, the answer budget its generate.max_new_tokens
     (within server.max_tokens) unless server.default_max_tokens says otherwise; Host checks follow
-    the `bind` address."""
+    the `bind` address. With a `router` ensemble, its experts route and this one's answer
+    (`RoutedBy`)."""
     import dataclasses
 
     from seecl.serving.live import LiveEnsemble
@@ -311,7 +316,7 @@ def ensemble_app(
     tokenizer = ensemble.base.tokenizer
     model_id = model_id or Path(ensemble.store.root).resolve().name
     return create_app(
-        LiveEnsemble(ensemble),
+        LiveEnsemble(ensemble, router),
         model_id,
         cfg,
         lambda query: len(formatter.chat_ids(as_query(query).turns())),
