@@ -183,7 +183,8 @@ def main() -> None:
         mean_gap = None if mean_row is None or reference is None else round(mean_row - reference["final_row_mean"], 2)
         rouge, f1 = round(r["rouge_l"], 1), round(r["routing_f1"], 3)
         mean_row = None if mean_row is None else round(mean_row, 2)
-        rows.append([key, rouge, gap, mean_row, mean_gap, f1, r["claims_of_other_tasks"], r["trainable_parameters"]])
+        cells = [key, rouge, gap, mean_row, mean_gap, f1, r["claims_of_other_tasks"], r["trainable_parameters"]]
+        rows.append(["–" if cell is None else cell for cell in cells])
     print_table(
         "aLoRA variants: the last task (and with --all-tasks the final row's mean)",
         ["seed/variant", "ROUGE-L", "vs LoRA", "row mean", "vs LoRA", "routing F1", "claims of others", "params"],
