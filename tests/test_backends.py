@@ -23,6 +23,7 @@ from backend_checks import (
 from seecl.data.synthetic import make_task
 from seecl.serving.engine import RoutingEngine
 from seecl.serving.reference import SequentialRouter
+from seecl.serving.routed_by import RoutedBy
 from seecl.serving.routing import BASE, RoutingBackend
 
 NAMES = ["reverse_list", "uppercase", "add"]
@@ -51,6 +52,10 @@ BACKENDS = {
         ens.model, ens.formatter(), experts, threshold, batch_size=4, prefix_cache_tokens=256
     ),
     "reference": lambda ens, threshold, experts: reference(ens, threshold, experts),
+    # one ensemble routing for itself through RoutedBy: the walk's routes, the claimer's answers
+    "routed_by": lambda ens, threshold, experts: RoutedBy(
+        RoutingEngine(ens.model, ens.formatter(), experts, threshold, batch_size=4), reference(ens, None, experts)
+    ),
 }
 
 
