@@ -32,6 +32,7 @@ class LiveEnsemble:
         self._backend = self._build()  # loads every expert published so far
         self._experts = tuple(self._backend.experts())  # a pair that differs is refused here
         self.reloads = 0
+        self._waiting = None  # the stamps of a pair that differed when last looked at
 
     def _stamps(self):
         return [e.store.manifest_stamp() for e in (self.ensemble, self.router) if e is not None]
@@ -60,7 +61,10 @@ class LiveEnsemble:
         backend = self._build()  # loads new adapters; the current backend serves until it is swapped
         try:
             experts = tuple(backend.experts())
-        except ConfigError:  # one of the pair has a new expert the other has not learned yet
+        except ConfigError as exc:  # one of the pair has a new expert the other has not learned yet
+            if self._waiting != stamp:
+                self._waiting = stamp
+                log.info("still serving %s: %s", ", ".join(self._experts), exc)
             return False
         self._stamp = stamp
         changed = experts != self._experts
