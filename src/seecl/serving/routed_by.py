@@ -20,7 +20,17 @@ import dataclasses
 from collections.abc import Sequence
 
 from seecl.errors import ConfigError
-from seecl.serving.routing import Answer, Budget, Delta, OnToken, Query, Route, RoutingBackend, as_query
+from seecl.serving.routing import (
+    Answer,
+    Budget,
+    Delta,
+    OnToken,
+    Query,
+    Route,
+    RoutingBackend,
+    as_query,
+    routes_with_owners,
+)
 
 
 class RoutedBy:
@@ -50,17 +60,11 @@ class RoutedBy:
         self, queries: Sequence[str | Query], max_new_tokens: Budget = 64, on_token: OnToken | None = None
     ) -> list[Answer]:
         asked = [as_query(q) for q in queries]
-        routes = self.route([q for q in asked if q.owner is None])
-        routed = iter(routes)
-        routes_by_index: list[Route | None] = [None if q.owner is not None else next(routed) for q in asked]
-        owned = [
-            q if route is None else dataclasses.replace(q, owner=route.answered_by)
-            for q, route in zip(asked, routes_by_index)
-        ]
+        routes = routes_with_owners(asked, self.experts(), self.router.route)
+        owned = [dataclasses.replace(q, owner=route.answered_by) for q, route in zip(asked, routes)]
 
         def with_route(index: int, answer: Answer) -> Answer:
-            route = routes_by_index[index]
-            return dataclasses.replace(answer, query=queries[index], route=route or answer.route)
+            return dataclasses.replace(answer, query=queries[index], route=routes[index])
 
         forward = None
         if on_token is not None:
