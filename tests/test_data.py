@@ -55,6 +55,114 @@ def test_trace_folder(tmp_path):
         load_instances(folder, split="dev")
 
 
+def test_trace_split_keeps_folder_split_index_ids(tmp_path):
+    folder = tmp_path / "FOMC"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps([{"prompt": "p0", "answer": "a"}, {"prompt": "p1", "answer": "b"}]))
+    assert [i.id for i in load_instances(folder)] == ["FOMC-train-0", "FOMC-train-1"]
+    (folder / "train.json").write_text(json.dumps([{"prompt": "p0", "answer": "a"}, {"prompt": "p1"}]))
+    with pytest.raises(DataError, match=r"train\.json: item 1: missing field 'response' \(or 'completion', or TRACE"):
+        load_instances(folder)
+
+
+def test_prompt_completion_jsonl_reads_like_prompt_response(tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": "c"}])
+    assert load_task(path).instances[0].references == ("c",)
+    both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "q", "response": "r", "completion": "c"}])
+    with pytest.raises(DataError, match=r"both\.jsonl:1: fields 'response' and 'completion' both hold the response"):
+        load_task(both)
+
+
+def chat(*turns, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": role, "content": text} for role, text in turns]}
+
+
+def test_chat_jsonl_is_one_user_message_and_the_assistant_answer(tmp_path):
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            chat(("user", "Translate: cat"), ("assistant", "gato"), system="You are terse."),
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "Trans"}, {"type": "text", "text": "late: dog"}],
+                    },
+                    {"role": "assistant", "content": "perro"},
+                ]
+            },
+        ],
+    )
+    task = load_task(path)
+    assert [(i.query, i.references) for i in task.instances] == [
+        ("Translate: cat", ("gato",)),
+        ("Translate: dog", ("perro",)),
+    ]
+    queries = write_jsonl(tmp_path / "queries.jsonl", [chat(("user", "just asking"))])
+    assert [i.query for i in load_instances(queries, responses=False)] == ["just asking"]
+
+
+@pytest.mark.parametrize(
+    "record, error",
+    [
+        (chat(("user", "q")), r"one user message and the assistant's answer \(system .*\); found the turns \['user'\]"),
+        (chat(("user", "q"), ("assistant", "a"), ("user", "q")), r".*found the turns \['user', 'assistant', 'user'\]"),
+        (chat(("assistant", "a"), ("user", "q")), r".*found the turns \['assistant', 'user'\]"),
+        (chat(("user", "q"), ("tool", "{}")), r"messages\[1\]: role 'tool' is not supported"),
+        (chat(("user", "   "), ("assistant", "a")), r"the user message is empty"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            r"messages\[0\]: content parts of type image_url",
+        ),
+        ({"messages": [{"role": "user", "content": 7}]}, r"messages\[0\]: content must be a string or an array"),
+        ({"messages": "hi"}, r"'messages' must be a non-empty list"),
+    ],
+)
+def test_a_chat_line_that_is_not_one_exchange_names_file_line_and_turns(tmp_path, record, error):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat(("user", "fine"), ("assistant", "ok")), record])
+    with pytest.raises(DataError, match=r"c\.jsonl:2: (an instance is )?" + error):
+        load_task(path)
+
+
+def test_alpaca_jsonl_and_json_list(tmp_path):
+    records = [
+        {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
+        {"instruction": "Name a colour.", "input": "", "output": "blue"},
+    ]
+    jsonl = write_jsonl(tmp_path / "alpaca.jsonl", records)
+    listed = tmp_path / "alpaca_data.json"
+    listed.write_text(json.dumps(records))
+    for path in (jsonl, listed):
+        assert [(i.query, i.response) for i in load_task(path).instances] == [
+            ("Add the numbers.\n\n2 + 3", "5"),
+            ("Name a colour.", "blue"),
+        ]
+    listed.write_text(json.dumps(records + [{"instruction": "x", "input": 3, "output": "y"}]))
+    with pytest.raises(DataError, match=r"alpaca_data\.json: item 2: field 'input' must be a string"):
+        load_task(listed)
+
+
+def test_a_file_mixing_record_formats_names_the_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [{"prompt": "q", "response": "r"}, chat(("user", "q"), ("assistant", "a"))]
+    )
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: this record is not in the file's format \(plain"):
+        load_task(path)
+
+
+def test_an_unknown_record_lists_the_formats_seecl_reads(tmp_path):
+    path = write_jsonl(tmp_path / "io.jsonl", [{"input": "q", "output": "a"}])
+    with pytest.raises(
+        DataError, match=r"io\.jsonl:1: cannot tell the format: .*chat messages .*Alpaca.*found \['input', 'output'\]"
+    ):
+        load_task(path)
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    with pytest.raises(DataError, match=r"scalar\.json: a \.json data file must be a SuperNI task object or a list"):
+        load_task(scalar)
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "response": "r"}\n{"prompt": "q2", "response": \n')

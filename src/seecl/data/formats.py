@@ -4,7 +4,12 @@
 - Official SuperNI task JSON: `Definition` (list), `Instances` with `input` and `output` (list);
   the query is Definition + "\\n\\n" + input.
 - TRACE folder: `train.json` / `eval.json` / `test.json`, each a list of `{prompt, answer}`.
-- Plain JSONL with `prompt` and `response` (optional `id`).
+- Plain JSONL with `prompt` and `response` (or `completion`, TRL's prompt-completion; optional `id`).
+- Chat JSONL with `messages`: one user message and the assistant's answer (OpenAI's fine-tuning
+  format, TRL's conversational one); system messages are skipped, as `seecl serve` skips them.
+- Alpaca JSONL with `instruction`, `input` (may be empty) and `output`; the query is
+  instruction + "\\n\\n" + input.
+A `.json` file holding a list of records in any of these record formats reads like the JSONL form.
 The format is detected from the path and the first record; `load_task` returns a validated Task.
 """
 
@@ -20,6 +25,8 @@ from seecl.data.task import Instance, Task
 from seecl.errors import DataError
 
 TRACE_SPLITS = ("train", "eval", "test")
+# Where a record is, as DataError takes it: (file, line) for JSONL, ("file: item N", None) for a JSON list.
+Where = tuple[object, "int | None"]
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -40,18 +47,21 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, record
 
 
-def _text(record: dict[str, Any], key: str, path: Path, line: int | None) -> str:
+def _text(record: dict[str, Any], key: str, path: object, line: int | None) -> str:
     if key not in record:
         raise DataError(f"missing field {key!r}", path, line)
-    value = record[key]
+    return _checked_text(record[key], f"field {key!r}", path, line)
+
+
+def _checked_text(value: Any, what: str, path: object, line: int | None) -> str:
     if not isinstance(value, str):
-        raise DataError(f"field {key!r} must be a string, got {type(value).__name__}", path, line)
+        raise DataError(f"{what} must be a string, got {type(value).__name__}", path, line)
     if not value.strip():
-        raise DataError(f"field {key!r} is empty", path, line)
+        raise DataError(f"{what} is empty", path, line)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError(f"field {key!r} holds an unpaired surrogate escape (\\ud800-\\udfff)", path, line) from None
+        raise DataError(f"{what} holds an unpaired surrogate escape (\\ud800-\\udfff)", path, line) from None
     return value
 
 
@@ -74,38 +84,125 @@ def _references(
     return tuple(values)
 
 
-def _detect_jsonl(path: Path) -> str:
-    for number, record in _iter_jsonl(path):
-        if "full_prompt" in record:
-            return "ssr"
-        if "prompt" in record:
-            return "plain"
-        raise DataError(
-            "cannot tell the format: expected SSR fields (full_prompt, output, id) or plain fields "
-            f"(prompt, response); found {sorted(record)}",
-            path,
-            number,
-        )
-    raise DataError("file has no records", path)
+RESPONSE_KEYS = ("response", "completion", "answer")
 
 
-def read_ssr_jsonl(path: Path, responses: bool = True) -> list[Instance]:
+def _record_kind(record: dict[str, Any]) -> str | None:
+    if "full_prompt" in record:
+        return "ssr"
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record:
+        return "plain"
+    return None
+
+
+def _unknown_record(record: dict[str, Any]) -> str:
+    return (
+        "cannot tell the format: expected SSR fields (full_prompt, output, id), chat messages "
+        "(messages), Alpaca fields (instruction, input, output) or plain fields (prompt, "
+        f"response/completion); found {sorted(record)}"
+    )
+
+
+def _ssr_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
+    return _text(record, "full_prompt", *where), _references(record, "output", *where, responses)
+
+
+def _plain_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
+    keys = [key for key in RESPONSE_KEYS if key in record]
+    if len(keys) > 1:
+        raise DataError(f"fields {' and '.join(map(repr, keys))} both hold the response; keep one", *where)
+    query = _text(record, "prompt", *where)
+    if not keys and responses:
+        raise DataError("missing field 'response' (or 'completion', or TRACE's 'answer')", *where)
+    return query, _references(record, keys[0], *where) if keys else ()
+
+
+def _alpaca_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
+    instruction = _text(record, "instruction", *where)
+    context = record.get("input", "")
+    if not isinstance(context, str):
+        raise DataError(f"field 'input' must be a string, got {type(context).__name__}", *where)
+    query = f"{instruction}\n\n{context}" if context.strip() else instruction
+    return query, _references(record, "output", *where, responses)
+
+
+def _chat_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
+    """One user message, then the assistant's answer (the training target). System and developer
+    messages are skipped, as `seecl serve` skips them: experts learn and answer under the
+    ensemble's own system prompt (`model.system_prompt`)."""
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise DataError("'messages' must be a non-empty list of message objects", *where)
+    turns = []
+    for index, message in enumerate(messages):
+        role = message.get("role")
+        if role in ("system", "developer"):
+            continue
+        if role not in ("user", "assistant"):
+            raise DataError(f"messages[{index}]: role {role!r} is not supported (user, assistant, system)", *where)
+        try:
+            turns.append((role, content_text(message.get("content"))))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"messages[{index}]: content {exc}", *where) from None
+    roles = [role for role, _ in turns]
+    if roles not in (["user"], ["user", "assistant"]) or (responses and roles != ["user", "assistant"]):
+        wanted = "one user message and the assistant's answer" if responses else "one user message"
+        raise DataError(f"an instance is {wanted} (system messages aside); found the turns {roles or 'none'}", *where)
+    texts = {role: _checked_text(text, f"the {role} message", *where) for role, text in turns}
+    return texts["user"], (texts["assistant"],) if "assistant" in texts else ()
+
+
+RECORD_READERS = {"ssr": _ssr_instance, "plain": _plain_instance, "alpaca": _alpaca_instance, "chat": _chat_instance}
+
+
+def content_text(content: Any) -> str:
+    """A chat message's text: a string, or a list of text parts (OpenAI's content array), joined.
+
+    Raises ValueError for parts that are not text and TypeError for any other shape, each saying
+    what is wrong after the word "content"; callers add where it was."""
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        others = sorted({str(part.get("type")) for part in content} - {"text"})
+        if others:
+            raise ValueError(f"parts of type {', '.join(others)} are not supported (text only)")
+        if all(isinstance(part.get("text"), str) for part in content):
+            content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise TypeError("must be a string or an array of text parts")
+    return content
+
+
+def _read_records(records: Iterator[tuple[dict[str, Any], Where, str]], path: Path, responses: bool) -> list[Instance]:
+    """Instances from records that share one format, decided by the first record."""
+    kind = None
     out = []
-    for number, record in _iter_jsonl(path):
-        query = _text(record, "full_prompt", path, number)
-        refs = _references(record, "output", path, number, responses)
-        inst_id = str(record.get("id", f"{path.stem}-{number}"))
-        out.append(Instance(inst_id, query, refs))
+    for record, where, default_id in records:
+        if kind is None:
+            kind = _record_kind(record)
+            if kind is None:
+                raise DataError(_unknown_record(record), *where)
+        elif _record_kind(record) != kind:
+            raise DataError(f"this record is not in the file's format ({kind}, from its first record)", *where)
+        query, references = RECORD_READERS[kind](record, where, responses)
+        out.append(Instance(str(record.get("id", default_id)), query, references))
+    if kind is None:
+        raise DataError("file has no records", path)
     return out
 
 
-def read_plain_jsonl(path: Path, responses: bool = True) -> list[Instance]:
-    out = []
+def _jsonl_records(path: Path) -> Iterator[tuple[dict[str, Any], Where, str]]:
     for number, record in _iter_jsonl(path):
-        query = _text(record, "prompt", path, number)
-        refs = _references(record, "response", path, number, responses)
-        out.append(Instance(str(record.get("id", f"{path.stem}-{number}")), query, refs))
-    return out
+        yield record, (path, number), f"{path.stem}-{number}"
+
+
+def _list_records(data: list, path: Path, id_prefix: str) -> Iterator[tuple[dict[str, Any], Where, str]]:
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise DataError(f"item {index} must be an object", path)
+        yield record, (f"{path}: item {index}", None), f"{id_prefix}-{index}"
 
 
 def _load_json(path: Path) -> Any:
@@ -121,9 +218,8 @@ def _load_json(path: Path) -> Any:
         raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
 
 
-def read_superni_json(path: Path) -> list[Instance]:
-    data = _load_json(path)
-    if not isinstance(data, dict) or "Instances" not in data or "Definition" not in data:
+def read_superni_json(data: dict, path: Path) -> list[Instance]:
+    if "Instances" not in data or "Definition" not in data:
         raise DataError("a SuperNI task file needs 'Definition' and 'Instances'", path)
     definition = data["Definition"]
     if isinstance(definition, list):
@@ -150,52 +246,41 @@ def read_superni_json(path: Path) -> list[Instance]:
     return out
 
 
+def read_json_file(path: Path, responses: bool = True, id_prefix: str | None = None) -> list[Instance]:
+    """A `.json` file: a SuperNI task (an object with Definition and Instances) or a list of records
+    in any JSONL record format (TRACE splits, Alpaca's alpaca_data.json, chat datasets)."""
+    data = _load_json(path)
+    if isinstance(data, list):
+        return _read_records(_list_records(data, path, id_prefix or path.stem), path, responses)
+    if isinstance(data, dict):
+        return read_superni_json(data, path)
+    raise DataError("a .json data file must be a SuperNI task object or a list of records", path)
+
+
 def read_trace_split(folder: Path, split: str) -> list[Instance]:
     if split not in TRACE_SPLITS:
         raise DataError(f"TRACE split must be one of {TRACE_SPLITS}, got {split!r}", folder)
     path = folder / f"{split}.json"
     if not path.is_file():
         raise DataError(f"TRACE folder has no {split}.json", folder)
-    data = _load_json(path)
-    if not isinstance(data, list):
-        raise DataError("a TRACE split must be a JSON list of {prompt, answer}", path)
-    out = []
-    for index, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise DataError(f"item {index} must be an object", path)
-        try:
-            query = _text(record, "prompt", path, None)
-            refs = _references(record, "answer", path, None)
-        except DataError as exc:
-            raise DataError(f"item {index}: {str(exc).split(': ', 1)[-1]}", path) from None
-        out.append(Instance(f"{folder.name}-{split}-{index}", query, refs))
-    return out
-
-
-def detect_format(path: Path) -> str:
-    if path.is_dir():
-        if any((path / f"{s}.json").is_file() for s in TRACE_SPLITS):
-            return "trace"
-        raise DataError("a directory must be a TRACE folder with train.json/eval.json/test.json", path)
-    if not path.is_file():
-        raise DataError("data file not found", path)
-    if path.suffix == ".json":
-        return "superni"
-    return _detect_jsonl(path)
+    return read_json_file(path, id_prefix=f"{folder.name}-{split}")
 
 
 def load_instances(path: str | Path, split: str = "train", responses: bool = True) -> list[Instance]:
     """Read instances from any supported format (`split` only applies to TRACE folders).
 
-    With `responses=False` (queries to ask, general instructions) JSONL lines need no response.
+    With `responses=False` (queries to ask, general instructions) records need no response.
     """
     path = Path(path).expanduser()
-    kind = detect_format(path)
-    if kind == "trace":
-        return read_trace_split(path, split)
-    if kind == "superni":
-        return read_superni_json(path)
-    return {"ssr": read_ssr_jsonl, "plain": read_plain_jsonl}[kind](path, responses)
+    if path.is_dir():
+        if any((path / f"{s}.json").is_file() for s in TRACE_SPLITS):
+            return read_trace_split(path, split)
+        raise DataError("a directory must be a TRACE folder with train.json/eval.json/test.json", path)
+    if not path.is_file():
+        raise DataError("data file not found", path)
+    if path.suffix == ".json":
+        return read_json_file(path, responses)
+    return _read_records(_jsonl_records(path), path, responses)
 
 
 class LabelOrderWarning(UserWarning):

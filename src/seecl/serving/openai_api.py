@@ -19,6 +19,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from seecl.config import ServerConfig
+from seecl.data.formats import content_text
 from seecl.serving.routing import BASE, Answer, Query, Sampling, TokenLogprob
 
 
@@ -180,24 +181,13 @@ def _completion_prompts(body: dict, cfg: ServerConfig) -> list[str]:
 
 
 def _message_text(message: dict, index: int) -> str:
-    content = message.get("content")
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        others = sorted({str(p.get("type")) for p in content} - {"text"})
-        if others:
-            raise ApiError(
-                f"messages[{index}]: content parts of type {', '.join(others)} are not supported (text only)",
-                param="messages",
-                code="unsupported_value",
-            )
-        if all(isinstance(p.get("text"), str) for p in content):
-            content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
-        raise ApiError(
-            f"messages[{index}].content must be a string or an array of text parts",
-            param="messages",
-            code="invalid_type",
-        )
-    return text_field(content, f"messages[{index}].content")
+    try:
+        text = content_text(message.get("content"))
+    except ValueError as exc:
+        raise ApiError(f"messages[{index}]: content {exc}", param="messages", code="unsupported_value") from None
+    except TypeError as exc:
+        raise ApiError(f"messages[{index}]: content {exc}", param="messages", code="invalid_type") from None
+    return text_field(text, f"messages[{index}].content")
 
 
 def chat_query(body: dict) -> tuple[str, tuple[tuple[str, str], ...]]:
