@@ -251,3 +251,26 @@ def test_learn_takes_a_stratified_sample_of_a_label_sorted_file(tmp_path, capsys
     assert expert["n_positives"] == 8
     assert main(["learn", "--ensemble", ens, "--data", str(data), "--sample", "8", "--limit", "8", *TINY]) == 2
     assert "either limit" in capsys.readouterr().err
+
+
+def test_ask_reads_chat_files_and_says_once_that_system_messages_are_skipped(small_ensemble, tmp_path):
+    line = {
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Add the two numbers and give only the sum.\n\n1 + 2"},
+        ]
+    }
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(line) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "seecl.cli", "ask", "--ensemble", small_ensemble, "--file", str(chat), "--json"]
+        + ["--max-new-tokens", "0"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(row) for row in result.stdout.splitlines()]
+    assert [a["query"] for a in answers] == [line["messages"][1]["content"]] * 2
+    warnings = [row for row in result.stderr.splitlines() if "system messages are skipped" in row]
+    assert len(warnings) == 1 and warnings[0].startswith(f"seecl: warning: {chat}: system messages are skipped")

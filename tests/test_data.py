@@ -85,6 +85,7 @@ def test_chat_jsonl_is_one_user_message_and_the_assistant_answer(tmp_path):
             chat(("user", "Translate: cat"), ("assistant", "gato"), system="You are terse."),
             {
                 "messages": [
+                    {"role": "developer", "content": "Be brief."},
                     {
                         "role": "user",
                         "content": [{"type": "text", "text": "Trans"}, {"type": "text", "text": "late: dog"}],
@@ -94,7 +95,11 @@ def test_chat_jsonl_is_one_user_message_and_the_assistant_answer(tmp_path):
             },
         ],
     )
-    task = load_task(path)
+    from seecl.data.formats import SystemMessageSkipped
+
+    with pytest.warns(SystemMessageSkipped, match=r"chat\.jsonl: system messages are skipped") as caught:
+        task = load_task(path)
+    assert len(caught) == 1  # once per file, though both lines carry one
     assert [(i.query, i.references) for i in task.instances] == [
         ("Translate: cat", ("gato",)),
         ("Translate: dog", ("perro",)),

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from seecl import options
 from seecl.config import ServerConfig, VllmConfig
@@ -401,11 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    import warnings
+_python_format_warning = warnings.formatwarning
 
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """seecl's own warnings (about the user's data) read as one line, like its errors; others keep
+    Python's form, which points at the code that raised them."""
+    if category.__module__.startswith("seecl."):
+        return f"seecl: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+def main(argv: list[str] | None = None) -> int:
     # PEFT calls a transformers method that transformers 5 deprecated; nothing for users to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     # Overrides may follow options (`bench superni --out X train.lr=1e-3`); argparse would have
     # bound the positional list already, so collect the trailing `key=value` items here.

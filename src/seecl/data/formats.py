@@ -130,6 +130,13 @@ def _alpaca_instance(record: dict[str, Any], where: Where, responses: bool) -> t
     return query, _references(record, "output", *where, responses)
 
 
+SYSTEM_ROLES = ("system", "developer")
+
+
+class SystemMessageSkipped(UserWarning):
+    """A chat file's system messages are not part of its instances (said once per file)."""
+
+
 def _chat_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
     """One user message, then the assistant's answer (the training target). System and developer
     messages are skipped, as `seecl serve` skips them: experts learn and answer under the
@@ -140,7 +147,7 @@ def _chat_instance(record: dict[str, Any], where: Where, responses: bool) -> tup
     turns = []
     for index, message in enumerate(messages):
         role = message.get("role")
-        if role in ("system", "developer"):
+        if role in SYSTEM_ROLES:
             continue
         if role not in ("user", "assistant"):
             raise DataError(f"messages[{index}]: role {role!r} is not supported (user, assistant, system)", *where)
@@ -178,6 +185,7 @@ def content_text(content: Any) -> str:
 def _read_records(records: Iterator[tuple[dict[str, Any], Where, str]], path: Path, responses: bool) -> list[Instance]:
     """Instances from records that share one format, decided by the first record."""
     kind = None
+    skipped = False
     out = []
     for record, where, default_id in records:
         if kind is None:
@@ -188,6 +196,15 @@ def _read_records(records: Iterator[tuple[dict[str, Any], Where, str]], path: Pa
             raise DataError(f"this record is not in the file's format ({kind}, from its first record)", *where)
         query, references = RECORD_READERS[kind](record, where, responses)
         out.append(Instance(str(record.get("id", default_id)), query, references))
+        if kind == "chat" and not skipped and any(m.get("role") in SYSTEM_ROLES for m in record["messages"]):
+            skipped = True
+            warnings.warn(
+                SystemMessageSkipped(
+                    f"{path}: system messages are skipped; experts learn and answer under the "
+                    "ensemble's system prompt (model.system_prompt), as `seecl serve` does"
+                ),
+                stacklevel=3,
+            )
     if kind is None:
         raise DataError("file has no records", path)
     return out
