@@ -4,7 +4,8 @@
 - Official SuperNI task JSON: `Definition` (list), `Instances` with `input` and `output` (list);
   the query is Definition + "\\n\\n" + input.
 - TRACE folder: `train.json` / `eval.json` / `test.json`, each a list of `{prompt, answer}`.
-- Plain JSONL with `prompt` and `response` (or `completion`, TRL's prompt-completion; optional `id`).
+- Plain JSONL with `prompt` and `response` (or `completion`, TRL's prompt-completion, whose
+  conversational form, lists of messages, reads as chat; optional `id`).
 - Chat JSONL with `messages`: one user message and the assistant's answer (OpenAI's fine-tuning
   format, TRL's conversational one); system messages are skipped, as `seecl serve` skips them.
 - Alpaca JSONL with `instruction`, `input` (may be empty) and `output`; the query is
@@ -112,6 +113,11 @@ def _ssr_instance(record: dict[str, Any], where: Where, responses: bool) -> tupl
 
 
 def _plain_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
+    if isinstance(record.get("prompt"), list):  # TRL's conversational prompt-completion
+        completion = record.get("completion", [])
+        if not isinstance(completion, list):
+            raise DataError("a conversational 'prompt' (a list of messages) needs a list 'completion'", *where)
+        return _chat_instance({"messages": record["prompt"] + completion}, where, responses)
     keys = [key for key in RESPONSE_KEYS if key in record]
     if len(keys) > 1:
         raise DataError(f"fields {' and '.join(map(repr, keys))} both hold the response; keep one", *where)
