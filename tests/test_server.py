@@ -237,6 +237,33 @@ BAD = [
     ),
     ("/v1/chat/completions", {"messages": chat(("user", "a")), "top_logprobs": 2}, 400, "needs 'logprobs': true"),
     ("/v1/chat/completions", {"messages": chat(("user", "a")), "logprobs": 3}, 400, "'logprobs' must be a boolean"),
+    ("/v1/responses", {"max_output_tokens": 4}, 400, "missing required field 'input'"),
+    ("/v1/responses", {"input": 3}, 400, "'input' must be a non-empty array of message objects"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 33}, 400, "'max_output_tokens' must be between 1 and 32"),
+    ("/v1/responses", {"input": "hi", "max_tokens": 3}, 400, "unsupported field(s) 'max_tokens'"),
+    ("/v1/responses", {"input": "hi", "n": 2}, 400, "unsupported field(s) 'n'"),
+    ("/v1/responses", {"input": "hi", "instructions": 3}, 400, "'instructions' must be a string"),
+    ("/v1/responses", {"input": "hi", "store": True}, 400, "responses are not stored"),
+    ("/v1/responses", {"input": "hi", "previous_response_id": "resp_x"}, 400, "send the earlier turns"),
+    ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tool calling"),
+    ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_object"}}}, 400, "structured output"),
+    ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs"]}, 400, "extra output"),
+    ("/v1/responses", {"input": "hi", "model": "gpt-4"}, 404, "model 'gpt-4' not found"),
+    ("/v1/responses", {"input": ["hi"]}, 400, "input[0] must be a message object"),
+    (
+        "/v1/responses",
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": "{}"}]},
+        400,
+        "input[0]: items of type 'function_call_output' are not supported",
+    ),
+    (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        400,
+        "input[0]: content parts of type input_image are not supported",
+    ),
+    ("/v1/responses", {"input": [{"role": "assistant", "content": "a"}]}, 400, "must end with a user message"),
+    ("/v1/responses", {"input": "\udfff"}, 400, "input[0].content holds an unpaired"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
 
@@ -309,6 +336,10 @@ def test_engine_failure_is_a_server_error_and_the_server_keeps_serving():
         assert failed.status_code == 500 and failed.json()["error"]["type"] == "server_error"
         assert "engine failure" in failed.json()["error"]["message"]
         streamed = httpx.post(f"{base_url}/v1/completions", json={"prompt": "boom", "stream": True})
+        assert streamed.status_code == 500 and "engine failure" in streamed.json()["error"]["message"]
+        failed = httpx.post(f"{base_url}/v1/responses", json={"input": "boom"})
+        assert failed.status_code == 500 and "engine failure" in failed.json()["error"]["message"]
+        streamed = httpx.post(f"{base_url}/v1/responses", json={"input": "boom", "stream": True})
         assert streamed.status_code == 500 and "engine failure" in streamed.json()["error"]["message"]
         ok = httpx.post(f"{base_url}/v1/completions", json={"prompt": "fine words"})
         assert ok.json()["choices"][0]["text"] == "FINE WORDS"

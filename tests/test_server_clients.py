@@ -110,6 +110,46 @@ def test_a_request_may_name_an_expert_or_the_base(client, ensemble):
         assert chat.choices[0].route == {"answered_by": owner, "reason": "requested", "checks": []}
 
 
+def test_the_openai_responses_api_answers_like_chat(client, ensemble):
+    """client.responses: plain, streamed (raw events and the SDK's stream helper), a conversation
+    with instructions, an expert by name, and an answer cut by max_output_tokens."""
+    add, upper = queries()[4], queries()[2]
+    response = client.responses.create(model="ens", input=add, max_output_tokens=6)
+    [expected] = ensemble.ask([add], 6)
+    assert response.status == "completed" or expected.finish_reason == "length"
+    assert response.output_text == expected.text and response.route["answered_by"] == expected.route.answered_by
+    assert response.usage.output_tokens == len(expected.token_ids)
+    assert response.usage.input_tokens == len(ensemble.formatter().chat_ids([("user", add)]))
+
+    events = list(client.responses.create(model="ens", input=add, max_output_tokens=6, stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == f"response.{response.status}"
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == expected.text == events[-1].response.output_text
+    assert events[-1].response.route["answered_by"] == expected.route.answered_by
+
+    history = [
+        {"role": "user", "content": upper},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "FINE"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": add}]},
+    ]
+    instructions = "ignored: the ensemble keeps the system prompt its experts learned with"
+    with client.responses.stream(model="ens", input=history, instructions=instructions, max_output_tokens=32) as stream:
+        final = stream.get_final_response()
+    [expected] = ensemble.ask([Query(add, (("user", upper), ("assistant", "FINE")))], 32)
+    assert final.status == "completed" and final.output_text == expected.text
+    assert final.route["answered_by"] == ensemble.route([add])[0].answered_by, "routed on the last turn"
+
+    named = client.responses.create(model="ens/uppercase", input=add, max_output_tokens=6)
+    assert named.model == "ens/uppercase"
+    assert named.route == {"answered_by": "uppercase", "reason": "requested", "checks": []}
+    assert named.output_text == ensemble.ask([Query(add, (), "uppercase")], 6)[0].text
+
+    cut = client.responses.create(model="ens/base", input=queries()[0], max_output_tokens=1)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    assert cut.output[0].status == "incomplete" and cut.usage.output_tokens == 1
+
+
 def test_the_openai_client_sees_clear_errors(url, client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model="ens", prompt="hi", temperature=3)
@@ -121,6 +161,8 @@ def test_the_openai_client_sees_clear_errors(url, client):
         )
     with pytest.raises(openai.NotFoundError, match="ens/base"):
         client.completions.create(model="gpt-4", prompt="hi")
+    with pytest.raises(openai.BadRequestError, match="responses are not stored"):
+        client.responses.create(model="ens", input="hi", previous_response_id="resp_1")
     wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()

@@ -274,7 +274,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble):
+def test_serve_with_vllm_answers_openai_chat_and_responses_requests_with_their_route(ensemble):
     import httpx
 
     port = free_port()
@@ -304,6 +304,11 @@ def test_serve_with_vllm_answers_an_openai_chat_request_with_its_route(ensemble)
         assert choice["route"]["answered_by"] == expected.route.answered_by
         assert [c["verdict"] for c in choice["route"]["checks"]] == [c.verdict for c in expected.route.checks]
         assert choice["message"]["content"] == expected.text
+        response = httpx.post(f"{url}/v1/responses", json={"input": query, "max_output_tokens": 6}, timeout=300)
+        assert response.status_code == 200, response.text
+        ((part,),) = [item["content"] for item in response.json()["output"]]
+        assert part["text"] == expected.text
+        assert response.json()["route"]["answered_by"] == expected.route.answered_by
         models = httpx.get(f"{url}/v1/models", timeout=30).json()
         model_id = models["data"][0]["id"]
         assert [m["id"] for m in models["data"]][1:] == [f"{model_id}/{n}" for n in [*NAMES, BASE]]

@@ -106,7 +106,7 @@ def text_field(value: str, where: str) -> str:
     return value
 
 
-def _check_fields(body: dict, allowed: set[str], endpoint: str) -> None:
+def check_fields(body: dict, allowed: set[str], endpoint: str, neutral: dict = NEUTRAL) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise ApiError(
@@ -115,8 +115,8 @@ def _check_fields(body: dict, allowed: set[str], endpoint: str) -> None:
             param=unknown[0],
             code="unsupported_field",
         )
-    for name, (neutral, why) in NEUTRAL.items():
-        if name in body and body[name] is not None and body[name] not in neutral:
+    for name, (values, why) in neutral.items():
+        if name in body and body[name] is not None and body[name] not in values:
             raise ApiError(f"'{name}'={json.dumps(body[name])[:80]} is not supported: {why}", param=name)
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
@@ -180,56 +180,63 @@ def _completion_prompts(body: dict, cfg: ServerConfig) -> list[str]:
     return prompts
 
 
-def _message_text(message: dict, index: int) -> str:
+def _message_text(message: dict, where: str, field: str) -> str:
     try:
         text = content_text(message.get("content"))
     except ValueError as exc:
-        raise ApiError(f"messages[{index}]: content {exc}", param="messages", code="unsupported_value") from None
+        raise ApiError(f"{where}: content {exc}", param=field, code="unsupported_value") from None
     except TypeError as exc:
-        raise ApiError(f"messages[{index}]: content {exc}", param="messages", code="invalid_type") from None
-    return text_field(text, f"messages[{index}].content")
+        raise ApiError(f"{where}: content {exc}", param=field, code="invalid_type") from None
+    return text_field(text, f"{where}.content")
 
 
-def chat_query(body: dict) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The last user turn (what routing reads) and the earlier user and assistant turns.
+def chat_query(body: dict, field: str = "messages") -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The last user turn (what routing reads) and the earlier user and assistant turns of
+    `body[field]` (the Responses API's `input` items arrive here as messages).
 
     System and developer messages are dropped: the ensemble applies the system prompt its experts
     learned with. The conversation must end with a user turn; tool turns are refused.
     """
-    messages = body.get("messages")
+    messages = body.get(field)
     if messages is None:
-        raise ApiError("missing required field 'messages'", param="messages", code="missing_field")
+        raise ApiError(f"missing required field '{field}'", param=field, code="missing_field")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError("'messages' must be a non-empty array of message objects", param="messages", code="invalid_type")
+        raise ApiError(f"'{field}' must be a non-empty array of message objects", param=field, code="invalid_type")
     turns: list[tuple[str, str]] = []
     for index, message in enumerate(messages):
-        role = message.get("role")
+        role, where = message.get("role"), f"{field}[{index}]"
         if role in ("tool", "function") or message.get("tool_calls") or message.get("function_call"):
             raise ApiError(
-                f"messages[{index}]: tool and function turns are not supported (this server has no tool calling)",
-                param="messages",
+                f"{where}: tool and function turns are not supported (this server has no tool calling)",
+                param=field,
                 code="unsupported_value",
             )
         if role not in ("system", "developer", "user", "assistant"):
-            raise ApiError(f"messages[{index}]: unknown message role {role!r}", param="messages", code="invalid_value")
-        text = _message_text(message, index)
+            raise ApiError(f"{where}: unknown message role {role!r}", param=field, code="invalid_value")
+        text = _message_text(message, where, field)
         if role in ("user", "assistant"):
             turns.append((role, text))
     if not turns or turns[-1][0] != "user":
         raise ApiError(
             "the conversation must end with a user message (system messages are ignored; continuing an "
             "assistant message is not supported)",
-            param="messages",
+            param=field,
             code="invalid_value",
         )
     if not turns[-1][1].strip():
-        raise ApiError("the last user message is empty", param="messages", code="invalid_value")
+        raise ApiError("the last user message is empty", param=field, code="invalid_value")
     return turns[-1][1], tuple(turns[:-1])
 
 
-def _samplings(body: dict, cfg: ServerConfig, chat: bool, n_prompts: int) -> tuple[int, list[Sampling]]:
+def samplings(
+    body: dict, cfg: ServerConfig, chat: bool, n_prompts: int, max_name: str | None = None
+) -> tuple[int, list[Sampling]]:
+    """`n` and one Sampling per choice; the answer budget is `body[max_name]` (by default
+    max_tokens, or a chat's max_completion_tokens)."""
     default = cfg.default_max_tokens or 64
-    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    name = max_name or (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
     max_tokens = get(body, name, (int,), default)
     if not 1 <= max_tokens <= cfg.max_tokens:
         raise ApiError(f"'{name}' must be between 1 and {cfg.max_tokens}, got {max_tokens}", param=name)
@@ -263,18 +270,18 @@ def _samplings(body: dict, cfg: ServerConfig, chat: bool, n_prompts: int) -> tup
         raise ApiError(f"'{name}' must be between 0 and {cfg.max_logprobs}, got {logprobs}", param=name)
     # copy j of every prompt samples with seed + j: n different answers, each one reproducible
     seeds = [None if seed is None else seed + j for j in range(n)]
-    samplings = [
+    per_choice = [
         Sampling(max_tokens, float(temperature), float(top_p), seeds[j], tuple(stop), logprobs)
         for _ in range(n_prompts)
         for j in range(n)
     ]
-    return n, samplings
+    return n, per_choice
 
 
 def parse(body: dict, chat: bool, cfg: ServerConfig, model_id: str, experts: Sequence[str]) -> Parsed:
     """Validate a request body; every problem is an ApiError naming the field."""
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    _check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, endpoint)
+    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS, endpoint)
     model = get(body, "model", (str,), model_id)
     owner = resolve_model(model, model_id, experts)
     if chat:
@@ -282,14 +289,14 @@ def parse(body: dict, chat: bool, cfg: ServerConfig, model_id: str, experts: Seq
         prompts: list[str | Query] = [Query(text, history, owner) if history or owner else text]
     else:
         prompts = [Query(p, (), owner) if owner else p for p in _completion_prompts(body, cfg)]
-    n, samplings = _samplings(body, cfg, chat, len(prompts))
+    n, per_choice = samplings(body, cfg, chat, len(prompts))
     stream = get(body, "stream", (bool,), False)
     options = get(body, "stream_options", (dict,), {})
     if set(options) - {"include_usage"}:
         raise ApiError(f"unsupported stream_options {sorted(set(options) - {'include_usage'})}", param="stream_options")
     if options and not stream:
         raise ApiError("'stream_options' needs 'stream': true", param="stream_options")
-    return Parsed(chat, prompts, n, samplings, stream, bool(options.get("include_usage")), model)
+    return Parsed(chat, prompts, n, per_choice, stream, bool(options.get("include_usage")), model)
 
 
 # -- responses ----------------------------------------------------------------------------------------

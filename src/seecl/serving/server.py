@@ -1,16 +1,16 @@
 """OpenAI-compatible HTTP server over a SEE ensemble (`seecl serve`); the API is in docs/serving.md.
 
-Owns the app: its endpoints (POST /v1/completions, POST /v1/chat/completions, GET /v1/models,
-GET /health, GET /metrics), reading bodies within limits, counting prompt tokens off the event
-loop, handing queries to the batcher and turning answers into JSON or an SSE stream whose first
-chunk leaves as soon as the first answer text exists. Every choice also carries its `route`:
-{answered_by, reason, checks: [{expert, verdict, p_pos, p_neg}]}.
+Owns the app: its endpoints (POST /v1/completions, POST /v1/chat/completions, POST /v1/responses,
+GET /v1/models, GET /health, GET /metrics), reading bodies within limits, counting prompt tokens
+off the event loop, handing queries to the batcher and turning answers into JSON or an SSE stream
+whose first chunk leaves as soon as the first answer text exists. Every choice (every response)
+also carries its `route`: {answered_by, reason, checks: [{expert, verdict, p_pos, p_neg}]}.
 
 It does not route or generate: any object with `ask(queries, samplings[, on_token])` and
 `experts()` answers (a `LiveEnsemble` over a SeeEnsemble, or a fake in tests); one with
 `refresh()` is asked, between batches, to pick up experts learned meanwhile. Request fields are
-openai_api.py's, batching is batching.py's, the front-door checks security.py's, the counters
-metrics.py's.
+openai_api.py's (responses_api.py's for /v1/responses), batching is batching.py's, the front-door
+checks security.py's, the counters metrics.py's.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from seecl.serving.openai_api import (
     sse,
     usage_json,
 )
+from seecl.serving.responses_api import EventStream, parse_responses, response_json
 from seecl.serving.routing import BASE, Answer, Query, UnsupportedSampling, as_query
 from seecl.serving.security import Guard, default_hosts
 
@@ -167,10 +168,10 @@ def create_app(
                 )
         return sum(counts)
 
-    async def respond(request: Request, chat: bool):
-        arrived = time.perf_counter()
+    async def submit(request: Request, parse_body: Callable[[dict], Parsed]) -> tuple[dict, Parsed, int, Job]:
+        """Read, check and queue one request: its body, what it asks, its prompt tokens, its job."""
         body = await _read_json(request, cfg.max_body_bytes)
-        parsed = parse(body, chat, cfg, model_id, answerer.experts())
+        parsed = parse_body(body)
         if getattr(answerer, "greedy_only", False) and any(
             not s.greedy or s.stop or s.logprobs is not None for s in parsed.samplings
         ):
@@ -182,21 +183,31 @@ def create_app(
             )
         prompt_total = await prompt_tokens(parsed)
         job = request.app.state.batcher.submit(parsed.queries, parsed.samplings, stream=parsed.stream)
+        return body, parsed, prompt_total, job
+
+    async def finished(job: Job) -> list[Answer]:
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            drain(job)
+            raise
+        except Exception as exc:
+            log.error("batch failed: %s: %s", type(exc).__name__, exc)
+            raise _failure(exc) from None
+
+    async def respond(request: Request, chat: bool):
+        arrived = time.perf_counter()
+        _, parsed, prompt_total, job = await submit(
+            request, lambda body: parse(body, chat, cfg, model_id, answerer.experts())
+        )
         header = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": parsed.model,
         }
         if parsed.stream:
-            return await stream(job, parsed, header, prompt_total, arrived)
-        try:
-            answers = await job.future
-        except asyncio.CancelledError:
-            drain(job)
-            raise
-        except Exception as exc:
-            log.error("batch failed: %s: %s", type(exc).__name__, exc)
-            return _failure(exc).response()
+            return await stream(job, lambda first: chunks(job, parsed, header, prompt_total, arrived, first))
+        answers = await finished(job)
         metrics.answered(answers, prompt_total)
         return {
             **header,
@@ -205,7 +216,21 @@ def create_app(
             "usage": usage_json(prompt_total, answers),
         }
 
-    async def stream(job: Job, parsed: Parsed, header: dict, prompt_total: int, arrived: float):
+    async def respond_to_responses(request: Request):
+        arrived = time.perf_counter()
+        body, parsed, prompt_total, job = await submit(
+            request, lambda body: parse_responses(body, cfg, model_id, answerer.experts())
+        )
+        header = {"id": f"resp_{uuid.uuid4().hex}", "created_at": int(time.time()), "model": parsed.model}
+        item_id = f"msg_{uuid.uuid4().hex}"
+        if parsed.stream:
+            events = EventStream(header, body, item_id)
+            return await stream(job, lambda first: response_events(job, events, prompt_total, arrived, first))
+        (answer,) = await finished(job)
+        metrics.answered([answer], prompt_total)
+        return response_json(header, body, item_id, answer, (prompt_total, len(answer.token_ids)))
+
+    async def stream(job: Job, render: Callable[[object], AsyncIterator[str]]):
         """SSE: headers leave with the first delta; a batch that fails before it is a plain error."""
         try:
             first = await job.events.get()
@@ -215,11 +240,10 @@ def create_app(
         if isinstance(first, Exception):
             log.error("batch failed: %s: %s", type(first).__name__, first)
             return _failure(first).response()
-        return StreamingResponse(
-            chunks(job, parsed, header, prompt_total, arrived, first),
-            media_type="text/event-stream",
-            headers={"cache-control": "no-cache"},
-        )
+        return StreamingResponse(render(first), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    def first_text(arrived: float) -> None:
+        metrics.first_token.observe(time.perf_counter() - arrived)
 
     async def chunks(
         job: Job, parsed: Parsed, header: dict, prompt_total: int, arrived: float, event
@@ -240,7 +264,7 @@ def create_app(
                 index, delta = event
                 if delta.text or delta.logprob is not None:
                     if delta.text and not timed:
-                        metrics.first_token.observe(time.perf_counter() - arrived)
+                        first_text(arrived)
                         timed = True
                     logprobs = None
                     if delta.logprob is not None:
@@ -262,6 +286,33 @@ def create_app(
         finally:
             drain(job)  # a client that left stops its answers; a finished job is unaffected
 
+    async def response_events(
+        job: Job, events: EventStream, prompt_total: int, arrived: float, event
+    ) -> AsyncIterator[str]:
+        answer, timed = None, False
+        try:
+            for line in events.opening():
+                yield line
+            while answer is None:
+                if event is None or isinstance(event, Exception):
+                    yield sse(_failure(event or RuntimeError("the batch ended without the answer")).body())
+                    return
+                _, delta = event
+                if delta.text:
+                    if not timed:
+                        first_text(arrived)
+                        timed = True
+                    yield events.delta(delta.text)
+                if delta.answer is not None:
+                    answer = delta.answer
+                else:
+                    event = await job.events.get()
+            metrics.answered([answer], prompt_total)
+            for line in events.closing(answer, prompt_total):
+                yield line
+        finally:
+            drain(job)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await respond(request, chat=False)
@@ -269,6 +320,10 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await respond(request, chat=True)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await respond_to_responses(request)
 
     @app.get("/v1/models")
     async def models():
