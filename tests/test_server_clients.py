@@ -49,6 +49,9 @@ def queries() -> list[str]:
 
 def test_the_openai_client_lists_models_and_completes(client, ensemble):
     assert [m.id for m in client.models.list()] == ["ens", "ens/reverse_list", "ens/uppercase", "ens/add", "ens/base"]
+    assert client.models.retrieve("ens/add").parent == "ens" and client.models.retrieve("ens").id == "ens"
+    with pytest.raises(openai.NotFoundError, match="'ens/base'"):
+        client.models.retrieve("ens/nobody")
     qs = queries()
     completion = client.completions.create(model="ens", prompt=qs, max_tokens=6)
     expected = ensemble.ask(qs, 6)

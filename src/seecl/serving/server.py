@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server over a SEE ensemble (`seecl serve`); the API is in docs/serving.md.
 
 Owns the app: its endpoints (POST /v1/completions, POST /v1/chat/completions, POST /v1/responses,
-GET /v1/models, GET /health, GET /metrics), reading bodies within limits, counting prompt tokens
+GET /v1/models[/{model}], GET /health, GET /metrics), reading bodies within limits, counting prompt tokens
 off the event loop, handing queries to the batcher and turning answers into JSON or an SSE stream
 whose first chunk leaves as soon as the first answer text exists. Every choice (every response)
 also carries its `route`: {answered_by, reason, checks: [{expert, verdict, p_pos, p_neg}]}.
@@ -40,6 +40,7 @@ from seecl.serving.openai_api import (
     chunk_json,
     logprobs_json,
     parse,
+    resolve_model,
     route_json,
     sse,
     usage_json,
@@ -325,11 +326,20 @@ def create_app(
     async def responses(request: Request):
         return await respond_to_responses(request)
 
+    def model_entries(experts: list[str]) -> list[dict]:
+        entry = {"object": "model", "created": started, "owned_by": "seecl"}
+        members = [{"id": f"{model_id}/{name}", **entry, "parent": model_id} for name in [*experts, BASE]]
+        return [{"id": model_id, **entry}, *members]
+
     @app.get("/v1/models")
     async def models():
-        entry = {"object": "model", "created": started, "owned_by": "seecl"}
-        members = [{"id": f"{model_id}/{name}", **entry, "parent": model_id} for name in [*answerer.experts(), BASE]]
-        return {"object": "list", "data": [{"id": model_id, **entry}, *members]}
+        return {"object": "list", "data": model_entries(answerer.experts())}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        experts = answerer.experts()
+        resolve_model(name, model_id, experts)  # a 404 that lists the served names
+        return next(entry for entry in model_entries(experts) if entry["id"] == name)
 
     @app.get("/health")
     async def health():
