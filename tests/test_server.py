@@ -282,6 +282,19 @@ def test_bad_requests_get_openai_errors(url, path, body, status, message):
     assert message in error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize(
+    "path,body,field",
+    [
+        ("/v1/completions", {"prompt": "x" * 400}, "prompt"),
+        ("/v1/chat/completions", {"messages": chat(("user", "x" * 400))}, "messages"),
+        ("/v1/responses", {"input": "x" * 400}, "input"),
+    ],
+)
+def test_a_prompt_over_the_token_limit_names_its_field(url, path, body, field):
+    error = httpx.post(f"{url}{path}", json=body).json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == field
+
+
 def fake_answer(query, text: str, route: Route | None = None) -> Answer:
     """An answer the way a backend returns it: ids one per word of the text."""
     route = route or Route("base", "no_experts", [])

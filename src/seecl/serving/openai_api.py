@@ -134,6 +134,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     model: str  # as the response names it
+    prompt_field: str = "prompt"  # the request field the prompts came from, for errors about them
 
     @property
     def queries(self) -> list[str | Query]:
@@ -296,7 +297,8 @@ def parse(body: dict, chat: bool, cfg: ServerConfig, model_id: str, experts: Seq
         raise ApiError(f"unsupported stream_options {sorted(set(options) - {'include_usage'})}", param="stream_options")
     if options and not stream:
         raise ApiError("'stream_options' needs 'stream': true", param="stream_options")
-    return Parsed(chat, prompts, n, per_choice, stream, bool(options.get("include_usage")), model)
+    field = "messages" if chat else "prompt"
+    return Parsed(chat, prompts, n, per_choice, stream, bool(options.get("include_usage")), model, field)
 
 
 # -- responses ----------------------------------------------------------------------------------------

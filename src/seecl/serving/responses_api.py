@@ -89,7 +89,7 @@ def parse_responses(body: dict, cfg: ServerConfig, model_id: str, experts: Seque
     text, history = chat_query({"input": _input_messages(body)}, field="input")
     prompts: list[str | Query] = [Query(text, history, owner) if history or owner else text]
     _, per_choice = samplings(body, cfg, True, 1, max_name="max_output_tokens")
-    return Parsed(True, prompts, 1, per_choice, get(body, "stream", (bool,), False), False, model)
+    return Parsed(True, prompts, 1, per_choice, get(body, "stream", (bool,), False), False, model, "input")
 
 
 def _status(answer: Answer) -> str:

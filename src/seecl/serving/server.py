@@ -164,7 +164,7 @@ def create_app(
                 raise ApiError(
                     f"prompt {index} has {tokens} tokens (with the chat template); this server "
                     f"accepts at most {cfg.max_prompt_tokens}",
-                    param="messages" if parsed.chat else "prompt",
+                    param=parsed.prompt_field,
                     code="context_length_exceeded",
                 )
         return sum(counts)
