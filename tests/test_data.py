@@ -68,10 +68,13 @@ def test_trace_split_keeps_folder_split_index_ids(tmp_path):
 def test_prompt_completion_jsonl_reads_like_prompt_response(tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "q", "completion": "c"}])
     assert load_task(path).instances[0].references == ("c",)
-    user, assistant = {"role": "user", "content": "q"}, {"role": "assistant", "content": "c"}
-    conversational = {"prompt": [user], "completion": [assistant]}
+    from seecl.data.formats import SystemMessageSkipped
+
+    system, user = {"role": "system", "content": "s"}, {"role": "user", "content": "q"}
+    conversational = {"prompt": [system, user], "completion": [{"role": "assistant", "content": "c"}]}
     path = write_jsonl(tmp_path / "trl.jsonl", [conversational])
-    assert [(i.query, i.references) for i in load_task(path).instances] == [("q", ("c",))]
+    with pytest.warns(SystemMessageSkipped, match="trl.jsonl"):
+        assert [(i.query, i.references) for i in load_task(path).instances] == [("q", ("c",))]
     both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "q", "response": "r", "completion": "c"}])
     with pytest.raises(DataError, match=r"both\.jsonl:1: fields 'response' and 'completion' both hold the response"):
         load_task(both)

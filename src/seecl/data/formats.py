@@ -169,6 +169,11 @@ def _chat_instance(record: dict[str, Any], where: Where, responses: bool) -> tup
     return texts["user"], (texts["assistant"],) if "assistant" in texts else ()
 
 
+def _has_system_message(record: dict[str, Any]) -> bool:
+    messages = record.get("messages", record.get("prompt"))  # chat, or TRL's conversational form
+    return isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") in SYSTEM_ROLES for m in messages)
+
+
 RECORD_READERS = {"ssr": _ssr_instance, "plain": _plain_instance, "alpaca": _alpaca_instance, "chat": _chat_instance}
 
 
@@ -202,7 +207,7 @@ def _read_records(records: Iterator[tuple[dict[str, Any], Where, str]], path: Pa
             raise DataError(f"this record is not in the file's format ({kind}, from its first record)", *where)
         query, references = RECORD_READERS[kind](record, where, responses)
         out.append(Instance(str(record.get("id", default_id)), query, references))
-        if kind == "chat" and not skipped and any(m.get("role") in SYSTEM_ROLES for m in record["messages"]):
+        if not skipped and _has_system_message(record):
             skipped = True
             warnings.warn(
                 SystemMessageSkipped(
