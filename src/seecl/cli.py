@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("learn", help="append one expert for a new task to an ensemble")
     p.add_argument("--ensemble", required=True, help="ensemble directory (created if missing)")
     p.add_argument("--task", help="task name (default: from the data file name)")
-    p.add_argument("--data", required=True, help="data file/folder, or synthetic:<task>")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL (SSR, prompt/response or prompt/completion, chat messages, Alpaca), a SuperNI task "
+        "JSON or a JSON list of records, a TRACE folder, or synthetic:<task> (docs/training.md)",
+    )
     p.add_argument("--split", default="train", help="split for TRACE folders (train/eval/test)")
     p.add_argument("--limit", type=int, help="use only the first N instances")
     p.add_argument(
@@ -355,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer queries through sequential routing")
     p.add_argument("--ensemble", required=True)
     p.add_argument("query", nargs="*", default=[], help="queries (or --file, or stdin)")
-    p.add_argument("--file", help="read queries from a data file")
+    p.add_argument("--file", help="read queries from a data file in any format `learn --data` reads")
     p.add_argument(
         "--max-new-tokens", type=_budget, default=None, help="answer budget in tokens (0: only route the queries)"
     )
