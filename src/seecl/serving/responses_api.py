@@ -96,9 +96,9 @@ def _status(answer: Answer) -> str:
     return "incomplete" if answer.finish_reason == "length" else "completed"
 
 
-def message_json(item_id: str, answer: Answer | None, text: str = "") -> dict:
-    """The output message: in progress (no answer yet, `text` so far) or finished."""
-    content = [] if answer is None and not text else [output_text_json(answer.text if answer else text)]
+def message_json(item_id: str, answer: Answer | None) -> dict:
+    """The output message: in progress (no answer yet, no content) or finished."""
+    content = [] if answer is None else [output_text_json(answer.text)]
     status = "in_progress" if answer is None else _status(answer)
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
@@ -107,11 +107,8 @@ def output_text_json(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def response_json(
-    header: dict, body: dict, item_id: str, answer: Answer | None, usage: tuple[int, int] | None = None
-) -> dict:
-    """The response object; `answer` None is the in-progress one a stream opens with. `usage` is
-    (prompt tokens, answer tokens)."""
+def response_json(header: dict, body: dict, item_id: str, answer: Answer | None, prompt_tokens: int = 0) -> dict:
+    """The response object; `answer` None is the in-progress one a stream opens with (no usage yet)."""
     status = "in_progress" if answer is None else _status(answer)
     return {
         **header,
@@ -132,7 +129,7 @@ def response_json(
         "tools": [],
         "top_p": body.get("top_p", 1.0),
         "truncation": "disabled",
-        "usage": None if usage is None else usage_json(*usage),
+        "usage": None if answer is None else usage_json(prompt_tokens, len(answer.token_ids)),
         "user": body.get("user"),
         "metadata": body.get("metadata") or {},
         **({} if answer is None else {"route": route_json(answer)}),
@@ -177,7 +174,7 @@ class EventStream:
         return self.event("response.output_text.delta", **self._part(), delta=text, logprobs=[])
 
     def closing(self, answer: Answer, prompt_tokens: int) -> list[str]:
-        finished = response_json(self.header, self.body, self.item_id, answer, (prompt_tokens, len(answer.token_ids)))
+        finished = response_json(self.header, self.body, self.item_id, answer, prompt_tokens)
         return [
             self.event("response.output_text.done", **self._part(), text=answer.text, logprobs=[]),
             self.event("response.content_part.done", **self._part(), part=output_text_json(answer.text)),

@@ -1,9 +1,9 @@
 """OpenAI-compatible HTTP server over a SEE ensemble (`seecl serve`); the API is in docs/serving.md.
 
 Owns the app: its endpoints (POST /v1/completions, POST /v1/chat/completions, POST /v1/responses,
-GET /v1/models[/{model}], GET /health, GET /metrics), reading bodies within limits, counting prompt tokens
-off the event loop, handing queries to the batcher and turning answers into JSON or an SSE stream
-whose first chunk leaves as soon as the first answer text exists. Every choice (every response)
+GET /v1/models[/{model}], GET /health, GET /metrics), reading bodies within limits, counting
+prompt tokens off the event loop, handing queries to the batcher and turning answers into JSON or
+an SSE stream whose first chunk leaves as soon as the first answer text exists. Every choice (every response)
 also carries its `route`: {answered_by, reason, checks: [{expert, verdict, p_pos, p_neg}]}.
 
 It does not route or generate: any object with `ask(queries, samplings[, on_token])` and
@@ -229,7 +229,7 @@ def create_app(
             return await stream(job, lambda first: response_events(job, events, prompt_total, arrived, first))
         (answer,) = await finished(job)
         metrics.answered([answer], prompt_total)
-        return response_json(header, body, item_id, answer, (prompt_total, len(answer.token_ids)))
+        return response_json(header, body, item_id, answer, prompt_total)
 
     async def stream(job: Job, render: Callable[[object], AsyncIterator[str]]):
         """SSE: headers leave with the first delta; a batch that fails before it is a plain error."""
