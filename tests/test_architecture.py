@@ -62,3 +62,31 @@ def test_relative_imports_are_not_used():
         if any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(ast.parse(p.read_text())))
     ]
     assert not relative
+
+
+def readme_tree() -> set[str]:
+    """The paths of the README's file tree: one line per file, directories end in '/', two spaces a level."""
+    text = (SRC.parents[1] / "README.md").read_text()
+    block = text.split("## Files", 1)[1].split("```", 2)[1]
+    paths, parents = set(), []
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        parents = parents[:depth]
+        if name.endswith("/"):
+            parents.append(name)
+        paths.add("".join(parents[:depth]) + name)
+    return paths
+
+
+def test_the_readme_tree_names_every_file():  # a reader finds each file and what it owns
+    root = SRC.parents[1]
+    listed = readme_tree()
+    files = [p for area in ("src", "bench", "tests", "docs") for p in (root / area).rglob("*") if p.is_file()]
+    wanted = {
+        str(p.relative_to(root)) for p in files if "__pycache__" not in p.parts and p.suffix in {".py", ".md", ".jsonl"}
+    }
+    assert sorted(wanted - listed) == []
+    assert sorted(p for p in listed if not (root / p).exists()) == []
