@@ -274,3 +274,15 @@ def test_ask_reads_chat_files_and_says_once_that_system_messages_are_skipped(sma
     assert [a["query"] for a in answers] == [line["messages"][1]["content"]] * 2
     warnings = [row for row in result.stderr.splitlines() if "system messages are skipped" in row]
     assert len(warnings) == 1 and warnings[0].startswith(f"seecl: warning: {chat}: system messages are skipped")
+
+
+def test_version_names_seecl_and_the_libraries_a_bug_report_needs(capsys):
+    import re  # pyproject.toml and seecl/__init__.py both state the version; they must agree
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    line = capsys.readouterr().out.strip()
+    declared = re.search(r'^version = "(.+)"$', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)
+    assert line.startswith(f"seecl {declared[1]} (torch ")
+    assert "transformers " in line and "peft " in line and f"Python {sys.version.split()[0]}" in line

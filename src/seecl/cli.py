@@ -326,8 +326,37 @@ def _budget(text: str) -> int:
     return value
 
 
+def versions() -> str:
+    """seecl's version and the installed versions a bug report needs, read without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from seecl import __version__
+
+    found = []
+    for package in ("torch", "transformers", "peft", "vllm"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return f"seecl {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+
+
+class _PrintVersions(argparse.Action):
+    """`--version`, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seecl", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--version", action=_PrintVersions, help="print the versions of seecl, torch, transformers, peft, vllm"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="learn synthetic tasks on the default model and report routing")
