@@ -11,7 +11,10 @@ share their first five experts (the adapter cache holds them once). In one run, 
 
 Routing only (answer budget 0): per-query routing latency, the mean number of experts asked per
 query (each LoRA check is one prompt pass, so latency should follow it), and routing accuracy on
-these queries; routing F1 of both runs is read from their summaries (the protocol's final row).
+these queries. Both ensembles route as `seecl serve` does by default, with per-expert calibrated
+thresholds (as bench/routing.py and bench/vllm_routing.py do; recorded under `thresholds`), so
+their accuracy may differ from the label's own routing F1 (the SEE paper's recipe routes by the
+larger of P(pos) and P(neg)), which is read from the runs' summaries (the protocol's final row).
 Ensembles missing on disk are rebuilt from the runs' adapter caches.
 
     python bench/routing_growth.py                  # writes results/bench/routing_growth.json
@@ -103,6 +106,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "rounds": args.repeats,
         "routing_f1": {"small": routing_f1(small_run, args.label), "large": routing_f1(large_run, args.label)},
+        "thresholds": {name: ens.thresholds() for name, ens in ensembles.items()},
     }
     for side, (_, chosen) in sides.items():
         seconds = fastest(runs[side])
