@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,12 +278,11 @@ def test_ask_reads_chat_files_and_says_once_that_system_messages_are_skipped(sma
 
 
 def test_version_names_seecl_and_the_libraries_a_bug_report_needs(capsys):
-    import re  # pyproject.toml and seecl/__init__.py both state the version; they must agree
-
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
     line = capsys.readouterr().out.strip()
+    # pyproject.toml and seecl/__init__.py both state the version; they must agree
     declared = re.search(r'^version = "(.+)"$', (Path(__file__).parents[1] / "pyproject.toml").read_text(), re.M)
     assert line.startswith(f"seecl {declared[1]} (torch ")
     assert "transformers " in line and "peft " in line and f"Python {sys.version.split()[0]}" in line
