@@ -75,9 +75,9 @@ def readme_tree() -> set[str]:
         depth = (len(line) - len(line.lstrip(" "))) // 2
         name = line.split()[0]
         parents = parents[:depth]
+        paths.add("".join(parents) + name)
         if name.endswith("/"):
             parents.append(name)
-        paths.add("".join(parents[:depth]) + name)
     return paths
 
 

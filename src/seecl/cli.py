@@ -328,6 +328,7 @@ def _budget(text: str) -> int:
 
 def versions() -> str:
     """seecl's version and the installed versions a bug report needs, read without importing torch."""
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
     from seecl import __version__
@@ -338,7 +339,7 @@ def versions() -> str:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
             continue
-    return f"seecl {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+    return f"seecl {__version__} ({', '.join(found)}; Python {platform.python_version()})"
 
 
 class _PrintVersions(argparse.Action):
