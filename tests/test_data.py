@@ -61,7 +61,11 @@ def test_trace_split_keeps_folder_split_index_ids(tmp_path):
     (folder / "train.json").write_text(json.dumps([{"prompt": "p0", "answer": "a"}, {"prompt": "p1", "answer": "b"}]))
     assert [i.id for i in load_instances(folder)] == ["FOMC-train-0", "FOMC-train-1"]
     (folder / "train.json").write_text(json.dumps([{"prompt": "p0", "answer": "a"}, {"prompt": "p1"}]))
-    with pytest.raises(DataError, match=r"train\.json: item 1: missing field 'response' \(or 'completion', or TRACE"):
+    with pytest.raises(DataError, match=r"train\.json\[1\]: missing field 'response' \(or 'completion', or TRACE"):
+        load_instances(folder)
+    # a JSON list's items are named as jq names them, counting from 0
+    (folder / "train.json").write_text(json.dumps([{"prompt": "p0", "answer": "a"}, 3]))
+    with pytest.raises(DataError, match=r"train\.json\[1\]: must be a JSON object$"):
         load_instances(folder)
 
 
@@ -151,7 +155,7 @@ def test_alpaca_jsonl_and_json_list(tmp_path):
             ("Name a colour.", "blue"),
         ]
     listed.write_text(json.dumps(records + [{"instruction": "x", "input": 3, "output": "y"}]))
-    with pytest.raises(DataError, match=r"alpaca_data\.json: item 2: field 'input' must be a string"):
+    with pytest.raises(DataError, match=r"alpaca_data\.json\[2\]: field 'input' must be a string"):
         load_task(listed)
 
 
@@ -243,6 +247,9 @@ def test_a_byte_order_mark_is_not_an_error(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "q", "response": "r"}\n')
     assert load_task(path).instances[0].query == "q"
+    # `cat a.jsonl b.jsonl` of two files saved with a BOM puts one at the start of a later line
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "q", "response": "r"}\n\xef\xbb\xbf{"prompt": "p", "response": "s"}\n')
+    assert [i.query for i in load_task(path).instances] == ["q", "p"]
 
 
 def test_unpaired_surrogate_escape_is_a_data_error(tmp_path):

@@ -26,7 +26,8 @@ from seecl.data.task import Instance, Task
 from seecl.errors import DataError
 
 TRACE_SPLITS = ("train", "eval", "test")
-# Where a record is, as DataError takes it: (file, line) for JSONL, ("file: item N", None) for a JSON list.
+# Where a record is, as DataError takes it: (file, line) for JSONL, ("file[N]", None) for a JSON list
+# (N counts from 0, as jq's .[N] and the server's input[N] do).
 Where = tuple[object, "int | None"]
 
 
@@ -34,7 +35,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                # utf-8-sig on every line: files concatenated from BOM-marked files carry one per part
+                line = raw.decode("utf-8-sig")
             except UnicodeDecodeError as exc:
                 raise DataError(f"not UTF-8 (byte {exc.start + 1} of the line)", path, number) from None
             if not line.strip():
@@ -229,8 +231,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[dict[str, Any], Where, str]]:
 def _list_records(data: list, path: Path, id_prefix: str) -> Iterator[tuple[dict[str, Any], Where, str]]:
     for index, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"item {index} must be an object", path)
-        yield record, (f"{path}: item {index}", None), f"{id_prefix}-{index}"
+            raise DataError("must be a JSON object", f"{path}[{index}]")
+        yield record, (f"{path}[{index}]", None), f"{id_prefix}-{index}"
 
 
 def _load_json(path: Path) -> Any:
