@@ -17,12 +17,12 @@ TASKS = ["uppercase", "add"]
 LABELS = ["MTL", "AvgSTL", "Non-rehearsal", "RandSel(25%)", "KMeansSel(25%)", "SSR(25%)", "SEE(25%)", "MoSEs", "SETA"]
 
 
-def run_protocol(tmp_path, label, **kwargs):
+def run_protocol(tmp_path, label, tasks=TASKS, **kwargs):
     cfg = load_config(overrides=TINY + ["train.epochs=3", "see.memory_tau=0.25", "generate.max_new_tokens=8"])
     ctx = MethodContext(cfg, tmp_path / "methods" / label, AdapterCache(tmp_path / "cache"), general=general_task())
     method = build_method(label, ctx)
-    train = [make_task(n, "train", 16) for n in TASKS]
-    evals = {n: EvalSet(make_task(n, "eval", 4), budget=6) for n in TASKS}
+    train = [make_task(n, "train", 16) for n in tasks]
+    evals = {n: EvalSet(make_task(n, "eval", 4), budget=6) for n in tasks}
     protocol = Protocol(
         method,
         train,
@@ -146,6 +146,15 @@ def test_identical_first_stages_are_trained_once(tmp_path, monkeypatch):
     run_protocol(tmp_path, "Non-rehearsal")
     run_protocol(tmp_path, "RandSel(25%)")
     assert calls == [16, 16, 20], "RandSel's stage 1 is Non-rehearsal's stage 1, from the cache"
+
+
+def test_mtl_is_one_model_whatever_the_task_order(tmp_path):
+    _, _, first = run_protocol(tmp_path / "a", "MTL")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "cache").rename(tmp_path / "b" / "cache")
+    with forbid_training():
+        _, _, reversed_order = run_protocol(tmp_path / "b", "MTL", tasks=TASKS[::-1])
+    assert reversed_order["per_task"] == first["per_task"] and reversed_order["AR"] == first["AR"]
 
 
 def test_labels():

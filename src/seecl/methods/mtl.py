@@ -17,7 +17,9 @@ class MultiTask(OneModelMethod):
         self.key: str | None = None
 
     def learn(self, tasks: Sequence[Task]) -> dict:
-        data = [inst for task in tasks for inst in task.instances]
+        # The union in task-name order: a joint model does not depend on the order the continual
+        # methods see the tasks in, so every order of the same tasks shares one adapter (and cache entry).
+        data = [inst for task in sorted(tasks, key=lambda task: task.name) for inst in task.instances]
         self.key, metrics = self.single.fit(data, None, desc=self.label)
         return {**metrics, "instances": len(data)}
 
