@@ -2,6 +2,7 @@
 the summary.json shape the issue fixes, the report and plots, resume, and `--reuse-experts`."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,23 @@ def test_bench_rejects_an_oversized_ood_test_set(benchmark_data, tmp_path, capsy
         ]
     )
     assert code == 2 and "n_ood=5 exceeds the first half" in capsys.readouterr().err
+
+
+def test_a_missing_data_folder_or_task_file_is_one_error_before_anything_is_written(
+    benchmark_data, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "x"
+    assert bench(tmp_path / "nowhere", out) == 2
+    assert f"{tmp_path / 'nowhere'}: no such folder; --data-dir names the folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert bench(Path("nowhere"), out) == 2
+    assert f"nowhere: no such folder (relative to {tmp_path}); --data-dir" in capsys.readouterr().err
+    assert bench(benchmark_data, out, "--order", f"{TASKS[0]},nope") == 2
+    err = capsys.readouterr().err
+    assert f"task 'nope' has no nope.train.jsonl here; tasks with training files: {', '.join(sorted(TASKS))}" in err
+    assert bench(benchmark_data, out, "--eval-split", "val") == 2
+    assert f"task '{TASKS[0]}' has no {TASKS[0]}.val.jsonl here" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_bench_refuses_a_one_label_classification_subset(tmp_path, capsys):

@@ -117,7 +117,26 @@ class BenchConfig:
                 )
 
 
+def check_task_files(cfg: BenchConfig) -> None:
+    """Every task of the order has both files, said before any is read: a run started from another
+    folder, or a task name mistyped, is one error naming the folder and the tasks it holds."""
+    data = Path(cfg.data_dir)
+    if not data.is_dir():
+        where = "" if data.is_absolute() else f" (relative to {Path.cwd()})"
+        raise DataError(f"no such folder{where}; --data-dir names the folder of the task files", data)
+    held_tasks = sorted(p.name.removesuffix(".train.jsonl") for p in data.glob("*.train.jsonl"))
+    for name in cfg.order:
+        for split in ("train", cfg.eval_split):
+            if not (data / f"{name}.{split}.jsonl").is_file():
+                raise DataError(
+                    f"task {name!r} has no {name}.{split}.jsonl here; tasks with training files: "
+                    f"{', '.join(held_tasks) or 'none'}",
+                    data,
+                )
+
+
 def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[Task], dict[str, EvalSet]]:
+    check_task_files(cfg)
     data = Path(cfg.data_dir)
     tasks, evals = [], {}
     for name in cfg.order:
@@ -156,6 +175,7 @@ def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
 def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     """Run `cfg` into `cfg.out`, which one run at a time holds: two runs into the same directory
     would each rewrite summary.json from their own copy and drop the other's rows."""
+    check_task_files(cfg)  # before the output folder exists: a mistyped run leaves nothing behind
     with held(Path(cfg.out) / ".bench.lock", f"seecl bench superni --methods {','.join(cfg.methods)}", SeeclError):
         return _run(cfg, log)
 
