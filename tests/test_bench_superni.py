@@ -137,6 +137,8 @@ def test_a_missing_data_folder_or_task_file_is_one_error_before_anything_is_writ
     assert f"task 'nope' has no nope.train.jsonl here; tasks with training files: {', '.join(sorted(TASKS))}" in err
     assert bench(benchmark_data, out, "--eval-split", "val") == 2
     assert f"task '{TASKS[0]}' has no {TASKS[0]}.val.jsonl here" in capsys.readouterr().err
+    assert bench(benchmark_data, out, "--ood-file", str(tmp_path / "lima.jsonl")) == 2
+    assert f"{tmp_path / 'lima.jsonl'}: OOD file not found; --ood-file names it" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -118,8 +118,9 @@ class BenchConfig:
 
 
 def check_task_files(cfg: BenchConfig) -> None:
-    """Every task of the order has both files, said before any is read: a run started from another
-    folder, or a task name mistyped, is one error naming the folder and the tasks it holds."""
+    """Every task of the order has both files and the OOD file exists, said before any is read: a run
+    started from another folder, or a task name mistyped, is one error naming the folder and the
+    tasks it holds."""
     data = Path(cfg.data_dir)
     if not data.is_dir():
         where = "" if data.is_absolute() else f" (relative to {Path.cwd()})"
@@ -133,6 +134,8 @@ def check_task_files(cfg: BenchConfig) -> None:
                     f"{', '.join(held_tasks) or 'none'}",
                     data,
                 )
+    if not Path(cfg.ood_file).exists():
+        raise DataError("OOD file not found; --ood-file names it", cfg.ood_file)
 
 
 def load_benchmark(cfg: BenchConfig, formatter: PromptFormatter) -> tuple[list[Task], dict[str, EvalSet]]:
