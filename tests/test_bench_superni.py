@@ -261,6 +261,10 @@ def test_a_mistyped_reuse_or_output_directory_is_refused(benchmark_data, tmp_pat
     assert not (tmp_path / "run").exists(), "refused before anything is written"
     assert bench(benchmark_data, tmp_path / "run", "--order", "uppercase,../../etc/passwd") == 2
     assert "invalid task name '../../etc/passwd'" in capsys.readouterr().err
+    assert bench(benchmark_data, tmp_path / "run", "--eval-split", "../../etc/x") == 2
+    assert "invalid eval split name '../../etc/x'" in capsys.readouterr().err
+    assert bench(benchmark_data, tmp_path / "run", "--order", "4") == 2
+    assert "order 4 is not one of the SEE paper's orders 1, 2, 3" in capsys.readouterr().err
     assert bench(benchmark_data, tmp_path / "run", "--n-train", "17") == 2
     assert "uppercase.train.jsonl: holds 16 instances; n_train=17 asks for more" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")

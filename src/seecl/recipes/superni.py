@@ -97,6 +97,9 @@ class BenchConfig:
 
         if len(self.order) == 1 and self.order[0] in {str(k) for k in ORDERS}:
             self.order = list(ORDERS[int(self.order[0])])
+        elif len(self.order) == 1 and self.order[0].isdigit():
+            raise ConfigError(f"order {self.order[0]} is not one of the SEE paper's orders 1, 2, 3 (or name the tasks)")
+        check_name(self.eval_split, "eval split")  # it becomes part of a file name
         for name in ("n_train", "n_eval", "n_ood"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
