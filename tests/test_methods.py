@@ -157,6 +157,19 @@ def test_mtl_is_one_model_whatever_the_task_order(tmp_path):
     assert reversed_order["per_task"] == first["per_task"] and reversed_order["AR"] == first["AR"]
 
 
+def test_a_finished_ssr_stage_is_found_by_its_inputs_without_synthesizing_again(tmp_path, monkeypatch):
+    from seecl.methods.ssr import SelfSynthesizedRehearsal
+
+    _, _, first = run_protocol(tmp_path / "a", "SSR(25%)")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "cache").rename(tmp_path / "b" / "cache")  # the adapters, not the synthetic text
+    # greedy decoding elsewhere may write other synthetic text; a cached stage never asks for any
+    monkeypatch.setattr(SelfSynthesizedRehearsal, "synthesize", lambda *a: pytest.fail("synthesized again"))
+    with forbid_training():
+        _, _, again = run_protocol(tmp_path / "b", "SSR(25%)")
+    assert again["matrix"] == first["matrix"] and again["trainable_parameters"] == first["trainable_parameters"]
+
+
 def test_labels():
     assert parse_label("SEE(10%)-aLoRA") == ("SEE", 0.1, "aLoRA")
     assert parse_label("Non-rehearsal") == ("Non-rehearsal", None, None)

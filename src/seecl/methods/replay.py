@@ -59,16 +59,26 @@ class Replay(OneModelMethod):
             data.extend(self._selected[old.name])
         return data
 
+    def stage_key(self, tasks: Sequence[Task], init: str | None) -> str | None:
+        """The cache key of a stage named by its inputs, for methods whose training data a model
+        writes (None: the training data names the stage, as for real replayed instances)."""
+        return None
+
     def learn(self, tasks: Sequence[Task]) -> dict:
         stage = len(tasks) - 1
         init = self.keys[stage - 1] if stage > 0 else None
-        replayed = self.rehearsal(tasks[:-1], tasks[-1], init)
-        data = list(tasks[-1].instances) + replayed
-        key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}")
+        key = self.stage_key(tasks, init)
+        metrics = self.single.cached(key) if key is not None else None
+        if metrics is None:  # build the stage's data only when it is to be trained
+            replayed = self.rehearsal(tasks[:-1], tasks[-1], init)
+            data = list(tasks[-1].instances) + replayed
+            sizes = {"instances": len(data), "rehearsal": len(replayed)}
+            key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}", key=key, meta=sizes)
+            metrics |= sizes
         self.keys = self.keys[:stage] + [key]
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state_path.write_text(json.dumps(self.keys))
-        return {**metrics, "instances": len(data), "rehearsal": len(replayed)}
+        return metrics
 
     def trainable_parameters(self) -> int:
         return self.single.parameters_of(self.keys[-1]) if self.keys else 0

@@ -8,8 +8,10 @@ At stage i > 1, for every earlier task j:
    synthetic instance's output;
 3. round(tau * |D_j|) of the synthetic instances are kept, the ones nearest to the k-means
    centres of their sentence embeddings (diverse), and replayed with task i's data.
-The synthetic instances of a stage are written to disk and reused when a run resumes. SSR keeps
-only `demonstrations` real instances per task (for the prompts), never the task's data.
+The synthetic instances of a stage are written to disk and reused when a run resumes; a stage's
+adapter is cached under a key named by its inputs, not by the synthetic text, so a finished stage
+is neither synthesized nor trained again on another machine, whose greedy decoding may write other
+text. SSR keeps only `demonstrations` real instances per task (for the prompts), never the task's data.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import random
 from collections.abc import Sequence
 
+from seecl.cache import cache_key
 from seecl.data.task import Instance, Task
 from seecl.methods.base import MethodContext
 from seecl.methods.replay import Replay
@@ -60,6 +63,20 @@ class SelfSynthesizedRehearsal(Replay):
         super().__init__(ctx, label, tau)
         self.demonstrations, self.shots, self.oversample = demonstrations, shots, oversample
         self.max_input_tokens = max_input_tokens
+
+    def stage_key(self, tasks: Sequence[Task], init: str | None) -> str | None:
+        """A stage with synthetic rehearsal is named by what produces it (the previous adapter, the
+        real data, SSR's settings), not by the synthetic text: greedy decoding on another machine or
+        thread count writes other text, which would make every finished stage train again there."""
+        if len(tasks) == 1:
+            return None  # no rehearsal: the task's own data names the stage
+        return cache_key(
+            kind="ssr-stage",
+            stage=self.single.key(tasks[-1].instances, init),
+            earlier=[(task.name, task.fingerprint()) for task in tasks[:-1]],
+            ssr=[self.tau, self.demonstrations, self.shots, self.oversample, self.max_input_tokens],
+            seed=self.ctx.config.see.seed,
+        )
 
     def rehearsal(self, earlier: Sequence[Task], new: Task, init: str | None) -> list[Instance]:
         if not earlier:
