@@ -310,3 +310,11 @@ def test_evaluation_reports_progress_per_batch(tmp_path, monkeypatch):
     assert all(b.n == b.total > 0 for b in bars if b.desc != "SEE(25%) perplexity"), [
         (b.desc, b.n, b.total) for b in bars
     ]
+    # SSR's synthesis, minutes per stage on a CPU, shows the inputs written and the answers too
+    bars.clear()
+    run_protocol(tmp_path / "ssr", "SSR(25%)", progress=True)
+    synthesis = [b for b in bars if b.desc.startswith("SSR(25%) stage 2 uppercase ")]
+    # (the answers' bar follows when the tiny random model wrote any usable input)
+    assert [b.desc for b in synthesis][:1] == ["SSR(25%) stage 2 uppercase inputs"]
+    assert [b.desc for b in synthesis][1:] in ([], ["SSR(25%) stage 2 uppercase answers"])
+    assert all(b.n == b.total > 0 for b in synthesis)

@@ -24,6 +24,7 @@ from seecl.cache import cache_key
 from seecl.data.task import Instance, Task
 from seecl.methods.base import MethodContext
 from seecl.methods.replay import Replay
+from seecl.progress import tracking
 from seecl.see.reconstruction import negatives_count
 
 
@@ -90,7 +91,7 @@ class SelfSynthesizedRehearsal(Replay):
             return [
                 Instance(r["id"], r["query"], (r["response"],)) for r in map(json.loads, path.read_text().splitlines())
             ]
-        seed = self.ctx.config.see.seed
+        seed, progress = self.ctx.config.see.seed, self.ctx.config.train.progress
         fmt = self.single.formatter
         chosen: list[Instance] = []
         for task in earlier:
@@ -106,13 +107,16 @@ class SelfSynthesizedRehearsal(Replay):
                 demos = random.Random(f"ssr:{seed}:{task.name}:{stage}:{c}").sample(pool, min(self.shots, len(pool)))
                 prompts.append(fmt.prompt_ids(synthesis_prompt(definition, demos)))
             budget = min(self.max_input_tokens, max(len(fmt.text_ids(d)) for d in pool) + 8)
-            new_inputs = self.single.generate(prompts, [budget] * n, use_adapter=False)
+            # bars over the inputs written and the answers: a stage's synthesis takes minutes on a CPU
+            with tracking(n, f"{self.label} stage {stage + 1} {task.name} inputs", progress):
+                new_inputs = self.single.generate(prompts, [budget] * n, use_adapter=False)
             unique = [x for x in dict.fromkeys(x.strip() for x in new_inputs) if x and x not in inputs]
             queries = [f"{definition}\n\n{x}" if definition else x for x in unique]
             if not queries:
                 continue
             budgets = [fmt.answer_budget([r for i in task.instances for r in i.references])] * len(queries)
-            outputs = self.single.generate([fmt.prompt_ids(q) for q in queries], budgets)
+            with tracking(len(queries), f"{self.label} stage {stage + 1} {task.name} answers", progress):
+                outputs = self.single.generate([fmt.prompt_ids(q) for q in queries], budgets)
             candidates = [
                 Instance(f"ssr-{task.name}-{stage + 1}-{i}", q, (o,))
                 for i, (q, o) in enumerate(zip(queries, outputs))
