@@ -74,7 +74,6 @@ class Replay(OneModelMethod):
             data = list(tasks[-1].instances) + replayed
             sizes = {"instances": len(data), "rehearsal": len(replayed)}
             key, metrics = self.single.fit(data, init, desc=f"{self.label} stage {stage + 1}", key=key, meta=sizes)
-            metrics |= sizes
         self.keys = self.keys[:stage] + [key]
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.state_path.write_text(json.dumps(self.keys))
