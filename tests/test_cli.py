@@ -1,3 +1,6 @@
+"""The `seecl` command line as a user meets it: learn then ask, one-line errors for bad data, names,
+overrides and budgets, locks against a second learner, resuming a killed learn, serve settings."""
+
 import json
 import os
 import re

@@ -1,3 +1,6 @@
+"""Typed configuration: documented defaults, YAML and command-line overrides, round trips of the
+resolved config, presets, clear errors for invalid values."""
+
 import pytest
 
 from seecl.config import RunConfig, describe, load_config, parse_override, save_config

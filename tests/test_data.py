@@ -1,3 +1,6 @@
+"""Reading data: every supported format, and a clear error naming file and line for malformed, non-
+UTF-8, mixed, duplicate or one-label input; limits and stratified samples."""
+
 import json
 
 import pytest

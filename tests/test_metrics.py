@@ -1,3 +1,6 @@
+"""Scores on known values: ROUGE-L (Spanish too), exact match, AR and BWT, routing F1 with and without
+OOD claims."""
+
 import pytest
 
 from seecl.evaluation.metrics import (

@@ -1,3 +1,6 @@
+"""Prompt formatting: loss only on the indicator, answer and end token; indicator tokens added once and
+deterministically; multi-token indicators; long prompts cut from the left."""
+
 from seecl.config import ModelConfig
 from seecl.data.prompts import IGNORE, PromptFormatter
 from seecl.model.base import load_base

@@ -1,3 +1,6 @@
+"""SEE's data reconstruction: exactly round(tau*|D_j|) negatives per earlier task, queries only, seeded
+and nested samples, pseudo and general negatives."""
+
 import pytest
 
 from seecl.data.synthetic import make_task

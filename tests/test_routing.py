@@ -1,3 +1,6 @@
+"""The routing rule: greedy and thresholded verdicts, multi-token indicators, the newest-first walk,
+and a routed batch equal to routing each query alone."""
+
 import math
 
 import pytest

@@ -1,3 +1,6 @@
+"""The ensemble store: what the manifest records, save/load round trips, plain-PEFT loading, crash
+safety, name checks, no overwrites, no pickle."""
+
 import json
 
 import pytest

@@ -1,3 +1,6 @@
+"""The trainer: stratified, length-grouped and seeded batch plans; losses equal to their full-logit
+references (sparse, aLoRA, shared prefixes); accumulation; only the new adapter changes."""
+
 import pytest
 import torch
 
