@@ -126,3 +126,25 @@ def test_pickled_adapters_are_refused(ensemble, fresh_tiny_base):
     with pytest.raises(StoreError, match="pickled adapters are not loaded"):
         load_expert(fresh_tiny_base.model, "add", directory)
     json.loads((directory / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate_weights", "adapter_model.safetensors: corrupt safetensors file"),
+        ("garble_config", "adapter_config.json: unreadable adapter config"),
+        ("foreign_config", "adapter_config.json: not a PEFT adapter config"),
+    ],
+)
+def test_a_damaged_adapter_is_a_one_line_error_naming_its_file(ensemble, damage, message):
+    # A truncated copy (a full disk, an interrupted rsync) used to surface as safetensors' traceback.
+    directory = ensemble.store.expert_dir("add")
+    weights, config = directory / "adapter_model.safetensors", directory / "adapter_config.json"
+    if damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garble_config":
+        config.write_bytes(b"\xff\xfe{")
+    else:
+        config.write_text('{"r": 8}')
+    with pytest.raises(StoreError, match=message):
+        SeeEnsemble(ensemble.store.root).ask([QUERIES[0]])

@@ -8,6 +8,7 @@ only ever read from safetensors, never with pickle.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -92,14 +93,40 @@ def load_expert(model, name: str, directory: str | Path):
     from peft import PeftModel
 
     directory = Path(directory)
-    if not (directory / "adapter_model.safetensors").is_file():
-        raise StoreError(f"{directory}: adapter_model.safetensors missing (pickled adapters are not loaded)")
+    check_adapter_files(directory)
     if isinstance(model, PeftModel):
         model.load_adapter(str(directory), adapter_name=name, is_trainable=False)
     else:
         model = PeftModel.from_pretrained(model, str(directory), adapter_name=name, is_trainable=False)
     model.requires_grad_(False)
     return model
+
+
+def check_adapter_files(directory: Path) -> None:
+    """Refuse an adapter directory PEFT would fail on halfway (or read with pickle), naming the file,
+    before anything is attached to the model."""
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise StoreError(f"{directory}: adapter_model.safetensors missing (pickled adapters are not loaded)")
+    check_safetensors(weights)
+    config_file = directory / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StoreError(f"{config_file}: unreadable adapter config ({error})") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise StoreError(f"{config_file}: not a PEFT adapter config (no peft_type)")
+
+
+def check_safetensors(path: Path) -> None:
+    """A truncated or corrupt safetensors file is a one-line StoreError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise StoreError(f"{path}: corrupt safetensors file ({error})") from None
 
 
 def save_expert(model, name: str, directory: str | Path) -> None:

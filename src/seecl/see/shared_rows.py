@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from seecl.adapters import check_safetensors
+
 ROWS_FILE = "indicator_rows.safetensors"
 TOKEN_ROWS_TENSOR = ".token_adapter.trainable_tokens_delta"
 PEFT_PREFIX = "base_model.model."
@@ -36,6 +38,7 @@ def read_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor], di
         raise ValueError(f"{adapter_dir}: the adapter trained no indicator rows")
     if isinstance(token_ids, dict):  # PEFT's per-module form; the indicator rows are the same everywhere
         token_ids = next(iter(token_ids.values()))
+    check_safetensors(adapter_dir / "adapter_model.safetensors")
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     rows = {
@@ -78,6 +81,7 @@ def save_rows(path: Path, token_ids: list[int], rows: dict[str, torch.Tensor]) -
 
 
 def load_rows(path: Path) -> tuple[list[int], dict[str, torch.Tensor]]:
+    check_safetensors(path)
     with safe_open(str(path), framework="pt") as handle:
         token_ids = json.loads(handle.metadata()["token_ids"])
     return token_ids, load_file(str(path))
