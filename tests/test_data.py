@@ -189,6 +189,16 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_task(path)
 
 
+@pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
+def test_deeply_nested_json_is_a_data_error_not_a_recursion_traceback(tmp_path, name):
+    path = tmp_path / name
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text('{"prompt": "q", "response": "r"}\n' + deep + "\n" if name.endswith("l") else deep)
+    where = r"deep\.jsonl:2" if name.endswith("l") else r"deep\.json"
+    with pytest.raises(DataError, match=where + r": malformed JSON: nested too deeply"):
+        load_task(path)
+
+
 def test_missing_field_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "response": "r"}, {"prompt": "q2"}])
     with pytest.raises(DataError, match=r"t\.jsonl:2: missing field 'response'"):

@@ -182,6 +182,7 @@ def chat(*turns: tuple[str, str]) -> list[dict]:
 BAD = [
     ("/v1/completions", b'{"prompt": "hi"', 400, "not valid JSON"),
     ("/v1/completions", b'["hi"]', 400, "must be a JSON object"),
+    ("/v1/completions", b"[" * 30_000 + b"]" * 30_000, 400, "nested too deeply"),
     ("/v1/completions", {"max_tokens": 4}, 400, "missing required field 'prompt'"),
     ("/v1/completions", {"prompt": 5}, 400, "'prompt' must be a string or an array of strings"),
     ("/v1/completions", {"prompt": [[1, 2, 3]]}, 400, "token-id prompts are not supported"),

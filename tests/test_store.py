@@ -113,9 +113,10 @@ def test_adding_an_expert_does_not_modify_older_ones(ensemble):
 def test_corrupt_or_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="no ensemble"):
         EnsembleStore(tmp_path).manifest()
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(StoreError, match="corrupt manifest"):
-        EnsembleStore(tmp_path).manifest()
+    for damaged in (b"{not json", b"\xff\xfe{", b"[1, 2]", b"[" * 100_000 + b"]" * 100_000):
+        (tmp_path / "manifest.json").write_bytes(damaged)
+        with pytest.raises(StoreError, match="manifest.json: corrupt manifest"):
+            EnsembleStore(tmp_path).manifest()
 
 
 def test_pickled_adapters_are_refused(ensemble, fresh_tiny_base):

@@ -45,6 +45,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, number) from None
+            except RecursionError:
+                raise DataError("malformed JSON: nested too deeply", path, number) from None
             if not isinstance(record, dict):
                 raise DataError("each line must be a JSON object", path, number)
             yield number, record
@@ -246,6 +248,8 @@ def _load_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+    except RecursionError:
+        raise DataError("malformed JSON: nested too deeply", path) from None
 
 
 def read_superni_json(data: dict, path: Path) -> list[Instance]:

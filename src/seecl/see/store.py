@@ -83,8 +83,10 @@ class EnsembleStore:
             raise StoreError(f"no ensemble at {self.root} (manifest.json missing)")
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
             raise StoreError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
         if data.get("format") != FORMAT:
             raise StoreError(f"{self.manifest_path}: unsupported format {data.get('format')!r}")
         return data

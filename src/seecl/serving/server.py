@@ -76,6 +76,8 @@ async def _read_json(request: Request, limit: int) -> dict:
         data = json.loads(bytes(body))
     except ValueError as exc:  # includes bad UTF-8
         raise ApiError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # thousands of nested arrays fit in a small body
+        raise ApiError("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object", code="invalid_json")
     return data
