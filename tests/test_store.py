@@ -149,3 +149,18 @@ def test_a_damaged_adapter_is_a_one_line_error_naming_its_file(ensemble, damage,
         config.write_text('{"r": 8}')
     with pytest.raises(StoreError, match=message):
         SeeEnsemble(ensemble.store.root).ask([QUERIES[0]])
+
+
+def test_a_damaged_expert_record_or_query_memory_names_its_file(ensemble):
+    store = ensemble.store
+    memory = store.expert_dir("add") / "memory.jsonl"
+    lines = memory.read_text(encoding="utf-8").splitlines()
+    memory.write_text("\n".join([lines[0], '{"id": 3}', *lines[1:]]) + "\n", encoding="utf-8")
+    with pytest.raises(StoreError, match=r"memory\.jsonl:2: a query memory line needs string 'id' and 'query'"):
+        store.memory("add")
+    memory.write_bytes(b"\xff\n")
+    with pytest.raises(StoreError, match=r"memory\.jsonl:1: unreadable query memory"):
+        store.memory("add")
+    (store.expert_dir("add") / "expert.json").write_text("[]", encoding="utf-8")
+    with pytest.raises(StoreError, match=r"expert\.json: unreadable expert record"):
+        store.expert_meta("add")

@@ -116,7 +116,14 @@ class EnsembleStore:
     def expert_meta(self, name: str) -> dict[str, Any]:
         if name not in self.expert_names():
             raise StoreError(f"no expert named {name!r} in {self.root}")
-        return json.loads((self.expert_dir(name) / "expert.json").read_text(encoding="utf-8"))
+        path = self.expert_dir(name) / "expert.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise StoreError(f"{path}: unreadable expert record ({exc})") from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{path}: unreadable expert record (not a JSON object)")
+        return meta
 
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
@@ -125,9 +132,14 @@ class EnsembleStore:
         meta = self.expert_meta(name)
         path = self.expert_dir(name) / "memory.jsonl"
         items = []
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
+        with open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    raise StoreError(f"{path}:{number}: unreadable query memory ({exc})") from None
+                if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("id", "query"))):
+                    raise StoreError(f"{path}:{number}: a query memory line needs string 'id' and 'query'")
                 items.append(MemoryItem(record["id"], record["query"]))
         return QueryMemory(meta["task"], int(meta["memory"]["total"]), tuple(items))
 
