@@ -66,6 +66,18 @@ class QueryMemory:
     items: tuple[MemoryItem, ...]
 
 
+def read_json_object(path: Path, problem: str) -> dict[str, Any]:
+    """A JSON object file, or a StoreError "<path>: <problem> (<why>)" for bad UTF-8, bad JSON,
+    absurd nesting or anything but an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise StoreError(f"{path}: {problem} ({exc})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: {problem} (not a JSON object)")
+    return data
+
+
 class EnsembleStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -81,12 +93,7 @@ class EnsembleStore:
     def manifest(self) -> dict[str, Any]:
         if not self.exists():
             raise StoreError(f"no ensemble at {self.root} (manifest.json missing)")
-        try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, absurd nesting
-            raise StoreError(f"{self.manifest_path}: corrupt manifest ({exc})") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"{self.manifest_path}: corrupt manifest (not a JSON object)")
+        data = read_json_object(self.manifest_path, "corrupt manifest")
         if data.get("format") != FORMAT:
             raise StoreError(f"{self.manifest_path}: unsupported format {data.get('format')!r}")
         return data
@@ -116,14 +123,7 @@ class EnsembleStore:
     def expert_meta(self, name: str) -> dict[str, Any]:
         if name not in self.expert_names():
             raise StoreError(f"no expert named {name!r} in {self.root}")
-        path = self.expert_dir(name) / "expert.json"
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError) as exc:
-            raise StoreError(f"{path}: unreadable expert record ({exc})") from None
-        if not isinstance(meta, dict):
-            raise StoreError(f"{path}: unreadable expert record (not a JSON object)")
-        return meta
+        return read_json_object(self.expert_dir(name) / "expert.json", "unreadable expert record")
 
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
