@@ -1,4 +1,4 @@
-"""The `seecl` command line: demo, learn, ask, info, bench, serve, export-base, config.
+"""The `seecl` command line: demo, learn, ask, info, bench, orders, serve, export-base, config.
 
 Each command parses its arguments, builds a config (defaults <- --preset <- --config YAML <-
 `section.field=value` overrides) and calls library code. Errors seecl raises on purpose are
@@ -261,6 +261,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_orders(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from seecl.evaluation.orders import across_orders, load_run, orders_markdown
+    from seecl.publish import write_json_atomic
+
+    result = across_orders([load_run(run) for run in args.runs])
+    table = orders_markdown(result)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "summary.json", result)
+        (out / "report.md").write_text("# SuperNI benchmark over task orders\n\n" + table, encoding="utf-8")
+    print(json.dumps(result, indent=2) if args.json else table.rstrip("\n"))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -413,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, BenchConfig, skip=("run",))
     _add_config_args(p, preset=False)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("orders", help="AR and BWT of benchmark runs in different task orders, and their mean")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="`seecl bench superni --out` directories, one per order")
+    p.add_argument("--out", help="also write DIR/summary.json and DIR/report.md")
+    p.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    p.set_defaults(func=cmd_orders)
 
     p = sub.add_parser("serve", help="serve an ensemble over an OpenAI-compatible HTTP API")
     p.add_argument("--ensemble", required=True)

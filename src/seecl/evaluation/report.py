@@ -13,7 +13,8 @@ from pathlib import Path
 _TAU = re.compile(r"^SEE\((?P<tau>[0-9.]+)%\)$")
 
 
-def _fmt(value, digits: int = 1) -> str:
+def fmt(value, digits: int = 1) -> str:
+    """A table cell: – for a missing value, floats to `digits` decimals."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -41,12 +42,12 @@ def main_table(summary: dict) -> str:
         seconds = sum(m.get("seconds", {}).values())
         row = [
             label,
-            _fmt(m["AR"]),
-            _fmt(m["BWT"]),
-            *[_fmt(m["per_task"].get(t)) for t in tasks],
-            _fmt(m["routing_f1"], 3),
-            _fmt(m.get("routing_f1_with_ood"), 3),
-            _fmt(m["rb_acc"], 3),
+            fmt(m["AR"]),
+            fmt(m["BWT"]),
+            *[fmt(m["per_task"].get(t)) for t in tasks],
+            fmt(m["routing_f1"], 3),
+            fmt(m.get("routing_f1_with_ood"), 3),
+            fmt(m["rb_acc"], 3),
             f"{params[-1]:,}" if params else "–",
             f"{seconds / 60:.0f}" + (f" (+{m['reused_cells']} cells reused)" if m.get("reused_cells") else ""),
         ]
@@ -62,7 +63,7 @@ def matrix_table(label: str, method: dict, tasks: list[str]) -> str:
         "|---|" + "---|" * len(tasks),
     ]
     for i, row in enumerate(method["matrix"]):
-        lines.append(f"| {i + 1} ({tasks[i]}) | " + " | ".join(_fmt(v) for v in row) + " |")
+        lines.append(f"| {i + 1} ({tasks[i]}) | " + " | ".join(fmt(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +115,7 @@ def markdown(summary: dict) -> str:
             "| method | " + " | ".join(em_tasks) + " |",
             "|---|" + "---|" * len(em_tasks),
         ]
-        parts += [f"| {label} | " + " | ".join(_fmt(v.get(t)) for t in em_tasks) + " |" for label, v in ems.items()]
+        parts += [f"| {label} | " + " | ".join(fmt(v.get(t)) for t in em_tasks) + " |" for label, v in ems.items()]
         parts.append("")
     ppl = {label: m["perplexity"] for label, m in summary["methods"].items() if m.get("perplexity")}
     if ppl:
@@ -125,13 +126,13 @@ def markdown(summary: dict) -> str:
             "| method | " + " | ".join(tasks) + " |",
             "|---|" + "---|" * len(tasks),
         ]
-        parts += [f"| {label} | " + " | ".join(_fmt(v.get(t), 2) for t in tasks) + " |" for label, v in ppl.items()]
+        parts += [f"| {label} | " + " | ".join(fmt(v.get(t), 2) for t in tasks) + " |" for label, v in ppl.items()]
         parts.append("")
     points = tau_points(summary)
     if len(points) > 1:
         parts += ["## SEE: rehearsal ratio", "", "| tau | AR | BWT | routing F1 | RB-Acc |", "|---|---|---|---|---|"]
         parts += [
-            f"| {tau:g}% | {_fmt(m['AR'])} | {_fmt(m['BWT'])} | {_fmt(m['routing_f1'], 3)} | {_fmt(m['rb_acc'], 3)} |"
+            f"| {tau:g}% | {fmt(m['AR'])} | {fmt(m['BWT'])} | {fmt(m['routing_f1'], 3)} | {fmt(m['rb_acc'], 3)} |"
             for tau, _, m in points
         ]
         parts.append("")
