@@ -205,6 +205,22 @@ def test_missing_field_names_file_and_line(tmp_path):
         load_task(path)
 
 
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"prompt": "q", "response": ""}, "response"),
+        ({"prompt": "q", "completion": "  \n"}, "completion"),
+        ({"instruction": "q", "input": "", "output": ""}, "output"),
+        ({"full_prompt": "q", "output": ["", " "], "id": "x"}, "output"),
+    ],
+)
+def test_an_empty_response_names_file_and_line(tmp_path, record, field):
+    path = write_jsonl(tmp_path / "t.jsonl", [record])
+    with pytest.raises(DataError, match=rf"t\.jsonl:1: field '{field}' is empty"):
+        load_task(path)
+    assert len(load_instances(path, responses=False)) == 1  # queries alone: the response is not read
+
+
 def test_empty_task_is_an_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no records"):

@@ -86,6 +86,8 @@ def _references(
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise DataError(f"field {key!r} holds an unpaired surrogate escape", path, line) from None
+    if required and not any(text.strip() for text in values):  # an expert would learn to claim and say nothing
+        raise DataError(f"field {key!r} is empty", path, line)
     return tuple(values)
 
 
@@ -128,7 +130,7 @@ def _plain_instance(record: dict[str, Any], where: Where, responses: bool) -> tu
     query = _text(record, "prompt", *where)
     if not keys and responses:
         raise DataError("missing field 'response' (or 'completion', or TRACE's 'answer')", *where)
-    return query, _references(record, keys[0], *where) if keys else ()
+    return query, _references(record, keys[0], *where, responses) if keys else ()
 
 
 def _alpaca_instance(record: dict[str, Any], where: Where, responses: bool) -> tuple[str, tuple[str, ...]]:
@@ -252,7 +254,7 @@ def _load_json(path: Path) -> Any:
         raise DataError("malformed JSON: nested too deeply", path) from None
 
 
-def read_superni_json(data: dict, path: Path) -> list[Instance]:
+def read_superni_json(data: dict, path: Path, responses: bool = True) -> list[Instance]:
     if "Instances" not in data or "Definition" not in data:
         raise DataError("a SuperNI task file needs 'Definition' and 'Instances'", path)
     definition = data["Definition"]
@@ -272,7 +274,7 @@ def read_superni_json(data: dict, path: Path) -> list[Instance]:
             raise DataError(f"{where} must be an object", path)
         try:
             text = _text(record, "input", path, None)
-            refs = _references(record, "output", path, None)
+            refs = _references(record, "output", path, None, responses)
         except DataError as exc:
             raise DataError(f"{where}: {str(exc).split(': ', 1)[-1]}", path) from None
         query = f"{definition}\n\n{text}" if definition else text
@@ -287,7 +289,7 @@ def read_json_file(path: Path, responses: bool = True, id_prefix: str | None = N
     if isinstance(data, list):
         return _read_records(_list_records(data, path, id_prefix or path.stem), path, responses)
     if isinstance(data, dict):
-        return read_superni_json(data, path)
+        return read_superni_json(data, path, responses)
     raise DataError("a .json data file must be a SuperNI task object or a list of records", path)
 
 

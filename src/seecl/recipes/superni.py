@@ -170,7 +170,7 @@ def changed_settings(cfg: BenchConfig, run_config: RunConfig) -> str:
 
 
 def load_ood(cfg: BenchConfig) -> tuple[list[str], Task]:
-    instances = load_instances(cfg.ood_file)
+    instances = load_instances(cfg.ood_file, responses=False)  # queries: routed, or declined by experts
     half = len(instances) // 2
     if cfg.n_ood > half:
         raise DataError(f"n_ood={cfg.n_ood} exceeds the first half of the OOD file ({half} queries)", cfg.ood_file)
