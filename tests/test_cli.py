@@ -93,6 +93,22 @@ def test_names_are_checked_before_anything_is_loaded_or_written(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside"]
 
 
+@pytest.mark.parametrize("where", ["afile", "afile/ens"])
+def test_a_file_where_a_directory_goes_is_a_one_line_error(tmp_path, capsys, where):
+    """Regression: `learn --ensemble FILE` raised FileExistsError from the lock's mkdir."""
+    (tmp_path / "afile").write_text("mine")
+    commands = [
+        ["learn", "--ensemble", str(tmp_path / where), "--data", "synthetic:add", *TINY],
+        ["demo", "--out", str(tmp_path / where), *TINY],
+    ]
+    for command in commands:
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / where}: cannot be used as a directory ({tmp_path / 'afile'} is a file)" in err
+        assert "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_second_learner_fails_at_once_naming_the_first(small_ensemble, capsys):
     """Regression: two `seecl learn` on one ensemble both succeeded, the later expert trained
     without the earlier one's queries as negatives."""

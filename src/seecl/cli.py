@@ -265,13 +265,13 @@ def cmd_orders(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from seecl.evaluation.orders import across_orders, load_run, orders_markdown
-    from seecl.publish import write_json_atomic
+    from seecl.publish import make_dir, write_json_atomic
 
     result = across_orders([load_run(run) for run in args.runs])
     table = orders_markdown(result)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, SeeclError)
         write_json_atomic(out / "summary.json", result)
         (out / "report.md").write_text("# SuperNI benchmark over task orders\n\n" + table, encoding="utf-8")
     print(json.dumps(result, indent=2) if args.json else table.rstrip("\n"))

@@ -37,12 +37,22 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def make_dir(directory: Path, error: type[Exception] = RuntimeError) -> None:
+    """Create `directory` (and its parents) if missing, or raise `error` saying why it cannot be one."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        found = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        why = f"{found} is a file" if found is not None and not found.is_dir() else exc.strerror
+        raise error(f"{directory}: cannot be used as a directory ({why})") from None
+
+
 @contextmanager
 def held(lock: Path, what: str, error: type[Exception] = RuntimeError) -> Iterator[None]:
     """Hold `lock` (a file, created if missing) for one process doing `what`, or raise `error`
     at once naming the holder (its `what`, pid, host and start). The lock is the kernel's
     (flock), so a holder killed with SIGKILL releases it."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(lock.parent, error)
     # Opened without truncating: the holder's record stays readable to those turned away.
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -16,6 +16,7 @@ from seecl.config import RunConfig, load_config, save_config
 from seecl.data.synthetic import SYNTHETIC_TASKS, general_task, make_task
 from seecl.errors import SeeclError
 from seecl.evaluation.metrics import BASE, mean, rouge_l, routing_accuracy
+from seecl.publish import make_dir
 from seecl.see.ensemble import SeeEnsemble
 
 DEMO_TASKS = ("reverse_list", "uppercase", "sentiment", "km_to_m", "add")
@@ -45,7 +46,7 @@ def run_demo(
     if unknown:
         raise SeeclError(f"unknown demo task(s) {unknown}; known: {sorted(SYNTHETIC_TASKS)}")
     started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, SeeclError)
     save_config(cfg, out / "config.yaml")
     ensemble = SeeEnsemble(out / "ensemble", cfg)
     console.print(f"[bold]seecl demo[/bold]: {len(tasks)} tasks on {cfg.model.name}, outputs in {out}/")

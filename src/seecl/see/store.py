@@ -35,7 +35,7 @@ from typing import Any
 
 from seecl.data.task import check_name
 from seecl.errors import DataError, StoreError
-from seecl.publish import _alive, clean_stale, held, now, publish_dir, write_json_atomic
+from seecl.publish import _alive, clean_stale, held, make_dir, now, publish_dir, write_json_atomic
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
@@ -149,7 +149,7 @@ class EnsembleStore:
     # -- writing ---------------------------------------------------------------------------------
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root, StoreError)
         with open(self.root / ".lock", "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
