@@ -343,22 +343,6 @@ def _budget(text: str) -> int:
     return value
 
 
-def versions() -> str:
-    """seecl's version and the installed versions a bug report needs, read without importing torch."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    from seecl import __version__
-
-    found = []
-    for package in ("torch", "transformers", "peft", "vllm"):
-        try:
-            found.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            continue
-    return f"seecl {__version__} ({', '.join(found)}; Python {platform.python_version()})"
-
-
 class _PrintVersions(argparse.Action):
     """`--version`, looked up only when asked for."""
 
@@ -366,6 +350,8 @@ class _PrintVersions(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from seecl.versions import versions
+
         print(versions())
         parser.exit()
 
