@@ -72,8 +72,8 @@ def test_runs_of_different_benchmarks_are_refused(tmp_path, second_order, config
     "content, message",
     [
         (None, "not found"),
-        (b"\xff\xfe", "not a readable summary"),
-        (b"[1]", "no config"),
+        (b"\xff\xfe", "not a benchmark summary"),
+        (b"[1]", "not a JSON object"),
         (b'{"config": {}}', "no methods"),
     ],
 )

@@ -1,14 +1,14 @@
 """Publishing files and directories so that a reader never sees a half-written one.
 
 Owns the write-to-staging, fsync, atomic-rename pattern every writer in seecl uses: JSON files
-(`write_json_atomic`) and whole directories (`publish_dir`). A directory is written under a staging
-name beside its final place, every file and the directory itself are fsynced, and it is renamed
-into place. Replacing an existing directory swaps the two in one `renameat2(RENAME_EXCHANGE)` on
-Linux, so the final path always names a complete directory; elsewhere the old one is first moved
-aside and put back by `clean_stale` if the writer died between the two renames. Staging names carry
-the writer's pid, so `clean_stale` removes only what dead writers left behind and never another
-live writer's work. `held` gives one process at a time a directory (a learner, a benchmark run)
-and tells the others who holds it.
+(`write_json_atomic`, read back by `read_json_object`) and whole directories (`publish_dir`). A
+directory is written under a staging name beside its final place, every file and the directory
+itself are fsynced, and it is renamed into place. Replacing an existing directory swaps the two in
+one `renameat2(RENAME_EXCHANGE)` on Linux, so the final path always names a complete directory;
+elsewhere the old one is first moved aside and put back by `clean_stale` if the writer died between
+the two renames. Staging names carry the writer's pid, so `clean_stale` removes only what dead
+writers left behind and never another live writer's work. `held` gives one process at a time a
+directory (a learner, a benchmark run) and tells the others who holds it.
 """
 
 from __future__ import annotations
@@ -90,6 +90,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def read_json_object(path: Path, problem: str, error: type[Exception] = RuntimeError) -> dict[str, Any]:
+    """A JSON object file, or `error("<path>: <problem> (<why>)")` for a missing or unreadable file,
+    bad UTF-8, bad JSON, absurd nesting or anything but an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise error(f"{path}: {problem} ({exc})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: {problem} (not a JSON object)")
+    return data
 
 
 def publish_dir(final: Path, write: Callable[[Path], None], replace: bool = False) -> bool:

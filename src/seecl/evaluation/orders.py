@@ -9,13 +9,13 @@ score anything (recipes/superni.py) and does not render a single run (report.py)
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from seecl.errors import SeeclError
 from seecl.evaluation.report import fmt
+from seecl.publish import read_json_object
 
 # What must be equal for two runs to be the same benchmark in another order.
 SAME_IN_EVERY_ORDER = ("data_dir", "eval_split", "n_train", "n_eval", "ood_file", "n_ood")
@@ -24,13 +24,10 @@ SAME_IN_EVERY_ORDER = ("data_dir", "eval_split", "n_train", "n_eval", "ood_file"
 def load_run(run: str | Path) -> dict:
     """A finished run's summary.json, with its directory."""
     path = Path(run) / "summary.json"
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SeeclError(f"{path}: not found; `seecl bench superni --out {run}` writes it") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SeeclError(f"{path}: not a readable summary ({exc})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+    if not path.exists():
+        raise SeeclError(f"{path}: not found; `seecl bench superni --out {run}` writes it")
+    summary = read_json_object(path, "not a benchmark summary", SeeclError)
+    if not isinstance(summary.get("config"), dict):
         raise SeeclError(f"{path}: not a benchmark summary (no config)")
     if not isinstance(summary.get("methods"), dict):
         raise SeeclError(f"{path}: not a benchmark summary (no methods)")

@@ -35,7 +35,16 @@ from typing import Any
 
 from seecl.data.task import check_name
 from seecl.errors import DataError, StoreError
-from seecl.publish import _alive, clean_stale, held, make_dir, now, publish_dir, write_json_atomic
+from seecl.publish import (
+    _alive,
+    clean_stale,
+    held,
+    make_dir,
+    now,
+    publish_dir,
+    read_json_object,
+    write_json_atomic,
+)
 
 FORMAT = "seecl-ensemble/1"
 MANIFEST = "manifest.json"
@@ -66,18 +75,6 @@ class QueryMemory:
     items: tuple[MemoryItem, ...]
 
 
-def read_json_object(path: Path, problem: str) -> dict[str, Any]:
-    """A JSON object file, or a StoreError "<path>: <problem> (<why>)" for bad UTF-8, bad JSON,
-    absurd nesting or anything but an object."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise StoreError(f"{path}: {problem} ({exc})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{path}: {problem} (not a JSON object)")
-    return data
-
-
 class EnsembleStore:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -93,7 +90,7 @@ class EnsembleStore:
     def manifest(self) -> dict[str, Any]:
         if not self.exists():
             raise StoreError(f"no ensemble at {self.root} (manifest.json missing)")
-        data = read_json_object(self.manifest_path, "corrupt manifest")
+        data = read_json_object(self.manifest_path, "corrupt manifest", StoreError)
         if data.get("format") != FORMAT:
             raise StoreError(f"{self.manifest_path}: unsupported format {data.get('format')!r}")
         return data
@@ -123,7 +120,7 @@ class EnsembleStore:
     def expert_meta(self, name: str) -> dict[str, Any]:
         if name not in self.expert_names():
             raise StoreError(f"no expert named {name!r} in {self.root}")
-        return read_json_object(self.expert_dir(name) / "expert.json", "unreadable expert record")
+        return read_json_object(self.expert_dir(name) / "expert.json", "unreadable expert record", StoreError)
 
     def tokenizer_dir(self) -> Path:
         return self.root / "tokenizer"
