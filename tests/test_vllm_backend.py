@@ -340,6 +340,18 @@ def test_weights_beyond_lora_matrices_and_indicator_rows_are_refused_by_name(tmp
         VllmEngine(ens, base, llm=FakeLLM(), logprob_token_ids=True)
 
 
+@pytest.mark.parametrize("config_text", ["{not json", "[1, 2]", '{"r": 8}', "\udcff"])
+def test_an_unreadable_adapter_config_is_refused_naming_the_file(tmp_path, config_text):
+    ens, _ = write_ensemble(tmp_path, ["broken"])
+    config = ens / "experts" / "broken" / "adapter_config.json"
+    config.write_bytes(config_text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(SeeclError, match=r"broken/adapter_config.json: (unreadable|not a PEFT) adapter config"):
+        check_servable("broken", config.parent)
+    config.unlink()
+    with pytest.raises(SeeclError, match=r"broken/adapter_config.json: unreadable adapter config"):
+        check_servable("broken", config.parent)
+
+
 # -- a real tiny ensemble: what seecl writes ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_ensemble(tmp_path_factory):

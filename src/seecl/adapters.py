@@ -8,7 +8,6 @@ only ever read from safetensors, never with pickle.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from seecl.config import AdapterConfig, to_dict
 from seecl.errors import StoreError
 from seecl.model.indicators import Indicators
+from seecl.publish import read_json_object
 
 
 def peft_config(cfg: AdapterConfig, indicators: Indicators | None, invocation_tokens: list[int] | None = None):
@@ -109,13 +109,17 @@ def check_adapter_files(directory: Path) -> None:
     if not weights.is_file():
         raise StoreError(f"{directory}: adapter_model.safetensors missing (pickled adapters are not loaded)")
     check_safetensors(weights)
-    config_file = directory / "adapter_config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise StoreError(f"{config_file}: unreadable adapter config ({error})") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
+    read_adapter_config(directory)
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """`directory`'s adapter_config.json, or a StoreError naming the file: missing, unreadable, not
+    JSON, not an object, or not PEFT's (no peft_type)."""
+    config_file = Path(directory) / "adapter_config.json"
+    config = read_json_object(config_file, "unreadable adapter config", StoreError)
+    if "peft_type" not in config:
         raise StoreError(f"{config_file}: not a PEFT adapter config (no peft_type)")
+    return config
 
 
 def check_safetensors(path: Path) -> None:

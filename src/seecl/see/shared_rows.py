@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from seecl.adapters import check_safetensors
+from seecl.adapters import check_safetensors, read_adapter_config
 
 ROWS_FILE = "indicator_rows.safetensors"
 TOKEN_ROWS_TENSOR = ".token_adapter.trainable_tokens_delta"
@@ -32,7 +32,7 @@ def read_rows(adapter_dir: Path) -> tuple[list[int], dict[str, torch.Tensor], di
     the other tensors, the adapter config without `trainable_token_indices`).
     """
     adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_adapter_config(adapter_dir)
     token_ids = config.pop("trainable_token_indices", None)
     if not token_ids:
         raise ValueError(f"{adapter_dir}: the adapter trained no indicator rows")

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from seecl.adapters import read_adapter_config
 from seecl.errors import SeeclError
 from seecl.publish import clean_stale, publish_dir
 from seecl.see.shared_rows import PEFT_PREFIX, read_rows
 from seecl.see.store import EnsembleStore
 from seecl.serving.vllm_export import STAMP as EXPORT_STAMP
 from seecl.serving.vllm_export import sha256_file
-from seecl.serving.vllm_llm import adapter_config
 
 EXPERTS_DIR = "vllm-experts"  # inside the ensemble directory
 STAMP = "seecl-vllm-expert.json"
@@ -39,7 +39,7 @@ OUTPUT_HEAD = "lm_head"
 
 
 def has_token_rows(directory: str | Path) -> bool:
-    return bool(adapter_config(Path(directory)).get("trainable_token_indices"))
+    return bool(read_adapter_config(Path(directory)).get("trainable_token_indices"))
 
 
 def _base_tensors(base_dir: Path) -> dict[str, Path]:

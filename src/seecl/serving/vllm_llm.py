@@ -17,12 +17,12 @@ vLLM facts relied on (vLLM 0.32's source: vllm/config/lora.py, vllm/platforms/cp
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seecl.adapters import read_adapter_config
 from seecl.config import VllmConfig
 from seecl.errors import SeeclError
 from seecl.see.shared_rows import TOKEN_ROWS_TENSOR
@@ -88,13 +88,6 @@ def lora_table(ensemble_dir: str | Path, experts: Sequence[str]) -> dict[str, Lo
     return {name: (name, lora_id(store.expert_dir(name)), str(store.expert_dir(name).resolve())) for name in experts}
 
 
-def adapter_config(directory: Path) -> dict[str, Any]:
-    path = directory / "adapter_config.json"
-    if not path.is_file():
-        raise SeeclError(f"{directory}: adapter_config.json missing")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def token_row_tensors(directory: str | Path) -> list[str]:
     """Names of tensors in adapter_model.safetensors that vLLM would not apply (anything not LoRA A/B)."""
     from safetensors import safe_open
@@ -111,7 +104,7 @@ def check_servable(name: str, directory: str | Path) -> None:
     """Raise if vLLM would serve expert `name` differently from PEFT (its routing would change).
     Indicator rows are servable: they are rewritten as LoRA matrices (vllm_experts.py)."""
     directory = Path(directory)
-    config = adapter_config(directory)
+    config = read_adapter_config(directory)
     extra = [n for n in token_row_tensors(directory) if not n.endswith(TOKEN_ROWS_TENSOR)]
     if config.get("modules_to_save"):
         extra.append(f"modules_to_save={config['modules_to_save']}")
@@ -168,7 +161,7 @@ def lora_settings(expert_dirs: Sequence[str | Path], min_rank: int = 1) -> LoraS
     targets: list[str] = []
     max_rank = min_rank
     for directory in expert_dirs:
-        config = adapter_config(Path(directory))
+        config = read_adapter_config(Path(directory))
         modules = config.get("target_modules") or []
         for module in [modules] if isinstance(modules, str) else modules:
             if module not in targets:
