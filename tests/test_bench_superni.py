@@ -265,6 +265,9 @@ def test_a_mistyped_reuse_or_output_directory_is_refused(benchmark_data, tmp_pat
     assert "invalid eval split name '../../etc/x'" in capsys.readouterr().err
     assert bench(benchmark_data, tmp_path / "run", "--order", "4") == 2
     assert "order 4 is not one of the SEE paper's orders 1, 2, 3" in capsys.readouterr().err
+    assert bench(benchmark_data, tmp_path / "run", methods=["SEE(200%)"]) == 2
+    assert "'SEE(200%)': the share must be between 0% and 100%" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists(), "a mistyped label leaves no folder behind"
     assert bench(benchmark_data, tmp_path / "run", "--n-train", "17") == 2
     assert "uppercase.train.jsonl: holds 16 instances; n_train=17 asks for more" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("")

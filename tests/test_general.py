@@ -70,6 +70,8 @@ def test_see_labels_keep_the_papers_recipe_whatever_the_defaults(tmp_path):
         ("MTL(10%)", "takes no"),
         ("RandSel(10%)-shared", "only SEE has variants"),
         ("Magic(3%)", "unknown method"),
+        ("SEE(200%)", "between 0% and 100%"),
+        ("RandSel(1.2.3%)", "not a number of percent"),
     ],
 )
 def test_bad_labels(tmp_path, label, message):

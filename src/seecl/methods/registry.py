@@ -90,7 +90,12 @@ def parse_label(label: str) -> tuple[str, float | None, str | None]:
     if not match or match["name"] not in METHODS:
         raise ConfigError(f"unknown method {label!r}; known: {known()}")
     name, spec = match["name"], METHODS[match["name"]]
-    tau = float(match["tau"]) / 100 if match["tau"] else None
+    try:
+        tau = float(match["tau"]) / 100 if match["tau"] else None
+    except ValueError:
+        raise ConfigError(f"{label!r}: {match['tau']!r} is not a number of percent") from None
+    if tau is not None and not 0 <= tau <= 1:  # refused here, before a benchmark makes any folder
+        raise ConfigError(f"{label!r}: the share must be between 0% and 100%")
     if spec.tau == "none" and tau is not None:
         raise ConfigError(f"{label!r}: {name} takes no (x%)")
     if spec.tau == "required" and tau is None:
