@@ -17,7 +17,10 @@ fastest round per batch counting (common.interleaved):
   `same_answer_as_engine`, `max_p_pos_difference`);
 - ttft_tpot: the cost model TTFT*(M-1)/2 / (TTFT + TPOT*N) (bench/routing.py) from vLLM's own
   TTFT (one prompt pass of the batch) and TPOT (one decode step of the batch) for the newest
-  expert -> `cost_model_unsimplified_eq8_batch`.
+  expert -> `cost_model_unsimplified_eq8_batch` (from the means over batches), and the same terms
+  taken batch by batch and summed -> `cost_model_eq8_per_batch`, with what they predict for the
+  single side and for the time routing adds next to what was measured (`per_batch` holds every
+  batch's probe, answer length, routing checks and fastest times).
 
 The single side's requests carry their own LoRA id, so vLLM's prefix cache (keyed by adapter) never
 hands it the KV blocks the routed side computed; the cache is reset before every round. The probe's
@@ -108,6 +111,22 @@ def ttft_tpot(engine, probe_loras, prompts, steps: int = 16) -> tuple[float, flo
     return first, max(0.0, run(second_lora, 1 + steps) - first) / steps
 
 
+def per_batch_cost_model(per_batch: list[dict], experts: int) -> dict[str, float]:
+    """Eq. 8's terms batch by batch, summed: no product of means over batches whose prompt and
+    answer lengths differ. What they predict for the single side (TTFT + TPOT*N per batch) and for
+    the time routing adds (TTFT*(M-1)/2 per batch, or each batch's own walk: one prompt pass per
+    check beyond the first of each query), to set beside what was measured."""
+    single = sum(p["ttft_s"] + p["tpot_s"] * p["answer_tokens"] for p in per_batch)
+    added = sum(p["ttft_s"] * (experts - 1) / 2 for p in per_batch)
+    walks = sum(p["ttft_s"] * (p["routing_checks"] - p["queries"]) / p["queries"] for p in per_batch)
+    return {
+        "cost_model_eq8_per_batch": added / single,
+        "vllm_single_seconds_cost_model": single,
+        "routing_added_seconds_cost_model": added,
+        "routing_added_seconds_from_walks": walks,
+    }
+
+
 def measure(ensemble_dir: Path, queries, budgets, owners, args) -> dict:
     from seecl.config import VllmConfig, load_config
     from seecl.see.ensemble import SeeEnsemble
@@ -174,6 +193,18 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
     n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
+    per_batch = [
+        {
+            "queries": len(b),
+            "ttft_s": min(t for t, _ in runs["ttft_tpot"][k]),
+            "tpot_s": min(s for _, s in runs["ttft_tpot"][k]),
+            "answer_tokens": max(lengths[i] for i in b) + 1,
+            "routing_checks": sum(len(answers[i].route.checks) for i in b),
+            "vllm_s": min(runs["vllm"][k]),
+            "vllm_single_s": min(runs["vllm_single"][k]),
+        }
+        for k, b in enumerate(batches)
+    ]
     pairs = [(answers[i], peft_answers[i]) for i in range(len(queries))]
     return {
         "ensemble": str(ens.store.root),
@@ -205,6 +236,9 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
         "mean_batch_answer_tokens": n_b,
         "cost_model_unsimplified_eq8_batch": cost_model(ttft, tpot, len(experts), n_b),
         "vllm_speedup_vs_engine": engine_s / vllm_s,
+        "per_batch": per_batch,
+        "routing_added_seconds": vllm_s - single_s,
+        **per_batch_cost_model(per_batch, len(experts)),
     }
 
 
@@ -263,6 +297,12 @@ def main() -> None:
         "engine_qps",
         "overhead_measured",
         "cost_model_unsimplified_eq8_batch",
+        "cost_model_eq8_per_batch",
+        "vllm_single_seconds",
+        "vllm_single_seconds_cost_model",
+        "routing_added_seconds",
+        "routing_added_seconds_cost_model",
+        "routing_added_seconds_from_walks",
         "vllm_speedup_vs_engine",
         "routing_accuracy",
     ]

