@@ -189,9 +189,6 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
     runs = interleaved(len(batches), measures, args.repeats, lambda: engine.llm.reset_prefix_cache())
     vllm_s, single_s, engine_s = fastest(runs["vllm"]), fastest(runs["vllm_single"]), fastest(runs["engine"])
     lengths = [len(answers[i].token_ids) for i in range(len(queries))]
-    ttft = statistics.mean(min(t for t, _ in rounds) for rounds in runs["ttft_tpot"])
-    tpot = statistics.mean(min(s for _, s in rounds) for rounds in runs["ttft_tpot"])
-    n_b = statistics.mean(max(lengths[i] for i in b) + 1 for b in batches)
     routed = sum(answers[i].route.answered_by == o for i, o in enumerate(owners)) / len(owners)
     per_batch = [
         {
@@ -205,6 +202,7 @@ def measure_with(engine, ens, config, queries, budgets, owners, args) -> dict:
         }
         for k, b in enumerate(batches)
     ]
+    ttft, tpot, n_b = (statistics.mean(p[key] for p in per_batch) for key in ("ttft_s", "tpot_s", "answer_tokens"))
     pairs = [(answers[i], peft_answers[i]) for i in range(len(queries))]
     return {
         "ensemble": str(ens.store.root),
