@@ -189,6 +189,15 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_task(path)
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n", ""])
+def test_a_line_cut_short_is_reported_at_its_end_not_at_column_one(tmp_path, ending):
+    # the line's own newline must not move the error to "column 1" of a line that is not there
+    path = tmp_path / "cut.jsonl"
+    path.write_bytes(('{"prompt": "q", "response": "r"}\n{"prompt": "q2", "response": "r2"' + ending).encode())
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: malformed JSON: Expecting ',' delimiter \(column 34\)"):
+        load_task(path)
+
+
 @pytest.mark.parametrize("name", ["deep.jsonl", "deep.json"])
 def test_deeply_nested_json_is_a_data_error_not_a_recursion_traceback(tmp_path, name):
     path = tmp_path / name

@@ -161,6 +161,10 @@ def test_a_damaged_expert_record_or_query_memory_names_its_file(ensemble):
     memory.write_bytes(b"\xff\n")
     with pytest.raises(StoreError, match=r"memory\.jsonl:1: unreadable query memory"):
         store.memory("add")
+    memory.write_bytes(b'{"id": "a", "query": "q"\n')  # cut short: the error is at the line's end
+    cut = r"memory\.jsonl:1: unreadable query memory \(Expecting ',' delimiter: line 1 column 25"
+    with pytest.raises(StoreError, match=cut):
+        store.memory("add")
     (store.expert_dir("add") / "expert.json").write_text("[]", encoding="utf-8")
     with pytest.raises(StoreError, match=r"expert\.json: unreadable expert record"):
         store.expert_meta("add")

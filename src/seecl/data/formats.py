@@ -42,7 +42,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                # without its newline, an error at the line's end is reported there, not at column 1
+                # of a line after it
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})", path, number) from None
             except RecursionError:

@@ -132,7 +132,7 @@ class EnsembleStore:
         with open(path, "rb") as handle:
             for number, line in enumerate(handle, start=1):
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip(b"\r\n"))  # an error at the end is reported there
                 except (ValueError, RecursionError) as exc:
                     raise StoreError(f"{path}:{number}: unreadable query memory ({exc})") from None
                 if not (isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("id", "query"))):
