@@ -154,9 +154,19 @@ def ttft_tpot(engine, owner: str, prompts: list[list[int]], steps: int = 16) -> 
     return first, statistics.mean(step_seconds)
 
 
+def routing_added_latency(ttft: float, experts: int) -> float:
+    """Eq. 8's numerator: what routing adds, TTFT*(M-1)/2 (half the other experts' prompt passes)."""
+    return ttft * (experts - 1) / 2
+
+
+def single_model_latency(ttft: float, tpot: float, answer_tokens: float) -> float:
+    """Eq. 8's denominator: one model answering, TTFT + TPOT*N."""
+    return ttft + tpot * answer_tokens
+
+
 def cost_model(ttft: float, tpot: float, experts: int, answer_tokens: float) -> float:
     """Extra latency of routing over one model: TTFT*(M-1)/2 / (TTFT + TPOT*N) (Appendix E, unsimplified)."""
-    return ttft * (experts - 1) / 2 / (ttft + tpot * answer_tokens)
+    return routing_added_latency(ttft, experts) / single_model_latency(ttft, tpot, answer_tokens)
 
 
 PARTS = ("lora", "lora_batch1", "alora", "alora_batch1", "memory", "latency_vs_experts")

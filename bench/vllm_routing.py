@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, cpu_model, fastest, interleaved, machine, per_round, print_table, timed, write_json
-from routing import cost_model
+from routing import cost_model, routing_added_latency, single_model_latency
 
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # the shared machine's cores stay unpinned
 
@@ -116,8 +116,8 @@ def per_batch_cost_model(per_batch: list[dict], experts: int) -> dict[str, float
     answer lengths differ. What they predict for the single side (TTFT + TPOT*N per batch) and for
     the time routing adds (TTFT*(M-1)/2 per batch, or each batch's own walk: one prompt pass per
     check beyond the first of each query), to set beside what was measured."""
-    single = sum(p["ttft_s"] + p["tpot_s"] * p["answer_tokens"] for p in per_batch)
-    added = sum(p["ttft_s"] * (experts - 1) / 2 for p in per_batch)
+    single = sum(single_model_latency(p["ttft_s"], p["tpot_s"], p["answer_tokens"]) for p in per_batch)
+    added = sum(routing_added_latency(p["ttft_s"], experts) for p in per_batch)
     walks = sum(p["ttft_s"] * (p["routing_checks"] - p["queries"]) / p["queries"] for p in per_batch)
     return {
         "cost_model_eq8_per_batch": added / single,
