@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -41,10 +42,18 @@ def machine() -> dict:
     }
 
 
+def command_line() -> str:
+    """The command that is running, as typed from the repository root: what reruns a result."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return shlex.join(["python", str(shown), *sys.argv[1:]])
+
+
 def write_json(path: Path, data: dict) -> None:
+    """Write `data` atomically, with the command line that produced it as its "command"."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps({**data, "command": command_line()}, indent=2) + "\n")
     tmp.replace(path)
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 

@@ -70,7 +70,6 @@ def main() -> None:
 
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
-    result["command"] = "python bench/expert_fit.py --label LABEL"
     rows = []
     for label in args.label:
         result[label] = {"positives_asked": args.positives, "experts": fit(label, args.positives)}

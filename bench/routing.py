@@ -402,7 +402,7 @@ def main() -> None:
         result = {}
     for redo in args.redo or ():
         result.pop(redo, None)
-    result.update({"machine": machine(), "command": "python bench/routing.py", "workload": workload_key})
+    result.update({"machine": machine(), "workload": workload_key})
 
     def part(key: str, measure) -> None:
         # Each part compares against a baseline measured inside the same part, so a part finished

@@ -98,7 +98,6 @@ def main() -> None:
     result = {
         "machine": machine(),
         "cpu": cpu_model(),
-        "command": "python bench/routing_growth.py",
         "label": args.label,
         "runs": {"small": shown(small_run), "large": shown(large_run)},
         "experts": {name: ens.experts() for name, ens in ensembles.items()},

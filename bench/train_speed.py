@@ -266,7 +266,6 @@ def main() -> None:
             "epochs": args.epochs,
             "useful_tokens": useful_tokens,
             "machine": machine(),
-            "command": "python bench/train_speed.py" + (f" --epochs {args.epochs}" if args.epochs != 1 else ""),
         },
     )
 

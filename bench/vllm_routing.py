@@ -280,12 +280,8 @@ def main() -> None:
     row = measure(ensemble_dir, queries, budgets, owners, args)
     import vllm
 
-    command = "python bench/vllm_routing.py " + (
-        "--smoke" if args.smoke else f"--label {args.label!r}" if args.label else "--ensemble ..."
-    )
     result = {
         "machine": {**machine(), "vllm": vllm.__version__},
-        "command": command,
         "workload": {"smoke": args.smoke, "n_per_task": None if args.smoke else args.n_per_task, "split": "dev"},
         "vllm": {**row, "cpu": cpu_model()},
     }

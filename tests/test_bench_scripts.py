@@ -1,6 +1,7 @@
 """The bench scripts' own arithmetic and probes, without vLLM or a model: what their JSON reports
 must mean what its keys say."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,3 +50,19 @@ def test_the_per_batch_cost_model_sums_the_terms_of_each_batch(vllm_routing):
     means = cost_model(3.0, 0.3, 5, 12)  # TTFT, TPOT and N averaged over the batches
     assert means == pytest.approx(6 / 6.6) and model["cost_model_eq8_per_batch"] > means
     assert model["vllm_single_seconds_cost_model"] < 2 * (3.0 + 0.3 * 12), "the product of means overstates it"
+
+
+def test_a_result_file_records_the_command_line_that_reruns_it(monkeypatch, tmp_path):
+    """A result written by a run with options (e.g. --n-per-task 25 --repeats 2) names those
+    options: its "command" reruns it, not the script's default workload."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    argv = [str(BENCH / "vllm_routing.py"), "--label", "SEE(10%)", "--n-per-task", "25", "--vllm", "llm_args={a: 1}"]
+    monkeypatch.setattr("sys.argv", argv)
+    out = tmp_path / "result.json"
+    common.write_json(out, {"command": "stale", "value": 1})
+    written = json.loads(out.read_text())
+    assert written["value"] == 1
+    expected = "python bench/vllm_routing.py --label 'SEE(10%)' --n-per-task 25 --vllm 'llm_args={a: 1}'"
+    assert written["command"] == expected
