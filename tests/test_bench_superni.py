@@ -320,3 +320,20 @@ def test_two_replacements_within_one_second_keep_both_old_states(tmp_path, monke
     kept = {json.loads((tmp_path / "methods" / name / "protocol.json").read_text())["r"] for name in asides}
     assert kept == {8, 4}, "each old state is kept whole, none overwritten"
     assert json.loads((workdir / "settings.json").read_text())["adapter.r"] == 2
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"order": []}, "order names no task"),
+        ({"order": ["qa", "qa"]}, "order must name distinct tasks"),
+        ({"methods": []}, "methods names no method"),
+        ({"methods": ["MTL", "MTL"]}, "methods must be distinct labels"),
+    ],
+)
+def test_an_empty_or_repeated_order_or_method_list_is_refused_with_what_is_wrong(fields, message):
+    """`--order ''` used to be told its tasks were not distinct; an empty list now says it is empty."""
+    from seecl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        superni.BenchConfig(**fields)

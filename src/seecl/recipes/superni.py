@@ -103,11 +103,15 @@ class BenchConfig:
         for name in ("n_train", "n_eval", "n_ood"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.order or len(set(self.order)) != len(self.order):
+        if not self.order:
+            raise ConfigError("order names no task: give 1, 2 or 3 (the SEE paper's orders) or task names")
+        if len(set(self.order)) != len(self.order):
             raise ConfigError(f"order must name distinct tasks, got {self.order}")
         for name in self.order:  # names become file, directory and expert names
             check_name(name, "task")
-        if not self.methods or len(set(self.methods)) != len(self.methods):
+        if not self.methods:
+            raise ConfigError("methods names no method: give one or more labels, e.g. SEE(10%),MTL")
+        if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"methods must be distinct labels, got {self.methods}")
         for label in self.methods:
             parse_label(label)
