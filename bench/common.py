@@ -42,11 +42,17 @@ def machine() -> dict:
     }
 
 
+# Environment settings that change what a benchmark measures (threads, vLLM's process layout, data).
+MEASURED_ENV = ("OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING", "SEECL_DATA")
+
+
 def command_line() -> str:
-    """The command that is running, as typed from the repository root: what reruns a result."""
+    """The command that is running, as typed from the repository root, with the MEASURED_ENV
+    settings it ran under: what reruns a result."""
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
-    return shlex.join(["python", str(shown), *sys.argv[1:]])
+    env = [f"{name}={os.environ[name]}" for name in MEASURED_ENV if name in os.environ]
+    return shlex.join([*env, "python", str(shown), *sys.argv[1:]])
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -53,16 +53,21 @@ def test_the_per_batch_cost_model_sums_the_terms_of_each_batch(vllm_routing):
 
 
 def test_a_result_file_records_the_command_line_that_reruns_it(monkeypatch, tmp_path):
-    """A result written by a run with options (e.g. --n-per-task 25 --repeats 2) names those
-    options: its "command" reruns it, not the script's default workload."""
+    """A result written by a run with options (e.g. --n-per-task 25 --repeats 2) and settings that
+    change the measurement (vLLM's process layout) names them: its "command" reruns it, not the
+    script's default workload."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
 
     argv = [str(BENCH / "vllm_routing.py"), "--label", "SEE(10%)", "--n-per-task", "25", "--vllm", "llm_args={a: 1}"]
     monkeypatch.setattr("sys.argv", argv)
+    for name in common.MEASURED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out = tmp_path / "result.json"
     common.write_json(out, {"command": "stale", "value": 1})
     written = json.loads(out.read_text())
     assert written["value"] == 1
-    expected = "python bench/vllm_routing.py --label 'SEE(10%)' --n-per-task 25 --vllm 'llm_args={a: 1}'"
+    expected = "VLLM_ENABLE_V1_MULTIPROCESSING=0 python bench/vllm_routing.py --label 'SEE(10%)' --n-per-task 25"
+    expected += " --vllm 'llm_args={a: 1}'"
     assert written["command"] == expected
