@@ -84,7 +84,7 @@ def superni_workload(ensemble_dir: Path, n_per_task: int):
 
 def single_requests(engine, expert_lora, queries, steps):
     """The newest expert answering directly: its `<<pos>>`, then exactly `steps[i]` tokens."""
-    from seecl.serving.vllm_engine import Request
+    from seecl.serving.vllm_requests import Request
 
     requests = []
     for query, n in zip(queries, steps):
@@ -99,7 +99,7 @@ def ttft_tpot(engine, probe_loras, prompts, steps: int = 16) -> tuple[float, flo
     """vLLM's seconds for one prompt pass of the batch and for one decode step of it (the mean over
     `steps`): the newest expert under two probe ids of its own (`probe_loras`), one per pass, so
     that neither pass reads the batch's prompts from the cache (module docstring)."""
-    from seecl.serving.vllm_engine import Request
+    from seecl.serving.vllm_requests import Request
 
     def run(lora, tokens: int) -> float:
         params = {"max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0, "ignore_eos": True}

@@ -15,17 +15,7 @@ from seecl.errors import SeeclError
 from seecl.model.indicators import Indicators
 from seecl.see.store import FORMAT
 from seecl.serving.routing import BASE, Sampling, decide
-from seecl.serving.vllm_engine import (
-    VllmEngine,
-    answer_params,
-    answer_requests,
-    check_params,
-    check_requests,
-    cut_at_stop,
-    generation_params,
-    prefix_requests,
-    verdict,
-)
+from seecl.serving.vllm_engine import VllmEngine
 from seecl.serving.vllm_export import export_base
 from seecl.serving.vllm_llm import (
     INSTALL_HINT,
@@ -35,6 +25,16 @@ from seecl.serving.vllm_llm import (
     lora_table,
     token_row_tensors,
     vllm_available,
+)
+from seecl.serving.vllm_requests import (
+    answer_params,
+    answer_requests,
+    check_params,
+    check_requests,
+    cut_at_stop,
+    generation_params,
+    prefix_requests,
+    verdict,
 )
 
 ADDED = Indicators("added", "<<pos>>", "<<neg>>", (300,), (301,))
@@ -87,17 +87,21 @@ def write_ensemble(root, names, rows=(), ranks=None, kind="added", saved_modules
     return root / "ens", root / "base"
 
 
-def output(tokens, logprobs=None):
+def output(tokens, logprobs=None, max_tokens=None):
     steps = [{t: SimpleNamespace(logprob=v) for t, v in logprobs.items()}] if logprobs is not None else None
-    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(tokens), logprobs=steps)])
+    reason = "length" if max_tokens is not None and len(tokens) >= max_tokens else "stop"
+    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(tokens), logprobs=steps, finish_reason=reason)])
 
 
 class FakeLLM:
-    """Answers like `vllm.LLM.generate`: each query's prompt has an owner expert (or none)."""
+    """Answers like `vllm.LLM.generate`: each query's prompt has an owner expert (or none). A check
+    that may go on past its first token (a combined check) answers after `<<pos>>` as an answer
+    request would; `blocked_at` puts a masked token into such an answer at that position."""
 
     def __init__(self):
         self.calls = []
         self.owners = {}  # prompt ids -> owning expert, "nobody", "confused" or "off-prefix"
+        self.blocked_at = None
 
     def setup(self, engine, owners):
         self.engine = engine
@@ -106,26 +110,39 @@ class FakeLLM:
     def owner(self, ids):
         return next(o for key, o in self.owners.items() if tuple(ids[: len(key)]) == key)
 
+    def answer(self, name, params, head=()):
+        fmt = self.engine.formatter
+        tokens = fmt.text_ids(name)[len(head) :]
+        if self.blocked_at is not None and "bad_words" not in params:
+            tokens = tokens[: self.blocked_at] + [self.engine.indicators.pos_id] + tokens[self.blocked_at :]
+        return (tokens + [fmt.eos_id])[: params["max_tokens"]]
+
     def generate(self, prompts, sampling_params, lora_request=None, use_tqdm=True):
         self.calls.append((prompts, sampling_params, lora_request))
-        ind, fmt = self.engine.indicators, self.engine.formatter
+        ind = self.engine.indicators
         results = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             ids, name = prompt["prompt_token_ids"], lora_request[i][0] if lora_request and lora_request[i] else BASE
+            limit = params["max_tokens"]
             if "stop_token_ids" not in params and "max_tokens" in params and params.get("ignore_eos"):
                 # the greedy shared-prefix request
                 prefix = list(ind.shared_prefix) if self.owner(ids) != "off-prefix" else [65, 66]
-                results.append(output(prefix[: params["max_tokens"]]))
+                results.append(output(prefix[:limit]))
             elif "logprob_token_ids" in params or "logprobs" in params:
                 owner = self.owner(ids)
                 if owner in (name, "off-prefix"):
-                    results.append(output([ind.pos_id], {ind.pos_id: math.log(0.9), ind.neg_id: math.log(0.05)}))
+                    answer = self.answer(name, {**params, "max_tokens": limit - 1}) if limit > 1 else []
+                    tokens = [ind.pos_id, *answer]
+                    results.append(output(tokens, {ind.pos_id: math.log(0.9), ind.neg_id: math.log(0.05)}, limit))
                 elif owner == "confused":
                     results.append(output([65], {65: math.log(0.5), ind.neg_id: math.log(0.2)}))
                 else:
                     results.append(output([ind.neg_id], {ind.pos_id: math.log(0.1), ind.neg_id: math.log(0.8)}))
             else:
-                results.append(output(fmt.text_ids(name)[: params["max_tokens"]] + [fmt.eos_id]))
+                pos = list(ind.pos_ids)
+                at = next((k for k in range(len(ids)) if ids[k : k + len(pos)] == pos), len(ids))
+                head = ids[at + len(pos) :] if name != BASE else []
+                results.append(output(self.answer(name, params, head), max_tokens=limit))
         return results
 
 
@@ -266,17 +283,20 @@ def test_an_indicator_outside_the_top_k_counts_as_probability_zero():
 # -- the walk on a fake LLM --------------------------------------------------------------------------------
 def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     engine, llm = fake
+    ind, eos = engine.indicators, engine.formatter.eos_id
     assert engine.experts() == ["e1", "e2", "e3"]
     queries = ["for e3", "for e1", "unknown", "odd", "for e1"]
     answers = engine.ask(queries, [5, 6, 7, 8, 0])
     checks = [c for c in llm.calls if "logprob_token_ids" in c[1][0]]
     assert [c[2][0] for c in checks] == [engine.loras[e] for e in ("e3", "e2", "e1")]
     assert [len(c[0]) for c in checks] == [5, 3, 3], "claimed and undecided queries leave the walk"
-    assert all(
-        p["logprob_token_ids"] == [engine.indicators.pos_id, engine.indicators.neg_id] and p["max_tokens"] == 1
-        for c in checks
-        for p in c[1]
-    )
+    assert all(p["logprob_token_ids"] == [ind.pos_id, ind.neg_id] for c in checks for p in c[1])
+    # A greedy answer's check goes on into the answer: a claimant's check is its answer's prompt
+    # pass; a check that only routes asks for one token.
+    first = checks[0][1]
+    assert [p["max_tokens"] for p in first] == [6, 7, 8, 9, 1]
+    assert all(p["stop_token_ids"] == [eos, ind.neg_id] and p["temperature"] == 0.0 for p in first[:4])
+    assert "stop_token_ids" not in first[4]
     routes = [(a.route.answered_by, a.route.reason, [c.expert for c in a.route.checks]) for a in answers]
     assert routes == [
         ("e3", "claimed", ["e3"]),
@@ -289,15 +309,48 @@ def test_walk_asks_newest_first_and_claimed_queries_leave(fake):
     assert [a.text for a in answers] == ["e3", "e1", "base", "base", ""], "budget 0 only routes"
     assert [a.token_ids for a in answers[:2]] == [engine.formatter.text_ids("e3"), engine.formatter.text_ids("e1")]
     assert [a.finish_reason for a in answers] == ["stop"] * 5
-    experts, base = llm.calls[len(checks) :]  # one call for every expert (vLLM batches adapters), one for the base
-    prompts, params = experts[0] + base[0], experts[1] + base[1]
-    assert [lora[0] for lora in experts[2]] == ["e3", "e1"] and base[2] is None, "never base and LoRA in one batch"
-    assert [p["prompt_token_ids"][-1] for p in prompts[:2]] == [engine.indicators.pos_id] * 2, "after <<pos>>"
-    assert [p["max_tokens"] for p in params] == [5, 6, 7, 8]
-    assert all(p["stop_token_ids"] == [engine.formatter.eos_id] and p["temperature"] == 0.0 for p in params)
+    [base] = llm.calls[len(checks) :]  # the claimants answered in their checks; the base alone after them
+    prompts, params, loras = base
+    assert loras is None, "never base and LoRA requests in the engine together"
+    assert [p["prompt_token_ids"] for p in prompts] == [engine.formatter.prompt_ids(q) for q in ("odd", "unknown")]
+    assert [p["max_tokens"] for p in params] == [8, 7], "in the order their walks ended"
+    assert all(p["stop_token_ids"] == [eos] and p["temperature"] == 0.0 for p in params)
     assert all(p["bad_words"] == ["<<pos>>", "<<neg>>"] for p in params), "answers never hold indicators"
-    assert prompts[2]["prompt_token_ids"] == engine.formatter.prompt_ids("unknown")
     assert [r.answered_by for r in engine.route(queries)] == [a.route.answered_by for a in answers]
+
+
+def test_a_combined_check_is_the_masked_answer_cut_before_a_blocked_token_and_continued(fake):
+    engine, llm = fake
+    llm.blocked_at = 1  # the unmasked answer would hold <<pos>> after its first token
+    [answer] = engine.ask(["for e3"], 9)
+    text_ids = engine.formatter.text_ids("e3")
+    assert answer.token_ids == text_ids and answer.text == "e3"
+    check, continued = llm.calls
+    assert continued[0][0]["prompt_token_ids"] == [
+        *engine.formatter.prompt_ids("for e3"),
+        *engine.indicators.pos_ids,
+        *text_ids[:1],
+    ], "goes on after the part that equals the masked answer, with the mask"
+    assert continued[1][0]["max_tokens"] == 8 and continued[1][0]["bad_words"] == ["<<pos>>", "<<neg>>"]
+
+
+def test_a_combined_check_answer_that_fills_its_budget_ends_by_length(fake):
+    engine, llm = fake
+    [answer] = engine.ask(["for e3"], 1)
+    assert answer.token_ids == engine.formatter.text_ids("e3")[:1] and answer.finish_reason == "length"
+    assert len(llm.calls) == 1
+
+
+def test_a_claim_by_threshold_alone_gets_an_answer_of_its_own(tmp_path):
+    ens, base = write_ensemble(tmp_path, ["e1"])
+    llm = FakeLLM()
+    engine = VllmEngine(ens, base, llm=llm, logprob_token_ids=True, threshold=0.05)
+    llm.setup(engine, {"unknown": "nobody"})
+    [answer] = engine.ask(["unknown"], 4)  # <<neg>> first, yet P(pos) / (P(pos) + P(neg)) = 0.11 >= 0.05
+    assert (answer.route.answered_by, answer.route.reason) == ("e1", "claimed")
+    check, answered = llm.calls
+    assert answered[0][0]["prompt_token_ids"][-1] == engine.indicators.pos_id and answered[1][0]["max_tokens"] == 4
+    assert answer.text == "e1"
 
 
 def test_a_multi_token_indicator_claims_only_after_its_greedy_prefix(tmp_path):

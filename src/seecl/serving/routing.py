@@ -207,30 +207,40 @@ def routes_with_owners(
     return [Route(q.owner, "requested", []) if q.owner is not None else next(walked) for q in queries]
 
 
+def next_in_walk(experts: Sequence[str], trail: Sequence[Check]) -> str | Route:
+    """One query's walk after the checks in `trail`: the next expert to ask (newest first; `experts`
+    oldest first, as an ensemble lists them), or its Route once decided. A `pos` claims, `neither`
+    sends the query to the base model, a `neg` passes it on."""
+    if trail:
+        last = trail[-1]
+        if last.verdict == "pos":
+            return Route(last.expert, "claimed", list(trail))
+        if last.verdict != "neg":
+            return Route(BASE, "exception", list(trail))
+    if len(trail) < len(experts):
+        return experts[len(experts) - 1 - len(trail)]
+    return Route(BASE, "all_negative" if experts else "no_experts", list(trail))
+
+
 def walk(n_queries: int, experts: Sequence[str], check: CheckFn) -> list[Route]:
-    """Route every query through `experts` (oldest first, as an ensemble lists them), asking the
-    newest first: `check(expert, query_indices)` is asked for the still-open queries only."""
+    """Route every query through `experts`, level by level: `check(expert, query_indices)` is
+    asked for the still-open queries only (they all wait for the same expert)."""
     trails: list[list[Check]] = [[] for _ in range(n_queries)]
     routes: list[Route | None] = [None] * n_queries
-    open_queries = list(range(n_queries))
-    for expert in reversed(experts):
-        if not open_queries:
-            break
-        results = check(expert, open_queries)
-        still_open = []
-        for index, result in zip(open_queries, results):
-            trails[index].append(result)
-            if result.verdict == "pos":
-                routes[index] = Route(expert, "claimed", trails[index])
-            elif result.verdict == "neg":
-                still_open.append(index)
-            else:
-                routes[index] = Route(BASE, "exception", trails[index])
-        open_queries = still_open
-    reason = "all_negative" if experts else "no_experts"
-    for index in open_queries:
-        routes[index] = Route(BASE, reason, trails[index])
-    return routes  # type: ignore[return-value]
+    while True:
+        asked: dict[str, list[int]] = {}
+        for index, route in enumerate(routes):
+            if route is None:
+                step = next_in_walk(experts, trails[index])
+                if isinstance(step, Route):
+                    routes[index] = step
+                else:
+                    asked.setdefault(step, []).append(index)
+        if not asked:
+            return routes  # type: ignore[return-value]
+        for expert, indices in asked.items():
+            for index, result in zip(indices, check(expert, indices)):
+                trails[index].append(result)
 
 
 # How to answer: a greedy token budget or a Sampling, for every query or one per query.
