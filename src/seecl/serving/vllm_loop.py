@@ -1,4 +1,4 @@
-"""Hand vLLM each request the moment a walk knows it (docs/vllm.md, "How a batch is scheduled").
+"""Hand vLLM each request the moment a walk knows it (docs/vllm.md §5).
 
 Owns `RequestLoop`: requests go into a running `vllm.LLM`'s engine one by one
 (`LLM.llm_engine.add_request`, then `step()` until nothing is left, as `LLM.generate` does
@@ -69,6 +69,13 @@ class RequestLoop:
             for pending, output in zip(batch, outputs):
                 pending.on_output(output, True)
 
+    def _engine_input(self, prompt_token_ids: list[int]):
+        """The prompt as vLLM's own `LLM.generate` hands it to the engine: rendered (checked against
+        the model's length limit) when the engine has a renderer (vLLM >= 0.2x)."""
+        prompt = {"prompt_token_ids": prompt_token_ids}
+        render = getattr(getattr(self.llm.llm_engine, "renderer", None), "render_cmpl", None)
+        return render([prompt])[0] if render is not None else prompt
+
     def _run_stepping(self) -> None:
         engine = self.llm.llm_engine
         running: dict[str, _Pending] = {}
@@ -79,7 +86,7 @@ class RequestLoop:
                     request_id = f"seecl-{next(self._ids)}"
                     engine.add_request(
                         request_id,
-                        {"prompt_token_ids": pending.prompt_token_ids},
+                        self._engine_input(pending.prompt_token_ids),
                         self.make_params(pending.params, "cumulative" if pending.watch else "final"),
                         lora_request=self.make_lora(pending.lora),
                     )
