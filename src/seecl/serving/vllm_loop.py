@@ -38,7 +38,7 @@ class RequestLoop:
     """Requests for one `vllm.LLM`, run until none is left. `make_params(dict, output_kind)` builds
     the SamplingParams (a plain dict for a stand-in); `make_lora(tuple)` the LoRARequest."""
 
-    _ids = itertools.count()  # request ids unique in the process: several loops may share one LLM
+    _ids = itertools.count()  # ids unique in the process: a later loop never reuses a stopped request's id
 
     def __init__(self, llm, make_params: Callable[[dict, str], Any], make_lora: Callable[[Any], Any]):
         self.llm, self.make_params, self.make_lora = llm, make_params, make_lora
@@ -69,24 +69,21 @@ class RequestLoop:
             for pending, output in zip(batch, outputs):
                 pending.on_output(output, True)
 
-    def _engine_input(self, prompt_token_ids: list[int]):
-        """The prompt as vLLM's own `LLM.generate` hands it to the engine: rendered (checked against
-        the model's length limit) when the engine has a renderer (vLLM >= 0.2x)."""
-        prompt = {"prompt_token_ids": prompt_token_ids}
-        render = getattr(getattr(self.llm.llm_engine, "renderer", None), "render_cmpl", None)
-        return render([prompt])[0] if render is not None else prompt
-
     def _run_stepping(self) -> None:
         engine = self.llm.llm_engine
+        # Prompts go in as vLLM's own `LLM.generate` hands them over: rendered (checked against the
+        # model's length limit) when the engine has a renderer (vLLM >= 0.2x).
+        render = getattr(getattr(engine, "renderer", None), "render_cmpl", None)
         running: dict[str, _Pending] = {}
         try:
             while True:
-                while self._queue:
-                    pending = self._queue.pop(0)
+                batch, self._queue = self._queue, []
+                for pending in batch:
                     request_id = f"seecl-{next(self._ids)}"
+                    prompt = {"prompt_token_ids": pending.prompt_token_ids}
                     engine.add_request(
                         request_id,
-                        self._engine_input(pending.prompt_token_ids),
+                        render([prompt])[0] if render is not None else prompt,
                         self.make_params(pending.params, "cumulative" if pending.watch else "final"),
                         lora_request=self.make_lora(pending.lora),
                     )
@@ -96,7 +93,7 @@ class RequestLoop:
                 stopped = []
                 for output in engine.step():
                     pending = running.get(output.request_id)
-                    if pending is None:
+                    if pending is None:  # stopped last step; the engine may have run it once more
                         continue
                     if output.finished:
                         del running[output.request_id]
